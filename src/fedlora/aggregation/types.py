@@ -1,0 +1,96 @@
+"""The data that flows through aggregation: LoRA pairs, client updates, results.
+
+A LoRA-adapted weight is ``W = W0 + s · B @ A`` with ``A`` of shape (r, k), ``B`` of
+shape (d, r) and ``s = lora_alpha / r`` (PEFT's convention: ``lora_A.weight`` is (r, k),
+``lora_B.weight`` is (d, r)). Everything in :mod:`fedlora.aggregation` works in the
+*product space* of ``B @ A``; the scaling ``s`` is applied only when a product-space change
+is merged into a frozen weight (see :func:`fedlora.peft_bridge.merge_base_delta`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Adapter = dict[str, "LoraPair"]
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One adapted module's factors: ``A`` (r, k) and ``B`` (d, r)."""
+
+    A: Tensor  # (r, k)
+    B: Tensor  # (d, r)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape (d, k) of the weight this pair adapts."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def product(self) -> Tensor:
+        return self.B @ self.A  # (d, k)
+
+    def to(self, dtype: torch.dtype) -> "LoraPair":
+        return LoraPair(self.A.to(dtype), self.B.to(dtype))
+
+    def numel(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client uploads after local training: its adapter and how many examples it saw."""
+
+    adapter: Adapter
+    num_examples: int
+    client_id: str
+
+
+@dataclass
+class AggregationResult:
+    """The server's answer for one round.
+
+    ``adapter``: the next global adapter (what clients download and start from).
+    ``base_delta``: per module, a product-space (d, k) change that must be merged into the
+    frozen weight as ``W0 += s · base_delta``; empty for methods that never touch ``W0``.
+    ``metrics``: at least ``divergence``, ``eckart_young_bound``, ``solve_seconds``,
+    ``bytes_up`` and ``bytes_down`` (per round, all clients, float32 on the wire).
+    ``extras``: method-specific details (FLoRA-NA's p, q, objective trace, ...).
+    """
+
+    adapter: Adapter
+    base_delta: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingPolicy:
+    """What a method lets clients train, upload and keep.
+
+    ``train_A`` / ``train_B``: whether the factor gets gradients on the client.
+    ``upload_A`` / ``upload_B``: whether the factor travels to the server.
+    ``local_B``: the client keeps its own B across rounds (FedSA-LoRA); the server's B is used
+    only to evaluate a global model.
+    ``download_residual``: clients also download the (d, k) ``base_delta`` (FedEx-LoRA).
+    ``download_stacked``: clients download every client's factors (FLoRA stacking).
+    """
+
+    train_A: bool = True
+    train_B: bool = True
+    upload_A: bool = True
+    upload_B: bool = True
+    local_B: bool = False
+    download_residual: bool = False
+    download_stacked: bool = False
+
+
+class AggregationError(ValueError):
+    """Bad input to :func:`fedlora.aggregation.aggregate`; the message names what and how to fix it."""
