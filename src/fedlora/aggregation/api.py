@@ -1,0 +1,106 @@
+"""`aggregate`: the one entry point every engine (local simulation, Flower, scripts) calls.
+
+Server maths runs in float64: the FLoRA-NA Gram objective subtracts nearly equal numbers when
+the divergence is small, and float64 keeps it exact to ~1e-12 relative at no noticeable cost
+(the work is r×r blocks). Results are returned in the dtype of the global adapter (float32
+on the wire). Inputs are never modified in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedlora.aggregation.communication import round_bytes
+from fedlora.aggregation.divergence import divergence_report
+from fedlora.aggregation.registry import get_method
+from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate, LoraPair
+from fedlora.aggregation.validation import collect_problems, format_problems, validate_global
+from fedlora.aggregation.weights import client_weights
+
+log = logging.getLogger(__name__)
+SERVER_DTYPE = torch.float64
+
+
+def _cast(adapter: Adapter, dtype: torch.dtype) -> Adapter:
+    return {m: LoraPair(A=p.A.detach().to(dtype).clone(), B=p.B.detach().to(dtype).clone()) for m, p in adapter.items()}
+
+
+def aggregate(
+    method: str,
+    global_adapter: Adapter,
+    updates: Sequence[ClientUpdate],
+    *,
+    weighting: str = "examples",
+    on_invalid: str = "raise",
+    **options: Any,
+) -> AggregationResult:
+    """Aggregate one round of client updates into the next global adapter.
+
+    ``method``: a name from :func:`available_methods`. ``weighting``: "examples" (w_u ∝ n_u),
+    "uniform", or for flora-na "authors". ``on_invalid``: "raise" (default) raises one
+    :class:`AggregationError` listing every bad client update; "reject" drops them for this
+    round and lists them in ``metrics["rejected"]``. Other ``options`` go to the method
+    (e.g. ``solver="adamw"`` for flora-na, ``seed`` for flora).
+    """
+    spec = get_method(method)
+    if weighting not in spec.weightings:
+        raise AggregationError(f"method {method!r} supports weighting {', '.join(spec.weightings)}; got {weighting!r}")
+    unknown = sorted(set(options) - set(spec.options) - {"weighting"})
+    if unknown:
+        raise AggregationError(
+            f"method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(spec.options) or 'none'}"
+        )
+    if on_invalid not in ("raise", "reject"):
+        raise AggregationError(f"on_invalid must be 'raise' or 'reject', got {on_invalid!r}")
+    validate_global(global_adapter)
+    if not updates:
+        raise AggregationError("no client updates to aggregate: at least one client must report this round")
+
+    problems = collect_problems(global_adapter, updates)
+    rejected = [{"client": c, "reason": r} for c, r in problems]
+    if problems and on_invalid == "raise":
+        raise AggregationError(f"invalid client updates for {method!r}: {format_problems(problems)}")
+    bad = {c for c, _ in problems}
+    for entry in rejected:
+        log.warning("rejected client %s: %s", entry["client"], entry["reason"])
+    updates = [u for i, u in enumerate(updates) if str(getattr(u, "client_id", f"#{i}")) not in bad]
+    if not updates:
+        raise AggregationError(f"every client update was rejected: {format_problems(problems)}")
+
+    out_dtype = next(iter(global_adapter.values())).A.dtype
+    g64 = _cast(global_adapter, SERVER_DTYPE)
+    u64 = [ClientUpdate(_cast(u.adapter, SERVER_DTYPE), u.num_examples, u.client_id) for u in updates]
+    weights = client_weights(u64, weighting)
+    if "authors" in spec.weightings:
+        options["weighting"] = weighting
+
+    start = time.perf_counter()
+    result = spec.fn(g64, u64, weights, **options)
+    solve_seconds = time.perf_counter() - start
+
+    # Divergence is always measured against the example-weighted T, whatever the method solved for.
+    report = divergence_report(result.adapter, u64, client_weights(u64, "examples"), result.base_delta)
+    bytes_up, bytes_down = round_bytes(spec.policy, global_adapter, len(u64))
+    metrics = {
+        "method": method,
+        "num_clients": len(u64),
+        "divergence": report.divergence,
+        "eckart_young_bound": report.eckart_young_bound,
+        "divergence_per_module": report.per_module,
+        "solve_seconds": solve_seconds,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "rejected": rejected,
+        **result.metrics,
+    }
+    return AggregationResult(
+        adapter=_cast(result.adapter, out_dtype),
+        base_delta={m: d.to(out_dtype) for m, d in result.base_delta.items()},
+        metrics=metrics,
+        extras=result.extras,
+    )

@@ -1,0 +1,27 @@
+"""Small helpers shared by the method functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.aggregation.types import ClientUpdate
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """Σ_u w_u X_u."""
+    return torch.einsum("u,u...->...", weights.to(tensors[0].dtype), torch.stack(list(tensors)))
+
+
+def factors(updates: Sequence[ClientUpdate], module: str) -> tuple[list[Tensor], list[Tensor]]:
+    """The clients' ([B_u], [A_u]) for one module."""
+    return [u.adapter[module].B for u in updates], [u.adapter[module].A for u in updates]
+
+
+def target_product(updates: Sequence[ClientUpdate], module: str, weights: Tensor) -> Tensor:
+    """T = Σ_u w_u B_u A_u, the ideal aggregate, as one (d, U r) @ (U r, k) matmul."""
+    Bs, As = factors(updates, module)
+    F = torch.cat([w * B for w, B in zip(weights, Bs)], dim=1)  # (d, U r)
+    return F @ torch.cat(As, dim=0)  # (d, k)

@@ -1,0 +1,137 @@
+"""FLoRA-NA's objective in Gram form, solved exactly by alternating least squares (ALS).
+
+Write both broadcast factors in the basis of the global and client factors (j = 0 is global):
+    Â(p) = A_g + Σ_u w_u p_u (A_u − A_g) = Σ_i α_i A_i,   α_0 = 1 − Σ_u w_u p_u,  α_u = w_u p_u
+    B̂(q) = Σ_j β_j B_j                                    (β from q the same way)
+and T = Σ_u w_u B_u A_u. With the r×r Gram blocks GB[j,l] = B_jᵀB_l and GA[i,m] = A_i A_mᵀ:
+    ‖B̂Â‖²     = ⟨B̂ᵀB̂, ÂÂᵀ⟩ = Σ_{j,l} β_j β_l ⟨GB[j,l], SA⟩,   SA = ÂÂᵀ = Σ_{i,m} α_i α_m GA[i,m]
+    ⟨B̂Â, T⟩   = Σ_j β_j Σ_u w_u ⟨GB[j,u], CA[u]⟩,                CA[u] = ÂA_uᵀ = Σ_i α_i GA[i,u]
+    ‖T‖²      = Σ_{u,v} w_u w_v ⟨GB[u,v], GA[u,v]⟩
+so L(p, q) = ‖B̂Â − T‖² = βᵀHβ − 2βᵀh + ‖T‖² is a quadratic in q for fixed p (and, by the
+symmetry A ↔ B, in p for fixed q): each half-step is a U×U linear solve. Every half-step is an
+exact block minimisation, so L never increases and, starting from p = q = 1 (FedIT), the result
+is never worse than FedIT. Nothing of size d×k is ever formed: the Grams cost O((d + k)(U r)²)
+once, each sweep O(U² r²) per module.
+
+Modules with equal shapes are solved as one batch (leading dimension M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class GramProblem:
+    """Gram blocks of M same-shape modules, viewed as (M, J, r, J, r) with J = U + 1."""
+
+    GB: Tensor  # (M, J, r, J, r): B_jᵀ B_l
+    GA: Tensor  # (M, J, r, J, r): A_i A_mᵀ
+    w: Tensor  # (U,) solve weights
+
+    @staticmethod
+    def build(A_basis: Tensor, B_basis: Tensor, w: Tensor) -> "GramProblem":
+        """``A_basis`` (M, J, r, k) and ``B_basis`` (M, J, d, r), index 0 = the global factor."""
+        M, J, r, k = A_basis.shape
+        E = A_basis.reshape(M, J * r, k)  # (M, J r, k): A_i stacked on top
+        F = B_basis.permute(0, 2, 1, 3).reshape(M, B_basis.shape[2], J * r)  # (M, d, J r): B_j side by side
+        GA = (E @ E.transpose(1, 2)).view(M, J, r, J, r)
+        GB = (F.transpose(1, 2) @ F).view(M, J, r, J, r)
+        return GramProblem(GB=GB, GA=GA, w=w)
+
+    def coefficients(self, x: Tensor) -> Tensor:
+        """Basis coefficients (M, J) from client coefficients x (M, U): [1 − Σ w x, w ⊙ x]."""
+        wx = self.w * x  # (M, U)
+        return torch.cat([1 - wx.sum(dim=1, keepdim=True), wx], dim=1)
+
+    def basis_map(self) -> Tensor:
+        """D (J, U) with coefficients(x) = e_0 + D x."""
+        U = self.w.shape[0]
+        return torch.cat([-self.w[None, :], torch.diag(self.w)], dim=0).to(self.GB.dtype)
+
+    def target_sq(self) -> Tensor:
+        """‖T‖² per module (M,)."""
+        GBt, GAt = self.GB[:, 1:, :, 1:, :], self.GA[:, 1:, :, 1:, :]
+        return torch.einsum("u,v,muavb,muavb->m", self.w, self.w, GBt, GAt)
+
+    def quadratic(self, G_free: Tensor, G_fixed: Tensor, fixed: Tensor) -> tuple[Tensor, Tensor]:
+        """H (M, J, J) and h (M, J) of L as a quadratic in the free side's basis coefficients.
+
+        ``fixed`` (M, J) are the other side's basis coefficients. By the A ↔ B symmetry of L the
+        same code serves the q-step (free = B) and the p-step (free = A).
+        """
+        S = torch.einsum("mi,ml,mialb->mab", fixed, fixed, G_fixed)  # (M, r, r): ÂÂᵀ or B̂ᵀB̂
+        H = torch.einsum("mjalb,mab->mjl", G_free, S)
+        C = torch.einsum("mi,miaub->muab", fixed, G_fixed[:, :, :, 1:, :])  # (M, U, r, r)
+        h = torch.einsum("u,mjaub,muab->mj", self.w, G_free[:, :, :, 1:, :], C)
+        return H, h
+
+    def objective(self, p: Tensor, q: Tensor) -> Tensor:
+        """L per module (M,) for client coefficients p, q (M, U)."""
+        alpha, beta = self.coefficients(p), self.coefficients(q)
+        H, h = self.quadratic(self.GB, self.GA, alpha)
+        return torch.einsum("mj,mjl,ml->m", beta, H, beta) - 2 * (beta * h).sum(1) + self.target_sq()
+
+
+def _normal_equations(problem: GramProblem, x: Tensor, other: Tensor, free_is_B: bool) -> tuple[Tensor, Tensor]:
+    """K (M, U, U) and rhs (M, U) of the normal equations K δ = rhs for the change δ of x.
+
+    x is q if ``free_is_B`` else p; the other side is held fixed. From L = cᵀHc − 2cᵀh + const
+    with c = e_0 + D x: Dᵀ H D δ = Dᵀ (h − H c).
+    """
+    G_free, G_fixed = (problem.GB, problem.GA) if free_is_B else (problem.GA, problem.GB)
+    H, h = problem.quadratic(G_free, G_fixed, problem.coefficients(other))
+    D = problem.basis_map()  # (J, U)
+    K = torch.einsum("ju,mjl,lv->muv", D, H, D)
+    rhs = torch.einsum("ju,mj->mu", D, h - torch.einsum("mjl,ml->mj", H, problem.coefficients(x)))
+    return K, rhs
+
+
+def _min_norm_solve(K: Tensor, rhs: Tensor) -> Tensor:
+    # Minimum-norm solution: directions L does not see (e.g. identical clients) leave x as it is.
+    return (torch.linalg.pinv(K, hermitian=True, rtol=1e-12) @ rhs[..., None])[..., 0]
+
+
+def solve_als(
+    problems: list[GramProblem], shared: bool, max_sweeps: int, tol: float
+) -> tuple[list[Tensor], list[Tensor], list[float]]:
+    """ALS from p = q = 1 over groups of same-shape modules; returns p, q per group and the L trace.
+
+    With ``shared`` (scope="global") every group's p, q are the same vector, updated from the
+    sum of all groups' quadratics.
+    """
+    U = problems[0].w.shape[0]
+    dtype = problems[0].GB.dtype
+    ps = [torch.ones(pr.GB.shape[0], U, dtype=dtype) for pr in problems]
+    qs = [torch.ones(pr.GB.shape[0], U, dtype=dtype) for pr in problems]
+
+    def total(ps_: list[Tensor], qs_: list[Tensor]) -> float:
+        return float(sum(pr.objective(p, q).sum() for pr, p, q in zip(problems, ps_, qs_)))
+
+    trace = [total(ps, qs)]
+    for _ in range(max_sweeps):
+        new_qs = _step_all(problems, qs, ps, free_is_B=True, shared=shared)
+        new_ps = _step_all(problems, ps, new_qs, free_is_B=False, shared=shared)
+        value = total(new_ps, new_qs)
+        if value > trace[-1]:  # only round-off can do this; keep the better iterate
+            break
+        ps, qs = new_ps, new_qs
+        trace.append(value)
+        if trace[-2] - value <= tol * max(trace[0], 1e-300):
+            break
+    return ps, qs, trace
+
+
+def _step_all(problems: list[GramProblem], xs: list[Tensor], others: list[Tensor], free_is_B: bool, shared: bool) -> list[Tensor]:
+    """One exact half-step for every group: per module, or one U×U solve for the whole model."""
+    systems = [_normal_equations(pr, x, o, free_is_B) for pr, x, o in zip(problems, xs, others)]
+    if not shared:
+        return [x + _min_norm_solve(K, rhs) for x, (K, rhs) in zip(xs, systems)]
+    # Shared scope: the model's objective is the sum of the modules', so their normal equations add.
+    K_sum = sum(K.sum(0) for K, _ in systems)
+    rhs_sum = sum(rhs.sum(0) for _, rhs in systems)
+    delta = _min_norm_solve(K_sum, rhs_sum)  # (U,)
+    return [x + delta for x in xs]

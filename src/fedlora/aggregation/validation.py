@@ -1,0 +1,104 @@
+"""Input checks for aggregation: every problem names the client, the module and the fix.
+
+Caller errors (a malformed global adapter, no updates) always raise. Per-client problems are
+collected as ``(client_id, reason)`` pairs so that :func:`aggregate` can either raise them all at
+once (``on_invalid="raise"``, the default) or drop those clients for the round
+(``on_invalid="reject"``, for servers facing untrusted clients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.aggregation.types import Adapter, AggregationError, ClientUpdate, LoraPair
+
+
+def _tensor_problem(name: str, t: object, ndim: int = 2) -> str | None:
+    if not isinstance(t, Tensor):
+        return f"{name} is a {type(t).__name__}, not a torch.Tensor"
+    if not t.is_floating_point():
+        return f"{name} has dtype {t.dtype}; LoRA factors must be floating point (float32 on the wire)"
+    if t.ndim != ndim:
+        return f"{name} has shape {tuple(t.shape)}; expected a {ndim}-D matrix"
+    if not bool(torch.isfinite(t).all()):
+        return f"{name} contains NaN or Inf values"
+    return None
+
+
+def _pair_problem(module: str, pair: object) -> str | None:
+    if not isinstance(pair, LoraPair):
+        return f"module {module!r}: expected a LoraPair(A, B), got {type(pair).__name__}"
+    for label, t in (("A", pair.A), ("B", pair.B)):
+        problem = _tensor_problem(f"module {module!r}: {label}", t)
+        if problem:
+            return problem
+    if pair.B.shape[1] != pair.A.shape[0]:
+        return (
+            f"module {module!r}: B {tuple(pair.B.shape)} and A {tuple(pair.A.shape)} disagree on the rank "
+            "(B must be (d, r) and A (r, k), PEFT's lora_B.weight and lora_A.weight)"
+        )
+    return None
+
+
+def validate_global(global_adapter: Adapter) -> None:
+    """Raise if the server's own adapter is malformed (a caller error, never a client's)."""
+    if not isinstance(global_adapter, dict) or not global_adapter:
+        raise AggregationError("the global adapter must be a non-empty dict {module name: LoraPair}")
+    for module, pair in global_adapter.items():
+        problem = _pair_problem(module, pair)
+        if problem:
+            raise AggregationError(f"global adapter: {problem}")
+
+
+def update_problems(global_adapter: Adapter, update: object) -> list[str]:
+    """Everything wrong with one client update, as readable reasons (empty list: valid)."""
+    if not isinstance(update, ClientUpdate):
+        return [f"expected a ClientUpdate(adapter, num_examples, client_id), got {type(update).__name__}"]
+    problems: list[str] = []
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        problems.append(f"num_examples={n!r}; it must be a positive int (the client's training examples)")
+    adapter = update.adapter
+    if not isinstance(adapter, dict):
+        return problems + [f"adapter is a {type(adapter).__name__}, not a dict {{module: LoraPair}}"]
+    missing = sorted(set(global_adapter) - set(adapter))
+    extra = sorted(set(adapter) - set(global_adapter))
+    if missing:
+        problems.append(f"missing modules {missing[:3]}{'...' if len(missing) > 3 else ''} ({len(missing)} in all)")
+    if extra:
+        problems.append(f"unknown modules {extra[:3]}{'...' if len(extra) > 3 else ''} not in the global adapter")
+    for module in sorted(set(adapter) & set(global_adapter)):
+        pair = adapter[module]
+        problem = _pair_problem(module, pair)
+        if problem:
+            problems.append(problem)
+            continue
+        ref = global_adapter[module]
+        if pair.A.shape != ref.A.shape or pair.B.shape != ref.B.shape:
+            problems.append(
+                f"module {module!r}: A {tuple(pair.A.shape)}, B {tuple(pair.B.shape)} but the global adapter has "
+                f"A {tuple(ref.A.shape)}, B {tuple(ref.B.shape)} (rank {ref.rank}); clients must use the same "
+                "rank and target modules as the server"
+            )
+    return problems
+
+
+def collect_problems(global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> list[tuple[str, str]]:
+    """``(client_id, reason)`` for every invalid update, including duplicate client ids."""
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for index, update in enumerate(updates):
+        client = str(getattr(update, "client_id", f"#{index}"))
+        for reason in update_problems(global_adapter, update):
+            found.append((client, reason))
+        if client in seen:
+            found.append((client, "duplicate client_id in this round's updates"))
+        seen.add(client)
+    return found
+
+
+def format_problems(problems: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"client {client!r}: {reason}" for client, reason in problems)
