@@ -1,0 +1,147 @@
+"""Split a training set across federated clients (IID or Dirichlet label skew) and locally."""
+
+from __future__ import annotations
+
+import warnings
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+# STS-B scores live in [0, 5]; Dirichlet skew needs classes, so scores are binned into [0,1), ...,
+# [4,5] for partitioning only (the partitions keep the float labels).
+NUM_REGRESSION_BINS = 5
+
+
+def partition_labels(train: datasets.Dataset) -> np.ndarray:
+    """Integer labels used for partitioning/histograms: class ids, or binned float scores."""
+    labels = np.asarray(train["label"])
+    if np.issubdtype(labels.dtype, np.floating):
+        return np.clip(np.floor(labels), 0, NUM_REGRESSION_BINS - 1).astype(np.int64)
+    return labels.astype(np.int64)
+
+
+def partition(
+    train: datasets.Dataset,
+    num_clients: int,
+    alpha: float | None,
+    seed: int,
+    min_partition_size: int = 2,
+) -> list[datasets.Dataset]:
+    """Split ``train`` into ``num_clients`` disjoint partitions that together cover every row.
+
+    ``alpha=None`` gives IID shards (rows shuffled with ``seed``, then flwr's ``IidPartitioner``).
+    Otherwise flwr's ``DirichletPartitioner`` draws each label's client proportions from
+    Dirichlet(alpha); smaller alpha = more skew. It is run with ``self_balancing=False`` (its
+    self-balancing renormalisation divides by zero when tiny alphas yield exact-zero proportions)
+    and makes up to 11 draws to meet ``min_partition_size``. Small alphas on binary tasks fail that
+    often (alpha=0.1, 10 clients on RTE: about half the seeds), so if all draws fail we take a
+    draw with no minimum and top up the small clients with rows moved from the largest one. That
+    always terminates. Same ``seed`` -> identical partitions.
+
+    Raises:
+        ValueError: bad ``num_clients``/``alpha``, or fewer than ``num_clients * min_partition_size`` rows.
+    """
+    n = len(train)
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (or None for IID), got {alpha}.")
+    if n < num_clients * max(min_partition_size, 1):
+        raise ValueError(
+            f"Cannot give {num_clients} clients at least {max(min_partition_size, 1)} rows each "
+            f"from {n} rows; use fewer clients or a smaller min_partition_size."
+        )
+    # Partition a small (row id, label) table, not the text: cheaper, and the row ids let us
+    # rebalance and then select from the original dataset with all its columns.
+    table = datasets.Dataset.from_dict({"row": np.arange(n), "label": partition_labels(train)})
+    if alpha is None:
+        rows = _iid_rows(table, num_clients, seed)
+    else:
+        rows = _dirichlet_rows(table, num_clients, float(alpha), seed, min_partition_size)
+    return [train.select(r) for r in rows]
+
+
+def _iid_rows(table: datasets.Dataset, num_clients: int, seed: int) -> list[np.ndarray]:
+    """IidPartitioner shards contiguously, so shuffle first or sorted files would give label skew."""
+    partitioner = IidPartitioner(num_partitions=num_clients)
+    partitioner.dataset = table.shuffle(seed=seed)
+    return [np.asarray(partitioner.load_partition(i)["row"]) for i in range(num_clients)]
+
+
+def _dirichlet_rows(
+    table: datasets.Dataset, num_clients: int, alpha: float, seed: int, min_size: int
+) -> list[np.ndarray]:
+    """Row ids per client from DirichletPartitioner, topped up to ``min_size`` if it gave up."""
+
+    def draw(min_partition_size: int) -> list[np.ndarray]:
+        partitioner = DirichletPartitioner(
+            num_partitions=num_clients, partition_by="label", alpha=alpha,
+            min_partition_size=min_partition_size, self_balancing=False, shuffle=True, seed=seed,
+        )
+        partitioner.dataset = table
+        return [np.asarray(partitioner.load_partition(i)["row"]) for i in range(num_clients)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flwr warns on every redraw; the fallback below handles it
+        try:
+            return draw(min_size)
+        except ValueError:
+            rows = draw(0)  # a minimum of 0 is met by the first draw
+    return _top_up(rows, min_size)
+
+
+def _top_up(rows: list[np.ndarray], min_size: int) -> list[np.ndarray]:
+    """Move rows from the currently largest client to each client below ``min_size``.
+
+    Terminates: while some client is below ``min_size``, the largest holds more than ``min_size``
+    (the caller checked ``total >= num_clients * min_size``), so each step moves >= 1 row. The donor's
+    rows are already shuffled, so taking from its tail is a random sample.
+    """
+    rows = [r.copy() for r in rows]
+    for i in range(len(rows)):
+        while len(rows[i]) < min_size:
+            donor = int(np.argmax([len(r) for r in rows]))
+            take = min(min_size - len(rows[i]), len(rows[donor]) - min_size)
+            rows[i] = np.concatenate([rows[i], rows[donor][-take:]])
+            rows[donor] = rows[donor][:-take]
+    return rows
+
+
+def split_local(
+    client_train: datasets.Dataset, test_fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split one client's data into (local train, local test) for personalised evaluation.
+
+    ``round(n * test_fraction)`` rows go to test, but at least 1 when ``test_fraction > 0`` and
+    at least 1 row stays in train. Deterministic given ``seed``; not stratified.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+    n = len(client_train)
+    n_test = round(n * test_fraction)
+    if test_fraction > 0 and n >= 2:
+        n_test = min(max(n_test, 1), n - 1)
+    elif n < 2:
+        n_test = 0  # a single row cannot be split; keep it for training
+    order = np.random.default_rng(seed).permutation(n)
+    return client_train.select(order[n_test:]), client_train.select(order[:n_test])
+
+
+def label_histogram(parts: list[datasets.Dataset], num_labels: int) -> str:
+    """A fixed-width table: one line per client with its size and per-label counts.
+
+    For regression (``num_labels == 1``) the columns are the score bins used by :func:`partition`.
+    """
+    if num_labels == 1:
+        names = [f"[{b},{b + 1})" for b in range(NUM_REGRESSION_BINS - 1)]
+        names.append(f"[{NUM_REGRESSION_BINS - 1},{NUM_REGRESSION_BINS}]")
+    else:
+        names = [str(k) for k in range(num_labels)]
+    header = ["client", "n", *names]
+    lines = []
+    for cid, part in enumerate(parts):
+        counts = np.bincount(partition_labels(part), minlength=len(names))
+        lines.append([str(cid), str(len(part)), *(str(int(c)) for c in counts)])
+    widths = [max(len(row[j]) for row in [header, *lines]) for j in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *lines])

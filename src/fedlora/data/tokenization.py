@@ -1,0 +1,84 @@
+"""Tokenise GLUE datasets and wrap them in deterministic, dynamically padded DataLoaders."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from fedlora.data.tasks import TaskSpec, get_task
+
+# make_loader's public signature has no tokenizer, yet padding needs one. tokenize() therefore tags
+# its output's DatasetInfo.description (which select/shuffle/train_test_split copy along) with a key
+# into this registry. Tokenizers are few and long-lived, so holding them strongly is fine and keeps
+# id()-based keys from being reused.
+_TAG = "fedlora-tokenizer:"
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
+
+
+def tokenize(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, task: str | TaskSpec, max_length: int
+) -> datasets.Dataset:
+    """Encode the task's text field(s) (as a pair when there are two) and keep only model inputs.
+
+    Returns a torch-formatted dataset with ``input_ids``, ``attention_mask``, ``token_type_ids``
+    (if the tokenizer produces them) and ``labels`` (int64, or float32 for STS-B). Sequences are
+    truncated to ``max_length`` but not padded: :func:`make_loader` pads per batch.
+    """
+    spec = get_task(task)
+    missing = [c for c in (*spec.text_fields, "label") if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"Dataset for {spec.name!r} lacks columns {missing}; it has {ds.column_names}.")
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        enc = tokenizer(*(batch[f] for f in spec.text_fields), truncation=True, max_length=max_length)
+        enc["labels"] = batch["label"]
+        return dict(enc)
+
+    out = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {spec.name}")
+    if spec.is_regression:
+        out = out.cast_column("labels", datasets.Value("float32"))
+    key = f"{type(tokenizer).__name__}@{id(tokenizer):x}"
+    _TOKENIZERS[key] = tokenizer
+    out.info.description = _TAG + key
+    out.set_format("torch")
+    return out
+
+
+def make_loader(
+    tokenized: datasets.Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> DataLoader:
+    """A DataLoader that pads each batch with ``DataCollatorWithPadding``.
+
+    The shuffle order comes from a ``torch.Generator`` seeded with ``seed``, so it is the same on
+    every run and independent of the global torch RNG. ``tokenizer`` defaults to the one that
+    :func:`tokenize` used to build ``tokenized``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    tokenizer = tokenizer or _tokenizer_of(tokenized)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        tokenized,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+    )
+
+
+def _tokenizer_of(tokenized: datasets.Dataset) -> PreTrainedTokenizerBase:
+    """Find the tokenizer recorded by :func:`tokenize`, or explain how to pass one."""
+    description = tokenized.info.description or ""
+    tokenizer = _TOKENIZERS.get(description.removeprefix(_TAG)) if description.startswith(_TAG) else None
+    if tokenizer is None:
+        raise ValueError(
+            "make_loader needs the tokenizer for padding: build the dataset with fedlora.data.tokenize "
+            "in this process, or pass tokenizer=... explicitly."
+        )
+    return tokenizer
