@@ -1,0 +1,258 @@
+"""The one place that converts between a PEFT LoRA model and fedlora's ``{module: LoraPair}``.
+
+Naming: a module is named as in the *plain* (un-wrapped) model, e.g.
+``"bert.encoder.layer.0.attention.self.query"`` -- PEFT's ``"base_model.model."`` prefix and the
+adapter name (``"default"``) are dropped so names are stable across PEFT versions and wrappers.
+Wire/safetensors keys (:func:`adapter_to_state_dict`) are PEFT's own state-dict names,
+``"base_model.model.<module>.lora_A.weight"``, identical to ``peft.get_peft_model_state_dict``.
+
+Head: under ``task_type=SEQ_CLS`` PEFT wraps the classifier in a ``ModulesToSaveWrapper``; the
+trainable copy ``classifier.modules_to_save.default`` is what :func:`get_head` reads (keys like
+``"classifier.weight"``) and what PEFT saves with the adapter.
+
+Merged base weights: :func:`merge_base_delta` changes frozen weights, which a PEFT adapter file
+cannot carry. :func:`save_adapter` therefore also writes the modified weights verbatim
+(``base_weights.safetensors``; verbatim rather than a delta so reloading is bit-exact) plus
+``fedlora_base.json``; :func:`load_model_with_adapter` rebuilds the identical model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.aggregation.types import Adapter, LoraPair
+
+PEFT_PREFIX = "base_model.model."
+BASE_WEIGHTS_FILE = "base_weights.safetensors"
+META_FILE = "fedlora_base.json"
+_MERGED_ATTR = "_fedlora_merged_modules"  # set[str] of modules whose frozen weight was changed
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def active_adapter_name(model: nn.Module) -> str:
+    """The single active PEFT adapter's name (``"default"`` unless the caller renamed it)."""
+    name = getattr(model, "active_adapter", "default")
+    if isinstance(name, (list, tuple)):
+        if len(name) != 1:
+            raise ValueError(f"expected exactly one active adapter, got {list(name)}")
+        name = name[0]
+    return str(name)
+
+
+def _strip(name: str) -> str:
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Stable module name -> PEFT LoRA Linear layer, in model order."""
+    adapter = active_adapter_name(model)
+    layers: dict[str, LoraLinear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        if not isinstance(module, LoraLinear):
+            raise TypeError(
+                f"LoRA module {_strip(name)!r} is a {type(module).__name__}; fedlora supports only "
+                "Linear (and Conv1D) targets -- remove it from target_modules"
+            )
+        layers[_strip(name)] = module
+    if not layers:
+        raise ValueError(f"model has no LoRA Linear layers for adapter {adapter!r}; wrap it with peft first")
+    return layers
+
+
+def _check_modules(what: str, given: set[str], expected: set[str]) -> None:
+    unknown, missing = sorted(given - expected), sorted(expected - given)
+    if unknown or missing:
+        raise KeyError(
+            f"{what} does not match the model's LoRA modules: unknown {unknown[:5]}"
+            f"{'...' if len(unknown) > 5 else ''}, missing {missing[:5]}{'...' if len(missing) > 5 else ''}. "
+            "Module names are plain-model names such as 'bert.encoder.layer.0.attention.self.query'."
+        )
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The model's LoRA factors as ``{module: LoraPair(A (r, k), B (d, r))}``, float32 clones."""
+    adapter = active_adapter_name(model)
+    return {
+        name: LoraPair(
+            A=layer.lora_A[adapter].weight.detach().to(torch.float32, copy=True),  # (r, k)
+            B=layer.lora_B[adapter].weight.detach().to(torch.float32, copy=True),  # (d, r)
+        )
+        for name, layer in lora_layers(model).items()
+    }
+
+
+def set_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """Copy ``adapter`` into the model in place; every LoRA module must be given, with equal shapes."""
+    name_ = active_adapter_name(model)
+    layers = lora_layers(model)
+    _check_modules("adapter", set(adapter), set(layers))
+    for name, layer in layers.items():  # validate everything before writing anything
+        pair = adapter[name]
+        A, B = layer.lora_A[name_].weight, layer.lora_B[name_].weight  # (r, k), (d, r)
+        if tuple(pair.A.shape) != tuple(A.shape) or tuple(pair.B.shape) != tuple(B.shape):
+            raise ValueError(
+                f"adapter[{name!r}] has A {tuple(pair.A.shape)}, B {tuple(pair.B.shape)} but the model "
+                f"expects A {tuple(A.shape)} (r, k), B {tuple(B.shape)} (d, r); check rank and that "
+                "A/B are not swapped or transposed"
+            )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A[name_].weight.copy_(adapter[name].A)
+            layer.lora_B[name_].weight.copy_(adapter[name].B)
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Live head parameters (the trainable ``modules_to_save`` copies), keyed like :func:`get_head`."""
+    adapter = active_adapter_name(model)
+    params: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+            for pname, p in module.modules_to_save[adapter].named_parameters():
+                params[f"{_strip(name)}.{pname}"] = p
+    return params
+
+
+def get_head(model: nn.Module) -> dict[str, Tensor]:
+    """Trainable non-LoRA parameters (the classifier head), e.g. ``{"classifier.weight": (C, h)}``."""
+    return {k: p.detach().to(torch.float32, copy=True) for k, p in head_parameters(model).items()}
+
+
+def set_head(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy a :func:`get_head` dict into the model in place (same keys, same shapes)."""
+    params = head_parameters(model)
+    if set(state) != set(params):
+        raise KeyError(f"head keys {sorted(state)} do not match the model's head {sorted(params)}")
+    for k, p in params.items():
+        if tuple(state[k].shape) != tuple(p.shape):
+            raise ValueError(f"head[{k!r}] has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+
+
+def lora_scaling(model: nn.Module, module: str) -> float:
+    """``s`` for ``module`` exactly as PEFT applies it (``lora_alpha / r``; ``/ sqrt(r)`` with rsLoRA)."""
+    layers = lora_layers(model)
+    if module not in layers:
+        raise KeyError(f"no LoRA module {module!r}; known: {list(layers)[:5]}...")
+    return float(layers[module].scaling[active_adapter_name(model)])
+
+
+def merge_base_delta(model: nn.Module, base_delta: dict[str, Tensor]) -> None:
+    """``W0 += s · delta`` for each module's frozen weight; ``delta`` is product-space, (d, k) = (out, in)."""
+    layers = lora_layers(model)
+    unknown = sorted(set(base_delta) - set(layers))
+    if unknown:
+        raise KeyError(f"base_delta names modules without LoRA: {unknown[:5]}; known: {list(layers)[:3]}...")
+    for name, delta in base_delta.items():  # validate all first so a bad entry changes nothing
+        expected = (layers[name].out_features, layers[name].in_features)  # (d, k)
+        if tuple(delta.shape) != expected:
+            raise ValueError(
+                f"base_delta[{name!r}] has shape {tuple(delta.shape)} but the frozen weight is "
+                f"(d, k) = {expected} (out, in); pass the product B @ A, not its transpose"
+            )
+    merged: set[str] = getattr(model, _MERGED_ATTR, set())
+    with torch.no_grad():
+        for name, delta in base_delta.items():
+            layer = layers[name]
+            weight = layer.get_base_layer().weight
+            update = lora_scaling(model, name) * delta.detach().to(torch.float32)  # (d, k)
+            if layer.fan_in_fan_out:  # GPT-2 Conv1D stores W as (in, out)
+                update = update.T
+            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+            merged.add(name)
+    setattr(model, _MERGED_ATTR, merged)
+
+
+def adapter_to_state_dict(adapter: Adapter) -> dict[str, Tensor]:
+    """``{"base_model.model.<module>.lora_A.weight": A (r, k), ...lora_B.weight: B (d, r)}``, float32."""
+    state: dict[str, Tensor] = {}
+    for name, pair in adapter.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = pair.A.detach().to(torch.float32, copy=True).contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = pair.B.detach().to(torch.float32, copy=True).contiguous()
+    return state
+
+
+def state_dict_to_adapter(state: dict[str, Tensor], strict: bool = True) -> Adapter:
+    """Inverse of :func:`adapter_to_state_dict`; ``strict=False`` skips non-LoRA keys (e.g. the head)."""
+    factors: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY_RE.match(key)
+        if match is None:
+            if strict:
+                raise KeyError(f"{key!r} is not a LoRA key '<prefix><module>.lora_A|B.weight'; use strict=False to skip")
+            continue
+        factors.setdefault(match["module"], {})[match["factor"]] = tensor
+    adapter: Adapter = {}
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise KeyError(f"module {name!r} has only lora_{''.join(pair)} in the state dict; both A and B are needed")
+        A = torch.as_tensor(pair["A"]).to(torch.float32)  # (r, k)
+        B = torch.as_tensor(pair["B"]).to(torch.float32)  # (d, r)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"module {name!r}: A {tuple(A.shape)} and B {tuple(B.shape)} are not (r, k) and (d, r)")
+        adapter[name] = LoraPair(A=A, B=B)
+    return adapter
+
+
+def save_adapter(model: PeftModel, path: str | Path) -> None:
+    """Save the PEFT adapter (safetensors) plus any merged frozen weights; see module docstring."""
+    path = Path(path)
+    model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
+    merged = sorted(getattr(model, _MERGED_ATTR, set()))
+    layers = lora_layers(model)
+    base_weights = {f"{m}.weight": layers[m].get_base_layer().weight.detach().cpu().contiguous() for m in merged}
+    if base_weights:
+        save_file(base_weights, str(path / BASE_WEIGHTS_FILE))
+    elif (path / BASE_WEIGHTS_FILE).exists():  # stale file from an earlier save into the same dir
+        (path / BASE_WEIGHTS_FILE).unlink()
+    config = model.get_base_model().config
+    meta = {
+        "base_model": model.peft_config[active_adapter_name(model)].base_model_name_or_path,
+        "num_labels": int(config.num_labels),
+        "problem_type": config.problem_type,
+        "merged_modules": merged,
+    }
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_model_with_adapter(
+    path: str | Path, model: str | None = None, is_trainable: bool = False
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Rebuild a model saved by :func:`save_adapter` with identical predictions.
+
+    Loads the base model (``model`` overrides the path recorded at save time, e.g. when the
+    checkpoint moved), overwrites merged frozen weights from ``base_weights.safetensors``, then
+    attaches the adapter and head with ``PeftModel.from_pretrained``. Returned in eval mode.
+    """
+    from fedlora.model import load_base_model  # local import: model.py stays bridge-free
+
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path / META_FILE} not found; was {path} written by fedlora.peft_bridge.save_adapter?")
+    meta = json.loads((path / META_FILE).read_text())
+    base, tokenizer = load_base_model(model or meta["base_model"], meta["num_labels"], meta["problem_type"])
+    if meta["merged_modules"]:
+        with torch.no_grad():
+            for key, tensor in load_file(str(path / BASE_WEIGHTS_FILE)).items():
+                param = base.get_parameter(key)  # raises AttributeError naming the key if absent
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{key}: saved {tuple(tensor.shape)} vs base model {tuple(param.shape)}")
+                param.copy_(tensor)
+    peft_model = PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
+    setattr(peft_model, _MERGED_ATTR, set(meta["merged_modules"]))
+    peft_model.eval()
+    return peft_model, tokenizer
