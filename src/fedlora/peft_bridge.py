@@ -177,6 +177,25 @@ def merge_base_delta(model: nn.Module, base_delta: dict[str, Tensor]) -> None:
     setattr(model, _MERGED_ATTR, merged)
 
 
+def merged_base_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The frozen weights changed by :func:`merge_base_delta` so far, ``{module: W0}`` (clones)."""
+    layers = lora_layers(model)
+    return {m: layers[m].get_base_layer().weight.detach().clone() for m in sorted(getattr(model, _MERGED_ATTR, set()))}
+
+
+def restore_base_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Put back frozen weights saved by :func:`merged_base_weights` (checkpoint resume)."""
+    layers = lora_layers(model)
+    _check_modules("base weights", set(weights), set(weights) & set(layers))
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            weight = layers[name].get_base_layer().weight
+            if weight.shape != tensor.shape:
+                raise ValueError(f"base weight {name!r}: saved {tuple(tensor.shape)} vs model {tuple(weight.shape)}")
+            weight.copy_(tensor)
+    setattr(model, _MERGED_ATTR, getattr(model, _MERGED_ATTR, set()) | set(weights))
+
+
 def adapter_to_state_dict(adapter: Adapter) -> dict[str, Tensor]:
     """``{"base_model.model.<module>.lora_A.weight": A (r, k), ...lora_B.weight: B (d, r)}``, float32."""
     state: dict[str, Tensor] = {}

@@ -1,0 +1,101 @@
+"""Plots and tables from runs' ``metrics.jsonl``: one run's curves, or several runs side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(config, per-round records) of a run directory."""
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found: is {path} the --out directory of a fedlora run?")
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    return config, [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def _label(config: dict[str, Any], path: Path) -> str:
+    options = config.get("method_options") or {}
+    extra = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{config.get('method', path.name)}{f' ({extra})' if extra else ''}"
+
+
+def plot_run(path: str | Path) -> list[Path]:
+    """accuracy.png (global metric vs round) and divergence.png (with the Eckart–Young bound)."""
+    return plot_runs([path], Path(path))
+
+
+def plot_runs(paths: list[str | Path], out: Path, prefix: str = "") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [(Path(p), *read_run(p)) for p in paths]
+    metric = _metric_name(runs[0][1]) if runs else "metric"
+    written = []
+    for name, key, ylabel in (("accuracy", "global_metric", f"global {metric}"), ("divergence", "divergence", "aggregation divergence")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for path, config, records in runs:
+            rounds = [r["round"] for r in records]
+            (line,) = ax.plot(rounds, [r[key] for r in records], marker="o", ms=3, label=_label(config, path))
+            if key == "divergence":
+                ax.plot(rounds, [r["eckart_young_bound"] for r in records], ls="--", color=line.get_color(), alpha=0.6,
+                        label=f"SVD bound ({_label(config, path)})")
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        if key == "divergence":
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        target = out / f"{prefix}{name}.png"
+        fig.savefig(target, dpi=120)
+        plt.close(fig)
+        written.append(target)
+    return written
+
+
+def _metric_name(config: dict[str, Any]) -> str:
+    from fedlora.data import get_task
+
+    return get_task(config.get("task", "sst2")).metric
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    config, records = read_run(path)
+    if not records:
+        raise ValueError(f"{path} has no completed rounds yet")
+    locals_ = [r["local_metric_mean"] for r in records if r.get("local_metric_mean") is not None]
+    return {
+        "run": str(path),
+        "method": _label(config, Path(path)),
+        "rounds": len(records),
+        "final": records[-1]["global_metric"],
+        "best": max(r["global_metric"] for r in records),
+        "local": locals_[-1] if locals_ else float("nan"),
+        "divergence": float(np.mean([r["divergence"] for r in records])),
+        "bound": float(np.mean([r["eckart_young_bound"] for r in records])),
+        "mb_up": records[-1]["bytes_up"] / 1e6,
+        "mb_down": records[-1]["bytes_down"] / 1e6,
+        "server_s": float(np.mean([r["server_seconds"] for r in records])),
+        "wall_s": float(sum(r["wall_seconds"] for r in records)),
+    }
+
+
+def compare_table(paths: list[str | Path]) -> str:
+    """A markdown table, one row per run."""
+    rows = [summarize(p) for p in paths]
+    header = "| run | method | rounds | final | best | local (last) | mean divergence | mean SVD bound | MB up/round | MB down/round | server s/round | wall s |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {Path(r['run']).name} | {r['method']} | {r['rounds']} | {r['final']:.4f} | {r['best']:.4f} | {r['local']:.4f} | "
+            f"{r['divergence']:.4g} | {r['bound']:.4g} | {r['mb_up']:.3f} | {r['mb_down']:.3f} | {r['server_s']:.3f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
