@@ -1,0 +1,132 @@
+"""The ClientApp: one federated client per SuperNode, training with :func:`fedlora.client.train_client`.
+
+The SuperNode's ``node_config`` says which client it is (``partition-id``, ``num-partitions``);
+the client builds the same federation as the local engine and takes its own ClientData. The
+model, tokenizer and federation are cached per process (building the federation tokenises the
+whole task); everything that belongs to one client lives in ``context.state``, because in
+simulation several virtual SuperNodes share one process (and so the cached model):
+
+* ``"base"``: the frozen weights this client has merged ``base_delta`` into, and how many
+  rounds of deltas that includes (FedEx-LoRA, FLoRA); restored before each round.
+* ``"local-B"``: FedSA-LoRA's private B factors, kept across rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import Tensor
+
+from fedlora.aggregation import get_method
+from fedlora.client import derived_seed, train_client
+from fedlora.config import ConfigError, RunConfig
+from fedlora.federation import Federation, build_federation
+from fedlora.flower.config import run_config_from_flower
+from fedlora.flower.wire import model_record, record_tensors, record_to_deltas, record_to_model, tensors_record
+from fedlora.model import default_model_path, load_model
+from fedlora.peft_bridge import lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+@dataclass
+class _Process:
+    model: torch.nn.Module
+    tokenizer: object
+    federation: Federation
+    pristine: dict[str, Tensor]  # untouched frozen weights of every LoRA module
+    touched: bool = False  # some client in this process changed the frozen weights
+
+
+_CACHE: dict[str, _Process] = {}
+
+
+def _process(config: RunConfig) -> _Process:
+    """The process-wide model and federation for ``config`` (keyed by its JSON: RunConfig holds a dict)."""
+    key = config.to_json()
+    if key not in _CACHE:
+        _CACHE.clear()  # a new run in a long-lived process: drop the previous run's model
+        _CACHE[key] = _load(config)
+    return _CACHE[key]
+
+
+def _load(config: RunConfig) -> _Process:
+    from fedlora.data import get_task
+
+    model, tokenizer = load_model(
+        config.model or default_model_path(), get_task(config.task).num_labels, config.rank, config.lora_alpha,
+        list(config.target_modules), seed=config.seed,
+    )
+    federation = build_federation(config, tokenizer)
+    pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in lora_layers(model).items()}
+    return _Process(model, tokenizer, federation, pristine)
+
+
+def _partition(context: Context, config: RunConfig) -> int:
+    try:
+        partition, total = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise ConfigError(f"SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>' (missing {exc})") from exc
+    if total != config.clients or not 0 <= partition < total:
+        raise ConfigError(f"node-config partition-id={partition} num-partitions={total} does not fit clients={config.clients}")
+    return partition
+
+
+def _sync_base(proc: _Process, state: RecordDict, deltas: ArrayRecord | None) -> int:
+    """Put this client's frozen weights into the shared model, merge new deltas; return its version."""
+    if deltas is None and "base" not in state and not proc.touched:
+        return 0  # nobody has changed frozen weights (FedIT, FLoRA-NA, ...): nothing to restore
+    proc.touched = True
+    version = int(state["base"]["version"]) if "base" in state else 0
+    weights = record_tensors(state["base-weights"]) if "base-weights" in state else {}
+    restore_base_weights(proc.model, {**proc.pristine, **weights})  # pristine where this client merged nothing
+    if deltas is None:
+        return version
+    for round_, delta in record_to_deltas(deltas).items():
+        if round_ > version:  # replay in round order: the same additions the local engine made
+            merge_base_delta(proc.model, delta)
+            version = round_
+    state["base"] = ConfigRecord({"version": version})
+    state["base-weights"] = tensors_record(merged_base_weights(proc.model))
+    return version
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the ServerApp which client (partition) this SuperNode is."""
+    config, _ = run_config_from_flower(context.run_config)
+    record = MetricRecord({"partition-id": _partition(context, config), "num-partitions": config.clients})
+    return Message(RecordDict({"partition": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, _ = run_config_from_flower(context.run_config)
+    partition = _partition(context, config)
+    proc = _process(config)
+    policy = get_method(config.method).policy
+    round_ = int(msg.content["config"]["server-round"])
+    local_eval = bool(msg.content["config"]["local-eval"])
+    version = _sync_base(proc, context.state, msg.content.get("base-delta"))
+
+    global_adapter, global_head = record_to_model(msg.content["arrays"])
+    local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
+    client = proc.federation.clients[partition]
+    result = train_client(
+        proc.model, client_id=client.client_id, train=client.train, local_test=client.local_test if local_eval else None,
+        task=proc.federation.task, tokenizer=proc.tokenizer, global_adapter=global_adapter, global_head=global_head,
+        local_B=local_B, policy=policy, steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
+        seed=derived_seed(config.seed, round_, partition),
+    )
+    if policy.local_B:  # FedSA-LoRA: B never leaves the client between rounds
+        context.state["local-B"] = tensors_record({m: p.B for m, p in result.update.adapter.items()})
+    metrics = {"num-examples": result.update.num_examples, "partition-id": partition,
+               "train-loss": result.loss, "base-version": version}
+    metrics.update({f"local.{k}": float(v) for k, v in (result.local_metrics or {}).items()})
+    content = RecordDict({"arrays": model_record(result.update.adapter, result.head), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,147 @@
+"""``FedLoraStrategy``: Flower's FedAvg with the LoRA tensors aggregated by ``fedlora.aggregation``.
+
+Round ``t`` mirrors :func:`fedlora.simulation.run` step by step: the clients are the local
+engine's ``sample_clients(config, t)`` (partition ids, mapped to SuperNodes by one QUERY
+message per new node), replies are sorted by partition id (the engine's order, so float sums
+match), ``aggregate(method, previous global, updates)`` produces the next adapter, the head is
+FedAvg-ed with example weights, and a ``base_delta`` is kept as round ``t``'s delta, sent to
+every later-sampled client that has not merged it yet (clients report their base version).
+
+Flower's ``aggregate_train`` is not given the previous global adapter; like Flower's own
+FedOpt we stash it in ``configure_train``. Failed or missing replies are logged with their
+node id and the round aggregates what arrived; with fewer than ``min_train_nodes`` replies the
+round is skipped and the global state stays as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+from torch import Tensor
+
+from fedlora.aggregation import ClientUpdate, aggregate, client_weights, get_method
+from fedlora.client import ClientResult, average_heads, derived_seed
+from fedlora.config import RunConfig
+from fedlora.flower.wire import deltas_record, model_record, record_to_model
+from fedlora.simulation import HEAD_ROUND_SEED, sample_clients
+
+
+class FedLoraStrategy(FedAvg):
+    def __init__(self, config: RunConfig, *, min_train_nodes: int = 1, min_available_nodes: int = 0) -> None:
+        super().__init__(
+            fraction_train=config.fraction,
+            fraction_evaluate=0.0,  # the ServerApp evaluates centrally, as the local engine does
+            min_train_nodes=min_train_nodes,
+            min_available_nodes=min_available_nodes or config.clients,
+        )
+        self.config = config
+        self.spec = get_method(config.method)
+        self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.base_version: dict[int, int] = {}  # node id -> rounds of base_delta merged there
+        self.base_deltas: dict[int, dict[str, Tensor]] = {}  # round -> {module: (d, k)}
+        self.current: ArrayRecord | None = None  # the global model sent this round (FedOpt's trick)
+        self.last_round: dict[str, Any] | None = None  # what the ServerApp needs for metrics.jsonl
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _map_partitions(self, grid: Grid, timeout: float) -> None:
+        """Ask every node we do not know yet for its partition id (one QUERY each)."""
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+            log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+        new = [n for n in nodes if n not in self.partition_of]
+        if not new:
+            return
+        query = [Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), n, MessageType.QUERY) for n in new]
+        for reply in grid.send_and_receive(query, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %d did not say its partition id: %s", node, reply.error.reason)
+                continue
+            self.partition_of[node] = int(reply.content["partition"]["partition-id"])
+        log(INFO, "partition of each node: %s", self.partition_of)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current = arrays
+        self._map_partitions(grid, timeout=60.0)
+        live = set(grid.get_node_ids())
+        node_for = {p: n for n, p in self.partition_of.items() if n in live}
+        sampled = sample_clients(self.config, server_round)
+        missing = [p for p in sampled if p not in node_for]
+        if missing:
+            log(WARNING, "round %d: partitions %s have no connected SuperNode; training without them", server_round, missing)
+        every = self.config.eval_local_every
+        local_eval = every > 0 and (server_round % every == 0 or server_round == self.config.rounds)
+        messages = []
+        for partition in (p for p in sampled if p in node_for):
+            node = node_for[partition]
+            have = self.base_version.get(node, 0)
+            content = RecordDict({
+                "arrays": arrays,
+                "config": ConfigRecord({"server-round": server_round, "local-eval": local_eval, "partition-id": partition}),
+            })
+            pending = {r: d for r, d in self.base_deltas.items() if r > have}
+            if pending:  # FedEx-LoRA / FLoRA: what this client has not merged yet, in round order
+                content["base-delta"] = deltas_record(pending)
+            messages.append(Message(content, node, MessageType.TRAIN))
+        log(INFO, "configure_train: round %d, partitions %s", server_round, [p for p in sampled if p in node_for])
+        return messages
+
+    # -- aggregation ------------------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
+        for msg in failed:
+            node = msg.metadata.src_node_id
+            log(WARNING, "round %d: node %d (partition %s) failed: %s", server_round, node, self.partition_of.get(node), msg.error.reason)
+        if len(valid) < self.min_train_nodes:
+            log(WARNING, "round %d: %d replies < min-train-nodes=%d; global model unchanged", server_round, len(valid), self.min_train_nodes)
+            self.last_round = None
+            return None, None
+        assert self.current is not None, "configure_train stashes the global model before aggregation"
+        valid.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))  # the local engine's order
+        results = [self._result(m) for m in valid]
+        for msg in valid:
+            self.base_version[msg.metadata.src_node_id] = int(msg.content["metrics"]["base-version"])
+
+        start = time.perf_counter()
+        global_adapter, _ = record_to_model(self.current)
+        options = dict(self.config.method_options)
+        if self.config.method == "flora":  # the engine's server-side seed for the LoRA re-init
+            options["seed"] = derived_seed(self.config.seed, server_round, HEAD_ROUND_SEED + 1)
+        updates = [r.update for r in results]
+        agg = aggregate(self.config.method, global_adapter, updates, **options)
+        if agg.base_delta:
+            self.base_deltas[server_round] = agg.base_delta
+        head = average_heads([r.head for r in results], client_weights(updates))
+        server_seconds = time.perf_counter() - start
+
+        self.last_round = {"round": server_round, "results": results, "metrics": agg.metrics,
+                           "server_seconds": server_seconds, "head": head}
+        metrics = MetricRecord({
+            "num-clients": len(results),
+            "train-loss": float(sum(r.loss for r in results) / len(results)),
+            "divergence": float(agg.metrics["divergence"]),
+            "bytes-up": int(agg.metrics["bytes_up"]),
+            "bytes-down": int(agg.metrics["bytes_down"]),
+        })
+        return model_record(agg.adapter, head), metrics
+
+    def _result(self, msg: Message) -> ClientResult:
+        adapter, head = record_to_model(msg.content["arrays"])
+        m = msg.content["metrics"]
+        local = {k.removeprefix("local."): float(v) for k, v in m.items() if k.startswith("local.")} or None
+        partition = int(m["partition-id"])
+        update = ClientUpdate(adapter=adapter, num_examples=int(m["num-examples"]), client_id=f"client-{partition}")
+        return ClientResult(update=update, head=head, loss=float(m["train-loss"]), local_metrics=local)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedlora: method %s, %d clients, %d rounds", self.config.method, self.config.clients, self.config.rounds)
+        super().summary()
