@@ -13,9 +13,14 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 NUM_REGRESSION_BINS = 5
 
 
+def column(ds: datasets.Dataset, name: str) -> np.ndarray:
+    """One column as a numpy array in one Arrow read (``np.asarray(ds[name])`` iterates row by row)."""
+    return ds.select_columns([name]).with_format("numpy")[:][name]
+
+
 def partition_labels(train: datasets.Dataset) -> np.ndarray:
     """Integer labels used for partitioning/histograms: class ids, or binned float scores."""
-    labels = np.asarray(train["label"])
+    labels = column(train, "label")
     if np.issubdtype(labels.dtype, np.floating):
         return np.clip(np.floor(labels), 0, NUM_REGRESSION_BINS - 1).astype(np.int64)
     return labels.astype(np.int64)
@@ -66,7 +71,7 @@ def _iid_rows(table: datasets.Dataset, num_clients: int, seed: int) -> list[np.n
     """IidPartitioner shards contiguously, so shuffle first or sorted files would give label skew."""
     partitioner = IidPartitioner(num_partitions=num_clients)
     partitioner.dataset = table.shuffle(seed=seed)
-    return [np.asarray(partitioner.load_partition(i)["row"]) for i in range(num_clients)]
+    return [column(partitioner.load_partition(i), "row") for i in range(num_clients)]
 
 
 def _dirichlet_rows(
@@ -80,7 +85,7 @@ def _dirichlet_rows(
             min_partition_size=min_partition_size, self_balancing=False, shuffle=True, seed=seed,
         )
         partitioner.dataset = table
-        return [np.asarray(partitioner.load_partition(i)["row"]) for i in range(num_clients)]
+        return [column(partitioner.load_partition(i), "row") for i in range(num_clients)]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flwr warns on every redraw; the fallback below handles it
