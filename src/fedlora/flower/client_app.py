@@ -2,8 +2,9 @@
 
 The SuperNode's ``node_config`` says which client it is (``partition-id``, ``num-partitions``);
 the client builds the same federation as the local engine and takes its own ClientData. The
-model, tokenizer and federation are cached per process (building the federation tokenises the
-whole task); everything that belongs to one client lives in ``context.state``, because in
+model and tokenizer are cached per process and the tokenised client data on disk
+(:mod:`fedlora.flower.data_cache`: a SuperNode starts a new ClientApp process per round, and
+building the federation tokenises the whole task); everything that belongs to one client lives in ``context.state``, because in
 simulation several virtual SuperNodes share one process (and so the cached model):
 
 * ``"base"``: the frozen weights this client has merged ``base_delta`` into, and how many
@@ -24,7 +25,9 @@ from torch import Tensor
 from fedlora.aggregation import get_method
 from fedlora.client import derived_seed, train_client
 from fedlora.config import ConfigError, RunConfig
-from fedlora.federation import Federation, build_federation
+from fedlora.data.tasks import TaskSpec
+from fedlora.federation import ClientData
+from fedlora.flower.data_cache import client_data
 from fedlora.flower.config import run_config_from_flower
 from fedlora.flower.wire import model_record, record_tensors, record_to_deltas, record_to_model, tensors_record
 from fedlora.model import default_model_path, load_model
@@ -38,7 +41,7 @@ app = ClientApp()
 class _Process:
     model: torch.nn.Module
     tokenizer: object
-    federation: Federation
+    clients: dict[int, tuple[TaskSpec, ClientData]]  # partition -> its data (several in simulation)
     pristine: dict[str, Tensor]  # untouched frozen weights of every LoRA module
     touched: bool = False  # some client in this process changed the frozen weights
 
@@ -47,7 +50,7 @@ _CACHE: dict[str, _Process] = {}
 
 
 def _process(config: RunConfig) -> _Process:
-    """The process-wide model and federation for ``config`` (keyed by its JSON: RunConfig holds a dict)."""
+    """The process-wide model and tokenizer for ``config`` (keyed by its JSON: RunConfig holds a dict)."""
     key = config.to_json()
     if key not in _CACHE:
         _CACHE.clear()  # a new run in a long-lived process: drop the previous run's model
@@ -62,9 +65,8 @@ def _load(config: RunConfig) -> _Process:
         config.model or default_model_path(), get_task(config.task).num_labels, config.rank, config.lora_alpha,
         list(config.target_modules), seed=config.seed,
     )
-    federation = build_federation(config, tokenizer)
     pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in lora_layers(model).items()}
-    return _Process(model, tokenizer, federation, pristine)
+    return _Process(model, tokenizer, {}, pristine)
 
 
 def _partition(context: Context, config: RunConfig) -> int:
@@ -116,10 +118,12 @@ def train(msg: Message, context: Context) -> Message:
 
     global_adapter, global_head = record_to_model(msg.content["arrays"])
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
-    client = proc.federation.clients[partition]
+    if partition not in proc.clients:
+        proc.clients[partition] = client_data(config, proc.tokenizer, partition)
+    task, client = proc.clients[partition]
     result = train_client(
         proc.model, client_id=client.client_id, train=client.train, local_test=client.local_test if local_eval else None,
-        task=proc.federation.task, tokenizer=proc.tokenizer, global_adapter=global_adapter, global_head=global_head,
+        task=task, tokenizer=proc.tokenizer, global_adapter=global_adapter, global_head=global_head,
         local_B=local_B, policy=policy, steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         seed=derived_seed(config.seed, round_, partition),
     )

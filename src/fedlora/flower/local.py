@@ -1,0 +1,137 @@
+"""Loopback helpers for running the Flower app on one machine: TLS material, the flwr CLI's
+connection file, and SuperLink/SuperNode processes that are always cleaned up.
+
+Used by the tests and handy for a local deployment rehearsal; a real deployment runs the same
+``flower-superlink`` / ``flower-supernode`` commands (docs/flower.md) on separate machines.
+Flower 1.42 serves the Fleet, Control and runtime APIs over HTTP(S) on one ``--port``; every
+SuperNode also serves a runtime API for its ClientApp on its own ``--port``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def generate_certificates(directory: str | Path) -> dict[str, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost (PEM): ``ca``, ``cert``, ``key``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))])
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
+    paths = {"ca": directory / "ca.crt", "cert": directory / "server.pem", "key": directory / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+def write_connection(flwr_home: str | Path, name: str, address: str, root_certificates: str | Path | None = None) -> Path:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection (what ``flwr run . <name>`` reads)."""
+    flwr_home = Path(flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates else "insecure = true"
+    path = flwr_home / "config.toml"
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n')
+    return path
+
+
+def flower_env(flwr_home: str | Path) -> dict[str, str]:
+    """Environment for every Flower process: offline, no runtime ``uv sync``, own FLWR_HOME."""
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), HF_HUB_OFFLINE="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+class Processes:
+    """Processes started in their own session (log file each); :meth:`stop_all` ends them and their children."""
+
+    def __init__(self, log_dir: str | Path, env: dict[str, str]) -> None:
+        self.log_dir, self.env = Path(log_dir), env
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: Sequence[str], cwd: str | Path | None = None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 -- closed with the process
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process and everything it spawned (a crash, not a shutdown)."""
+        _end(self.procs[name], signal.SIGKILL, grace=0)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            _end(proc, signal.SIGTERM, grace=10)
+
+
+def _end(proc: subprocess.Popen, sig: int, grace: float) -> None:
+    try:  # children may have left the group (SuperLink detaches its SuperExec): collect them first
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in [proc, *family]:
+        try:
+            os.killpg(p.pid, sig) if p.pid == proc.pid else p.send_signal(sig)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    _, alive = psutil.wait_procs([p for p in family if p.is_running()], timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        proc.wait(timeout=grace or 5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
