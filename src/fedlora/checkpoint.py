@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, LoraPair
+from fedlora.failpoints import failpoint
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -49,6 +49,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_state(state: ServerState, directory: Path) -> Path:
+    """Write the checkpoint atomically: a temporary file, fsync, then ``os.replace``."""
     tensors: dict[str, Tensor] = {}
     for module, pair in state.adapter.items():
         tensors[f"adapter/{module}/A"] = pair.A
@@ -61,6 +62,9 @@ def save_state(state: ServerState, directory: Path) -> Path:
     path = directory / CHECKPOINT_FILE
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fedlora": json.dumps(meta)})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    failpoint("checkpoint", state.round)
     os.replace(tmp, path)
     return path
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--methods", nargs="+", default=["flora-na", "fedit"], choices=available_methods())
     demo.add_argument("--rounds", type=int, default=8)
+    from fedlora.bench.cli import add_bench_options  # light: argparse and the preset tables only
+
+    add_bench_options(sub.add_parser("bench", help="paper benchmark grid: tables, CSV, plots (see docs/results.md)"))
     return parser
 
 
@@ -93,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args.runs, args.out)
         if args.command == "demo":
             return _demo(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if args.command == "bench":
+            from fedlora.bench import run_from_args
+
+            return run_from_args(args, argv)
+    except (ConfigError, OSError, ValueError, KeyError) as exc:  # bad input: one line, no traceback
         print(f"fedlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 1

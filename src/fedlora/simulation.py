@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fedlora.aggregation import aggregate, client_weights, get_method
 from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
 from fedlora.client import average_heads, derived_seed, evaluate_on, train_client
 from fedlora.config import RunConfig
+from fedlora.failpoints import failpoint
 from fedlora.federation import build_federation
 from fedlora.model import default_model_path, load_model
 from fedlora.peft_bridge import (
@@ -51,6 +53,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
     """Run (or resume) a federated job; returns the per-round metrics records."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    resumed = load_state(out) if resume else None  # first: a bad checkpoint fails before minutes of loading
     torch.manual_seed(config.seed)
     task_num_labels = _num_labels(config)
     model, tokenizer = load_model(
@@ -61,13 +64,14 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
     log.info("clients' label histogram:\n%s", federation.histogram)
     spec = get_method(config.method)
 
-    if resume:
-        state = load_state(out)
+    if resumed is not None:
+        state = resumed
         restore_base_weights(model, state.base_weights)
         log.info("resuming %s after round %d", out, state.round)
     else:
         state = ServerState(round=0, adapter=get_adapter(model), head=get_head(model))
         atomic_write_text(out / "config.json", config.to_json())
+        save_state(state, out)  # round 0: a crash in the first round can resume too
     _write_metrics(out, state.history)
 
     bar = tqdm(range(state.round + 1, config.rounds + 1), desc=f"{config.method}", disable=not progress, unit="round")
@@ -87,6 +91,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
                 seed=derived_seed(config.seed, round_, index),
             )
             results.append(result)
+            failpoint("train", round_)
             if spec.policy.local_B:  # FedSA-LoRA: B never leaves the client
                 state.local_B[client.client_id] = {m: p.B for m, p in result.update.adapter.items()}
 
@@ -96,6 +101,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
             options["seed"] = derived_seed(config.seed, round_, HEAD_ROUND_SEED + 1)
         updates = [r.update for r in results]
         agg = aggregate(config.method, state.adapter, updates, **options)
+        failpoint("aggregate", round_)
         if agg.base_delta:
             merge_base_delta(model, agg.base_delta)
         state.adapter = agg.adapter
@@ -117,11 +123,25 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
 
     set_adapter(model, state.adapter)
     set_head(model, state.head)
-    save_adapter(model, out / "adapter")
+    _save_adapter_atomically(model, out / "adapter")
     from fedlora.reporting import plot_run  # matplotlib only when a run finishes
 
     plot_run(out)
     return state.history
+
+
+def _save_adapter_atomically(model: torch.nn.Module, target: Path) -> None:
+    # PEFT writes several files; build them in a scratch directory and swap it in whole.
+    scratch, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    for leftover in (scratch, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    save_adapter(model, scratch)
+    if target.exists():
+        target.rename(old)
+    scratch.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def _num_labels(config: RunConfig) -> int:
