@@ -1,0 +1,99 @@
+"""The benchmark's figures, one panel per task, curves averaged over seeds (shaded: ± one std).
+
+global_metric.png   global metric vs round per method
+divergence.png      aggregation divergence vs round per method, dashed: that method's Eckart–Young
+                    bound (the best any rank-r aggregate could do with the same client updates;
+                    the paper's Figure 2 plus the oracle reviewers asked for)
+local_vs_global.png final global metric vs mean local metric per method (bars, error bars = std)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: servers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _by_task_label(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[list[dict[str, Any]]]]]:
+    grouped: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
+    for run in runs:
+        grouped.setdefault(run["task"], {}).setdefault(run["label"], []).append(run["records"])
+    return grouped
+
+
+def _curve(seed_records: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Seeds can differ in length only while a grid is still running: average the common prefix.
+    length = min(len(r) for r in seed_records)
+    values = np.array([[rec[key] for rec in records[:length]] for records in seed_records], dtype=float)
+    rounds = np.array([rec["round"] for rec in seed_records[0][:length]])
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(length)
+    return rounds, values.mean(axis=0), std
+
+
+def _panels(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
+    return fig, list(axes[0])
+
+
+def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]) -> list[Path]:
+    grouped = _by_task_label(runs)
+    if not grouped:
+        return []
+    written = []
+    for name, key in (("global_metric", "global_metric"), ("divergence", "divergence")):
+        fig, axes = _panels(len(grouped))
+        for ax, (task, labels) in zip(axes, grouped.items()):
+            for label, seeds in labels.items():
+                rounds, mean, std = _curve(seeds, key)
+                (line,) = ax.plot(rounds, mean, marker="o", ms=3, label=label)
+                ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+                if key == "divergence":
+                    _, bound, _ = _curve(seeds, "eckart_young_bound")
+                    ax.plot(rounds, bound, ls="--", lw=1, color=line.get_color(), alpha=0.7)
+            ax.set_title(task)
+            ax.set_xlabel("round")
+            ax.set_ylabel(f"global {metric_names.get(task, 'metric')}" if key == "global_metric" else "divergence (dashed: SVD bound)")
+            if key == "divergence":
+                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.grid(alpha=0.3)
+        axes[-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        written.append(_save(fig, out / f"{name}.png"))
+
+    fig, axes = _panels(len(grouped))
+    for ax, (task, labels) in zip(axes, grouped.items()):
+        names = list(labels)
+        x = np.arange(len(names))
+        for offset, (key, title) in ((-0.2, ("global_metric", "global (final)")), (0.2, ("local_metric_mean", "local (last eval)"))):
+            means, stds = [], []
+            for label in names:
+                values = [_last(records, key) for records in labels[label]]
+                values = [v for v in values if v is not None]
+                means.append(np.mean(values) if values else np.nan)
+                stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+            ax.bar(x + offset, means, width=0.4, yerr=stds, capsize=2, label=title)
+        ax.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
+        ax.set_title(task)
+        ax.set_ylabel(metric_names.get(task, "metric"))
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, out / "local_vs_global.png"))
+    return written
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return values[-1] if values else None
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,123 @@
+"""Benchmark presets: which tasks × methods × settings × seeds to run, at what budget, and what it costs.
+
+A preset is data, not code: the grid runner expands it into one RunConfig per run. The cost model
+is deliberately simple (training steps × step time + evaluated rows × forward time + a fixed
+per-run start-up) so the estimate printed before a grid starts can be checked by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlora.config import RunConfig
+
+# Measured on an idle 2-core CPU with the bundled MiniLM: one AdamW step at batch 32 × 64 tokens.
+STEP_SECONDS = 0.35
+REFERENCE_TOKENS = 32 * 64
+# A forward pass costs about a third of a training step (no backward, no optimiser).
+FORWARD_FRACTION = 1 / 3
+# Model load + tokenising the task's training split; SST-2 (67k rows) is the slow one.
+RUN_OVERHEAD_SECONDS = {"sst2": 15.0, "cola": 6.0, "mrpc": 5.0, "rte": 5.0}
+DEV_ROWS = {"sst2": 872, "rte": 277, "mrpc": 408, "cola": 1043}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method as it appears in a table: the registry name plus options, under a readable label."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point on an ablation axis (e.g. alpha=0.1): RunConfig changes and a label suffix."""
+
+    label: str
+    changes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    methods: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    base: dict[str, Any]  # RunConfig fields shared by every run
+    settings: tuple[Setting, ...] = (Setting(""),)
+    budget_minutes: float | None = None  # the promise stated in the table header; None: no promise
+
+
+FEDIT = Variant("fedit", "fedit")
+SVD = Variant("svd", "svd")
+FLORA_NA = Variant("flora-na", "flora-na")  # ALS solver, per-module scope (the defaults)
+ALL_METHODS = (
+    FEDIT, Variant("ffa-lora", "ffa-lora"), Variant("fedex-lora", "fedex-lora"), Variant("flora", "flora"),
+    Variant("fedsa-lora", "fedsa-lora"), SVD, FLORA_NA, Variant("flora-na (adamw)", "flora-na", {"solver": "adamw"}),
+)
+PAPER_TASKS = ("sst2", "rte", "mrpc", "cola")
+
+# The headline budget: 96 runs (4 tasks × 8 methods × 3 seeds) in ≤ 90 min on 2 cores. Per run:
+# 8 rounds × 10 clients × 2 local steps at batch 16 × 48 tokens, 200 dev rows per round, local
+# evaluation every 4 rounds on ≤ 50 rows per client. Small, but every method sees the same budget.
+HEADLINE_BASE: dict[str, Any] = dict(
+    clients=10, alpha=0.5, rounds=8, local_steps=2, batch_size=16, max_length=48, lr=1e-3, rank=8,
+    lora_alpha=16.0, eval_local_every=4, max_eval_examples=200, max_local_eval_examples=50,
+)
+ABLATION_BASE = {**HEADLINE_BASE}
+ABLATION_METHODS = (FEDIT, SVD, FLORA_NA)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("quick", "CI smoke test: RTE, 2 clients, 1 round, 1 step, tiny eval", ("rte",), ABLATION_METHODS, (0,),
+               dict(clients=2, alpha=0.5, rounds=1, local_steps=1, batch_size=4, max_length=32, lr=1e-3,
+                    eval_local_every=1, max_eval_examples=16, max_local_eval_examples=8)),
+        Preset("headline", "GLUE (SST-2, RTE, MRPC, CoLA), U=10, Dirichlet alpha=0.5, every method, 3 seeds",
+               PAPER_TASKS, ALL_METHODS, (0, 1, 2), HEADLINE_BASE, budget_minutes=90),
+        Preset("ablation-alpha", "label heterogeneity: Dirichlet alpha in {0.1, 0.5, 1.0} and IID", ("sst2",),
+               ABLATION_METHODS, (0, 1, 2), ABLATION_BASE,
+               tuple(Setting(f"alpha={a}", {"alpha": a}) for a in (0.1, 0.5, 1.0)) + (Setting("iid", {"alpha": None}),)),
+        Preset("ablation-clients", "client count U in {10, 30, 50} (50 samples 20% per round)", ("sst2",),
+               ABLATION_METHODS, (0, 1, 2), ABLATION_BASE,
+               (Setting("U=10", {"clients": 10}), Setting("U=30", {"clients": 30}),
+                Setting("U=50", {"clients": 50, "fraction": 0.2}))),
+        Preset("ablation-solver", "FLoRA-NA solver (AdamW 50/200/1000 steps vs ALS) and scope (global vs per-module)",
+               ("sst2",),
+               (FEDIT, SVD, FLORA_NA, Variant("flora-na (global)", "flora-na", {"scope": "global"}))
+               + tuple(Variant(f"flora-na (adamw {s})", "flora-na", {"solver": "adamw", "steps": s}) for s in (50, 200, 1000))
+               + (Variant("flora-na (adamw 200, global)", "flora-na", {"solver": "adamw", "steps": 200, "scope": "global"}),),
+               (0, 1, 2), ABLATION_BASE),
+        Preset("ablation-rank", "LoRA rank r in {4, 8, 16} (lora_alpha = 2r, so the scaling stays 2)", ("sst2",),
+               ABLATION_METHODS, (0, 1, 2), ABLATION_BASE,
+               tuple(Setting(f"r={r}", {"rank": r, "lora_alpha": 2.0 * r}) for r in (4, 8, 16))),
+        # Communication: formulas at RoBERTa-large / LLaMA-2-7B shapes + one tiny real run per method.
+        Preset("comm", "bytes per round: formulas at paper shapes, checked against tiny real runs", ("rte",),
+               tuple(v for v in ALL_METHODS if v.label != "flora-na (adamw)"), (0,),
+               dict(clients=2, alpha=0.5, rounds=1, local_steps=1, batch_size=4, max_length=32, lr=1e-3,
+                    eval_local_every=0, max_eval_examples=8, max_local_eval_examples=8)),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}") from None
+
+
+def estimate_seconds(config: RunConfig, step_seconds: float = STEP_SECONDS) -> float:
+    """Expected wall time of one run (idle machine): train + global/local evaluation + start-up."""
+    scale = config.batch_size * config.max_length / REFERENCE_TOKENS
+    train = config.rounds * config.num_sampled * config.local_steps * step_seconds * scale
+    forward_row = step_seconds * FORWARD_FRACTION / 32 * config.max_length / 64
+    dev = DEV_ROWS.get(config.task, 1000)
+    eval_rows = config.rounds * min(dev, config.max_eval_examples or dev)
+    if config.eval_local_every > 0:
+        local_rounds = len({r for r in range(1, config.rounds + 1) if r % config.eval_local_every == 0 or r == config.rounds})
+        eval_rows += local_rounds * config.num_sampled * config.max_local_eval_examples
+    return train + eval_rows * forward_row + RUN_OVERHEAD_SECONDS.get(config.task, 8.0)

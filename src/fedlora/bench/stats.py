@@ -1,0 +1,106 @@
+"""Per-run summaries of metrics.jsonl, and their mean ± std over seeds: the markdown table and CSVs.
+
+Everything is computed from the records the engine wrote; nothing here knows a method's expected
+numbers. The std is the sample standard deviation (ddof=1) over seeds; with one seed it is shown
+as "n=1" rather than a misleading ± 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+# (key, column header, format) of the seed-aggregated columns, in table order.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("final", "final", ".4f"),
+    ("best", "best", ".4f"),
+    ("local", "local (mean)", ".4f"),
+    ("gap", "local − global", "+.4f"),
+    ("divergence", "mean divergence", ".4g"),
+    ("bound", "mean SVD bound", ".4g"),
+    ("mb_up", "MB up/round", ".3f"),
+    ("mb_down", "MB down/round", ".3f"),
+    ("server_s", "server s/round", ".3f"),
+)
+
+
+def summarize_records(records: list[dict[str, Any]]) -> dict[str, float]:
+    """One run's numbers. Local metric: mean over the rounds that evaluated locally; the gap compares
+    it with the global metric of those same rounds, so personalisation is not confused with progress."""
+    if not records:
+        raise ValueError("a run with no completed rounds cannot be summarised")
+    local_rounds = [r for r in records if r.get("local_metric_mean") is not None]
+    local = statistics.fmean(r["local_metric_mean"] for r in local_rounds) if local_rounds else math.nan
+    gap = statistics.fmean(r["local_metric_mean"] - r["global_metric"] for r in local_rounds) if local_rounds else math.nan
+    return {
+        "rounds": len(records),
+        "final": records[-1]["global_metric"],
+        "best": max(r["global_metric"] for r in records),
+        "local": local,
+        "gap": gap,
+        "divergence": statistics.fmean(r["divergence"] for r in records),
+        "bound": statistics.fmean(r["eckart_young_bound"] for r in records),
+        # LoRA traffic only: the classifier head is FedAvg-ed identically by every method.
+        "mb_up": statistics.fmean(r["lora_bytes_up"] for r in records) / 1e6,
+        "mb_down": statistics.fmean(r["lora_bytes_down"] for r in records) / 1e6,
+        "server_s": statistics.fmean(r["server_seconds"] for r in records),
+        "wall_s": sum(r["wall_seconds"] for r in records),
+    }
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """(mean, sample std); std is nan for a single value. NaNs (e.g. no local evaluation) propagate."""
+    values = list(values)
+    if not values:
+        return math.nan, math.nan
+    if len(values) == 1:
+        return float(values[0]), math.nan
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def aggregate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group per-run summaries (each with task, label, seed) by (task, label); mean and std per column.
+    Row order follows first appearance, i.e. the preset's order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["label"]), []).append(run)
+    rows = []
+    for (task, label), members in groups.items():
+        row: dict[str, Any] = {"task": task, "label": label, "n": len(members), "seeds": sorted(m["seed"] for m in members)}
+        for key, _, _ in COLUMNS + (("wall_s", "", ""),):
+            row[key], row[f"{key}_std"] = mean_std(m[key] for m in members)
+        rows.append(row)
+    return rows
+
+
+def _cell(mean: float, std: float, fmt: str, n: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    text = format(mean, fmt)
+    return f"{text} ± {format(std, fmt.lstrip('+'))}" if n > 1 and not math.isnan(std) else text
+
+
+def markdown_table(rows: list[dict[str, Any]], metric_names: dict[str, str]) -> str:
+    header = ["task (metric)", "method", "seeds"] + [title for _, title, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row['task']} ({metric_names.get(row['task'], '?')})", row["label"], str(row["n"])]
+        cells += [_cell(row[k], row[f"{k}_std"], fmt, row["n"]) for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    if not rows:
+        path.write_text("")
+        return path
+    fields = [k for k in rows[0] if k != "seeds"] + ["seeds"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "seeds": " ".join(map(str, row.get("seeds", [])))} if "seeds" in row else row)
+    return path

@@ -1,0 +1,110 @@
+"""`fedlora bench`: the quick preset end to end, skip-finished reruns, seed statistics, byte accounting."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fedlora.bench import comm, get_preset, stats  # noqa: E402
+from fedlora.bench.grid import completed_rounds, expand, run_jobs, select, slug, status  # noqa: E402
+from fedlora.cli import main  # noqa: E402
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+needs_glue = pytest.mark.skipif(not (GLUE / "RTE").is_dir(), reason=f"real GLUE files expected at {GLUE}")
+
+
+def record(round_: int, metric: float, local: float | None = None, divergence: float = 0.5) -> dict:
+    return {"round": round_, "clients": ["client-0", "client-1"], "global_metric": metric, "local_metric_mean": local,
+            "divergence": divergence, "eckart_young_bound": divergence / 2, "lora_bytes_up": 2_000_000,
+            "lora_bytes_down": 4_000_000, "server_seconds": 0.1, "wall_seconds": 3.0}
+
+
+def test_run_summary_and_mean_std_over_seeds_on_hand_made_records():
+    a = stats.summarize_records([record(1, 0.5, 0.7, 0.2), record(2, 0.6, None, 0.4), record(3, 0.55, 0.75, 0.6)])
+    assert a["final"] == 0.55 and a["best"] == 0.6
+    assert a["local"] == pytest.approx(0.725)  # only rounds that evaluated locally
+    assert a["gap"] == pytest.approx(((0.7 - 0.5) + (0.75 - 0.55)) / 2)  # against the same rounds' global
+    assert a["divergence"] == pytest.approx(0.4) and a["bound"] == pytest.approx(0.2)
+    assert a["mb_up"] == 2.0 and a["mb_down"] == 4.0
+    finals = [0.55, 0.61, 0.70]
+    runs = [{**a, "final": f, "task": "sst2", "label": "fedit", "seed": s} for s, f in enumerate(finals)]
+    runs.append({**a, "task": "sst2", "label": "svd", "seed": 0})
+    rows = stats.aggregate_rows(runs)
+    assert [(r["label"], r["n"]) for r in rows] == [("fedit", 3), ("svd", 1)]
+    assert rows[0]["final"] == pytest.approx(statistics.fmean(finals))
+    assert rows[0]["final_std"] == pytest.approx(statistics.stdev(finals))  # sample std, ddof=1
+    assert math.isnan(rows[1]["final_std"])  # one seed: no spread claimed
+    table = stats.markdown_table(rows, {"sst2": "accuracy"})
+    assert f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}" in table
+    assert "| sst2 (accuracy) | svd | 1 | 0.5500 |" in table
+
+
+def test_closed_form_bytes_equal_round_bytes_at_paper_shapes():
+    rows = {(r["model"], r["method"]): r for r in comm.formula_rows(list(comm.CLOSED_FORM))}  # asserts inside
+    fedit = rows[("RoBERTa-large", "fedit")]
+    assert fedit["mb_up"] == pytest.approx(48 * 2 * 16 * 1024 * 10 * 4 / 1e6)
+    assert rows[("LLaMA-2-7B", "flora-na")] == {**rows[("LLaMA-2-7B", "fedit")], "method": "flora-na"}
+    assert rows[("RoBERTa-large", "flora")]["mb_down"] == pytest.approx(10 * fedit["mb_down"])
+
+
+def test_slugs_and_selection():
+    assert slug("flora-na (adamw 50)") == "flora-na_adamw_50"
+    assert slug("fedit [alpha=0.1]") == "fedit_alpha-0.1"
+    preset = select(get_preset("headline"), ["sst2"], ["fedit", "flora-na_adamw"], [0])
+    assert [v.label for v in preset.methods] == ["fedit", "flora-na (adamw)"] and preset.tasks == ("sst2",)
+    with pytest.raises(ValueError, match="no method"):
+        select(get_preset("headline"), None, ["nope"], None)
+
+
+@needs_glue
+def test_quick_preset_end_to_end_then_rerun_skips_finished_runs(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["bench", "--preset", "quick", "--data-dir", str(GLUE), "--out", str(out)]) == 0
+    for name in ("results.md", "results.csv", "runs.csv", "global_metric.png", "divergence.png", "local_vs_global.png"):
+        assert (out / name).stat().st_size > 0, name
+    preset = get_preset("quick")
+    jobs = expand(preset, out, str(GLUE))
+    assert all(status(job) == "done" and completed_rounds(job.path) == job.config.rounds for job in jobs)
+    assert (out / "runs" / "rte" / "flora-na" / "seed0" / "metrics.jsonl").is_file()
+    with (out / "results.csv").open() as f:
+        labels = [row["label"] for row in csv.DictReader(f)]
+    assert labels == [v.label for v in preset.methods]
+    text = (out / "results.md").read_text()
+    assert "fedlora bench --preset quick" in text and "matched the closed form exactly" in text
+    # Measured bytes of every real run == round_bytes == closed form at MiniLM shapes.
+    for job in jobs:
+        rows = comm.check_measured(job.path)
+        assert rows and rows[0]["shape"] == "r=8 d=384 k=384" and rows[0]["modules"] == 12
+
+    # Second invocation: nothing retrains (the runner is never called) and no metrics file is rewritten.
+    mtimes = {job.path: (job.path / "metrics.jsonl").stat().st_mtime_ns for job in jobs}
+    calls = []
+    counts = run_jobs(jobs, 0.35, runner=lambda *a, **k: calls.append(a))
+    assert counts == {"skipped": len(jobs), "resumed": 0, "new": 0} and calls == []
+    assert main(["bench", "--preset", "quick", "--data-dir", str(GLUE), "--out", str(out)]) == 0
+    assert "0 new, 0 resumed, 3 skipped" in capsys.readouterr().out
+    assert {job.path: (job.path / "metrics.jsonl").stat().st_mtime_ns for job in jobs} == mtimes
+
+
+@needs_glue
+def test_interrupted_run_resumes_and_a_changed_config_is_refused(tmp_path):
+    preset = select(get_preset("quick"), None, ["fedit"], None)
+    [job] = expand(preset, tmp_path, str(GLUE), {"rounds": 2})
+    from fedlora.simulation import run
+
+    run(job.config.replace(rounds=1), progress=False)  # as if killed after round 1 (checkpoint on disk)
+    (job.path / "config.json").write_text(job.config.to_json())  # the grid wrote the 2-round config
+    assert status(job) == "resume"
+    seen = []
+    counts = run_jobs([job], 0.35, runner=lambda config, resume, progress: seen.append(resume) or run(config, resume=resume, progress=False))
+    assert counts["resumed"] == 1 and seen == [True] and completed_rounds(job.path) == 2
+    [other] = expand(preset, tmp_path, str(GLUE), {"rounds": 2, "lr": 0.01})
+    with pytest.raises(ValueError, match="different"):
+        status(other)
