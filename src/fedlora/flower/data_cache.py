@@ -32,7 +32,7 @@ from fedlora.config import RunConfig
 from fedlora.data import get_task
 from fedlora.data.loading import resolve_data_dir
 from fedlora.data.tasks import TaskSpec
-from fedlora.federation import ClientData, build_federation
+from fedlora.federation import ClientData, Federation, build_federation
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
 
@@ -65,6 +65,13 @@ def client_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase, partition
         train=datasets.load_from_disk(str(root / client / "train")),
         local_test=datasets.load_from_disk(str(root / client / "local_test")),
     )
+
+
+def warm(config: RunConfig, tokenizer: PreTrainedTokenizerBase, federation: Federation) -> None:
+    """Save an already built federation (the ServerApp has one): SuperNodes on this machine skip tokenising."""
+    root = cache_root() / federation_key(config, tokenizer)
+    if not (root / "complete").exists():
+        _save(federation.clients, root)
 
 
 def _save(clients: list[ClientData], root: Path) -> None:

@@ -23,6 +23,7 @@ from fedlora.checkpoint import ServerState, atomic_write_text, save_state
 from fedlora.client import evaluate_on
 from fedlora.config import RunConfig
 from fedlora.federation import Federation, build_federation
+from fedlora.flower import data_cache
 from fedlora.flower.config import run_config_from_flower
 from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.flower.wire import model_record, record_to_model
@@ -90,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         list(config.target_modules), seed=config.seed,
     )
     federation = build_federation(config, tokenizer)
+    data_cache.warm(config, tokenizer, federation)  # SuperNodes sharing this disk (simulation, tests) reuse it
     strategy = FedLoraStrategy(config, min_train_nodes=options.min_train_nodes, min_available_nodes=options.min_available_nodes)
     evaluation = CentralEvaluation(config, strategy, model, tokenizer, federation)
     strategy.start(

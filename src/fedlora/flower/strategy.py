@@ -47,6 +47,7 @@ class FedLoraStrategy(FedAvg):
         self.base_version: dict[int, int] = {}  # node id -> rounds of base_delta merged there
         self.base_deltas: dict[int, dict[str, Tensor]] = {}  # round -> {module: (d, k)}
         self.current: ArrayRecord | None = None  # the global model sent this round (FedOpt's trick)
+        self.sent: list[Message] = []  # this round's train messages, to name nodes that failed
         self.last_round: dict[str, Any] | None = None  # what the ServerApp needs for metrics.jsonl
 
     # -- sampling ---------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class FedLoraStrategy(FedAvg):
             if pending:  # FedEx-LoRA / FLoRA: what this client has not merged yet, in round order
                 content["base-delta"] = deltas_record(pending)
             messages.append(Message(content, node, MessageType.TRAIN))
+        self.sent = messages
         log(INFO, "configure_train: round %d, partitions %s", server_round, [p for p in sampled if p in node_for])
         return messages
 
@@ -98,9 +100,7 @@ class FedLoraStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        for msg in failed:
-            node = msg.metadata.src_node_id
-            log(WARNING, "round %d: node %d (partition %s) failed: %s", server_round, node, self.partition_of.get(node), msg.error.reason)
+        self._log_failures(server_round, valid, failed)
         if len(valid) < self.min_train_nodes:
             log(WARNING, "round %d: %d replies < min-train-nodes=%d; global model unchanged", server_round, len(valid), self.min_train_nodes)
             self.last_round = None
@@ -133,6 +133,20 @@ class FedLoraStrategy(FedAvg):
             "bytes-down": int(agg.metrics["bytes_down"]),
         })
         return model_record(agg.adapter, head), metrics
+
+    def _log_failures(self, server_round: int, valid: list[Message], failed: list[Message]) -> None:
+        """Name every node whose update is missing: error replies and silence alike."""
+        # SuperLink-made errors (e.g. NODE_UNAVAILABLE after missed heartbeats) come from the
+        # SuperLink itself, so the failed node is found through the message they answer.
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        answered = set()
+        for msg in failed:
+            node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(node)
+            log(WARNING, "round %d: node %d (partition %s) failed: %s", server_round, node, self.partition_of.get(node), msg.error.reason)
+        answered |= {m.metadata.src_node_id for m in valid}
+        for node in sorted(set(dst.values()) - answered):
+            log(WARNING, "round %d: node %d (partition %s) sent no reply within round-timeout", server_round, node, self.partition_of.get(node))
 
     def _result(self, msg: Message) -> ClientResult:
         adapter, head = record_to_model(msg.content["arrays"])
