@@ -11,6 +11,8 @@ input skew make the clients' (A_u, B_u) disagree the way non-IID fine-tuning doe
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,33 @@ def _low_rank(d: int, k: int, rank: int, g: torch.Generator, dtype: torch.dtype)
     P = torch.randn(d, rank, generator=g, dtype=dtype) / rank**0.5  # (d, s)
     Q = torch.randn(rank, k, generator=g, dtype=dtype) / k**0.5  # (s, k)
     return P, Q
+
+
+def _spectral_norm_sq(X: Tensor) -> Tensor:
+    """‖X_m‖₂² per batch entry (M,), exactly, from the eigenvalues of the smaller Gram matrix."""
+    gram = X.mT @ X if X.shape[-1] <= X.shape[-2] else X @ X.mT  # (M, s, s), s = min side
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0)
+
+
+def _gradient_descent(A: Tensor, B: Tensor, P: Tensor, Q: Tensor, X: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """``steps`` of GD on ½‖(B A − P Q) Xᵀ‖² / n for a batch of M modules.
+
+    A (M, r, k), B (M, d, r), P (M, d, 2s), Q (M, 2s, k), X (M, n, k). Step sizes 0.5 / (the
+    curvature of each block), from spectral norms of r×r and n×n Grams (no SVD of a big matrix).
+    """
+    n = X.shape[1]
+    target = P @ (Q @ X.mT)  # (M, d, n): the client's predictions of G_u, fixed
+    X_sq = _spectral_norm_sq(X)  # (M,)
+    for _ in range(steps):
+        XA = X @ A.mT  # (M, n, r)
+        R = B @ XA.mT - target  # (M, d, n): residual of the predictions
+        grad_B = R @ XA / n  # (M, d, r)
+        grad_A = (B.mT @ R) @ X / n  # (M, r, k)
+        # Step sizes from the curvature of each block keep plain GD stable at any shape.
+        lr_B = 0.5 / (_spectral_norm_sq(XA) / n + 1e-12)  # (M,)
+        lr_A = 0.5 / (_spectral_norm_sq(B) * X_sq / n + 1e-12)  # (M,)
+        A, B = A - lr_A[:, None, None] * grad_A, B - lr_B[:, None, None] * grad_B
+    return A, B
 
 
 def least_squares_clients(
@@ -47,10 +76,15 @@ def least_squares_clients(
         global_adapter[module] = LoraPair(A=A, B=B)
     shared_targets = {m: _low_rank(d, k, target_rank, g, dtype) for m, (d, k) in shapes.items()}
 
+    # Modules of equal shape train as one batch; the random draws keep the per-module order.
+    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for module, (d, k) in shapes.items():
+        groups[(d, k)].append(module)
+
     updates = []
     for u in range(num_clients):
         n = samples * (u % 3 + 1)
-        adapter: Adapter = {}
+        draws: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for module, (d, k) in shapes.items():
             P_s, Q_s = shared_targets[module]
             P_u, Q_u = _low_rank(d, k, target_rank, g, dtype)
@@ -58,18 +92,18 @@ def least_squares_clients(
             Q = torch.cat([Q_s, Q_u], dim=0)  # (2s, k)
             scale = torch.rand(k, generator=g, dtype=dtype) * 1.5 + 0.25  # client-specific feature skew
             X = torch.randn(n, k, generator=g, dtype=dtype) * scale  # (n, k)
-            A, B = global_adapter[module].A.clone(), global_adapter[module].B.clone()
-            for _ in range(steps):
-                XA = X @ A.T  # (n, r)
-                R = B @ XA.T - P @ (Q @ X.T)  # (d, n): residual of the predictions
-                grad_B = R @ XA / n  # (d, r)
-                grad_A = (B.T @ R) @ X / n  # (r, k)
-                # Step sizes from the curvature of each block keep plain GD stable at any shape.
-                lr_B = 0.5 / float(torch.linalg.matrix_norm(XA, ord=2) ** 2 / n + 1e-12)
-                lr_A = 0.5 / float(torch.linalg.matrix_norm(B, ord=2) ** 2 * torch.linalg.matrix_norm(X, ord=2) ** 2 / n + 1e-12)
-                A, B = A - lr_A * grad_A, B - lr_B * grad_B
-            adapter[module] = LoraPair(A=A, B=B)
-        updates.append(ClientUpdate(adapter=adapter, num_examples=n, client_id=f"client-{u}"))
+            draws[module] = (P, Q, X)
+        adapter: Adapter = {}
+        for modules in groups.values():
+            P = torch.stack([draws[m][0] for m in modules])  # (M, d, 2s)
+            Q = torch.stack([draws[m][1] for m in modules])  # (M, 2s, k)
+            X = torch.stack([draws[m][2] for m in modules])  # (M, n, k)
+            A = torch.stack([global_adapter[m].A for m in modules])  # (M, r, k)
+            B = torch.stack([global_adapter[m].B for m in modules])  # (M, d, r)
+            A, B = _gradient_descent(A, B, P, Q, X, steps)
+            for index, module in enumerate(modules):
+                adapter[module] = LoraPair(A=A[index].clone(), B=B[index].clone())
+        updates.append(ClientUpdate(adapter={m: adapter[m] for m in shapes}, num_examples=n, client_id=f"client-{u}"))
     return global_adapter, updates
 
 

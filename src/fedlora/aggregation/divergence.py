@@ -9,6 +9,7 @@ The bound is the same ratio for the truncated SVD of T, the optimal rank-r answe
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,26 +37,36 @@ def divergence_report(
 ) -> DivergenceReport:
     """Divergence of ``adapter`` (+ ``base_delta``) from T and the Eckart–Young bound, per module and overall."""
     base_delta = base_delta or {}
-    w = [float(x) for x in weights]
+    w = weights.to(torch.float64)
     err_sq: dict[str, float] = {}
     tail_sq: dict[str, float] = {}
     target_sq: dict[str, float] = {}
+    groups: dict[tuple, list[str]] = defaultdict(list)  # same-shape modules are handled as one batch
     for module, pair in adapter.items():
-        dtype = pair.A.dtype
-        Bs = [u.adapter[module].B.to(dtype) for u in updates]
-        As = [u.adapter[module].A.to(dtype) for u in updates]
-        F_T, E_T = lowrank.stack_factors(Bs, As, w)  # T = F_T @ E_T
-        S = lowrank.singular_values(F_T, E_T)
-        target_sq[module] = float((S**2).sum())
-        tail_sq[module] = lowrank.tail_energy(S, pair.rank)
-        if module in base_delta:
-            # (d, k) terms are dense anyway for methods that ship a residual.
-            residual = pair.B @ pair.A + base_delta[module].to(dtype) - F_T @ E_T  # (d, k)
-            err_sq[module] = float(torch.linalg.matrix_norm(residual)) ** 2
-        else:
-            F = torch.cat([pair.B, -F_T], dim=1)  # (d, (U+1) r)
-            E = torch.cat([pair.A, E_T], dim=0)  # ((U+1) r, k)
-            err_sq[module] = lowrank.product_norm(F, E) ** 2
+        groups[(tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype)].append(module)
+    for (_, _, dtype), modules in groups.items():
+        Ft, E = _stacked_target(adapter, updates, w.to(dtype), modules)  # T_m = Ft_mᵀ @ E_m
+        G_F, G_E = Ft @ Ft.mT, E @ E.mT  # (M, U r, U r): FᵀF and E Eᵀ of T = F E
+        S = lowrank.singular_values_from_grams(G_F, G_E)  # (M, U r)
+        A_hat = _stack([adapter[m].A for m in modules], dtype)  # (M, r, k)
+        B_hat = _stack([adapter[m].B for m in modules], dtype)  # (M, d, r)
+        # ‖B̂Â − T‖² = ‖B̂Â‖² − 2⟨B̂Â, T⟩ + ‖T‖², each a sum over small Grams (= product_norm's
+        # ⟨FᵀF, E Eᵀ⟩ for F = [B̂, −F_T], E = [Â; E_T], without recomputing the target's blocks).
+        own = ((B_hat.mT @ B_hat) * (A_hat @ A_hat.mT)).sum((1, 2))
+        cross = ((Ft @ B_hat) * (E @ A_hat.mT)).sum((1, 2))
+        whole = (G_F * G_E).sum((1, 2))
+        low_rank_err = (own - 2 * cross + whole).clamp_min(0)
+        for i, module in enumerate(modules):
+            pair = adapter[module]
+            target_sq[module] = float((S[i] ** 2).sum())
+            tail_sq[module] = lowrank.tail_energy(S[i], pair.rank)
+            if module in base_delta:
+                # (d, k) terms are dense anyway for methods that ship a residual.
+                T = Ft[i].T @ E[i]  # (d, k)
+                residual = pair.B @ pair.A + base_delta[module].to(dtype) - T
+                err_sq[module] = float(torch.linalg.matrix_norm(residual)) ** 2
+            else:
+                err_sq[module] = float(low_rank_err[i])
 
     def ratio(num: float, den: float) -> float:
         # T = 0 (nothing moved): any exact answer has zero divergence; report the raw error then.
@@ -69,3 +80,30 @@ def divergence_report(
         per_module_bound={m: ratio(tail_sq[m], target_sq[m]) for m in adapter},
         target_norm=math.sqrt(total_target),
     )
+
+
+def _stacked_target(
+    adapter: Adapter, updates: Sequence[ClientUpdate], w: Tensor, modules: list[str]
+) -> tuple[Tensor, Tensor]:
+    """Ft (M, U r, d) = [w_1 B_1ᵀ; …; w_U B_Uᵀ] and E (M, U r, k) = [A_1; …; A_U], so T_m = Ft_mᵀ E_m.
+
+    Copied block by block into preallocated buffers (``torch.cat`` of many tensors is slow on
+    small multi-threaded CPUs); the long dimension is contiguous for both Gram products.
+    """
+    first = adapter[modules[0]]
+    (r, k), d, U = first.A.shape, first.B.shape[0], len(updates)
+    Ft = torch.empty(len(modules), U * r, d, dtype=first.A.dtype)
+    E = torch.empty(len(modules), U * r, k, dtype=first.A.dtype)
+    for i, module in enumerate(modules):
+        for u, update in enumerate(updates):
+            Ft[i, u * r : (u + 1) * r].copy_(update.adapter[module].B.T)
+            E[i, u * r : (u + 1) * r].copy_(update.adapter[module].A)
+    Ft.view(len(modules), U, r, d).mul_(w[None, :, None, None])
+    return Ft, E
+
+
+def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    out = torch.empty(len(tensors), *tensors[0].shape, dtype=dtype)
+    for i, t in enumerate(tensors):
+        out[i].copy_(t)
+    return out

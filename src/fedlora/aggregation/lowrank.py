@@ -61,6 +61,22 @@ def _core(F: Tensor, E: Tensor) -> Tensor:
     return s_F[:, None] * (V_F.T @ V_E) * s_E[None, :]
 
 
+def singular_values_from_grams(G_F: Tensor, G_E: Tensor) -> Tensor:
+    """Singular values of F @ E, descending, from G_F = FᵀF and G_E = E Eᵀ; batched over a leading dim.
+
+    Same core as :func:`singular_values`, but directions below ``RTOL``·λ_max are zeroed instead of
+    dropped so that a batch keeps one shape: this only appends exact zeros to the singular values.
+    """
+    roots = []
+    for G in (G_F, G_E):
+        eigvals, V = torch.linalg.eigh(G)  # ascending
+        floor = RTOL * eigvals[..., -1:].clamp_min(torch.finfo(G.dtype).tiny)
+        roots.append((V, torch.where(eigvals > floor, eigvals, torch.zeros_like(eigvals)).sqrt()))
+    (V_F, s_F), (V_E, s_E) = roots
+    core = s_F[..., :, None] * (V_F.mT @ V_E) * s_E[..., None, :]
+    return torch.linalg.svdvals(core)
+
+
 def product_norm(F: Tensor, E: Tensor) -> float:
     """‖F @ E‖_F without forming the product: ‖F E‖² = ⟨FᵀF, E Eᵀ⟩."""
     return float((F.T @ F * (E @ E.T)).sum().clamp_min(0)) ** 0.5

@@ -66,20 +66,13 @@ def flora_na(
 
     start = time.perf_counter()
     if solver == "als":
-        p, q, trace = _als(global_adapter, updates, solve_w, modules, shared, max_sweeps, tol)
+        p, q, trace, groups = _als(global_adapter, updates, solve_w, modules, shared, max_sweeps, tol)
+        seconds = time.perf_counter() - start
+        adapter = _broadcast_from_bases(groups, modules, weights, p, q)
     else:
         p, q, trace = _adamw(global_adapter, updates, solve_w, modules, shared, steps, lr)
-    seconds = time.perf_counter() - start
-
-    adapter: Adapter = {}
-    for index, module in enumerate(modules):
-        g = global_adapter[module]
-        dA = torch.stack([u.adapter[module].A - g.A for u in updates])  # (U, r, k)
-        dB = torch.stack([u.adapter[module].B - g.B for u in updates])  # (U, d, r)
-        adapter[module] = LoraPair(
-            A=g.A + torch.einsum("u,urk->rk", weights * p[index], dA),
-            B=g.B + torch.einsum("u,udr->dr", weights * q[index], dB),
-        )
+        seconds = time.perf_counter() - start
+        adapter = _broadcast_from_deltas(global_adapter, updates, modules, weights, p, q)
     extras = {
         "p": {m: p[i] for i, m in enumerate(modules)},
         "q": {m: q[i] for i, m in enumerate(modules)},
@@ -97,29 +90,75 @@ def flora_na(
     return AggregationResult(adapter=adapter, metrics=metrics, extras=extras)
 
 
-def _basis(global_adapter: Adapter, updates: Sequence[ClientUpdate], module: str) -> tuple[Tensor, Tensor]:
-    """A_basis (J, r, k) and B_basis (J, d, r): index 0 the global factor, then each client's."""
-    g = global_adapter[module]
-    A = torch.stack([g.A] + [u.adapter[module].A for u in updates])
-    B = torch.stack([g.B] + [u.adapter[module].B for u in updates])
-    return A, B
+def _broadcast_from_deltas(global_adapter, updates, modules, weights, p, q) -> Adapter:
+    """Â = A_g + Σ_u w_u p_u ΔA_u and B̂ = B_g + Σ_u w_u q_u ΔB_u, module by module."""
+    adapter: Adapter = {}
+    for index, module in enumerate(modules):
+        g = global_adapter[module]
+        dA = torch.stack([u.adapter[module].A - g.A for u in updates])  # (U, r, k)
+        dB = torch.stack([u.adapter[module].B - g.B for u in updates])  # (U, d, r)
+        adapter[module] = LoraPair(
+            A=g.A + torch.einsum("u,urk->rk", weights * p[index], dA),
+            B=g.B + torch.einsum("u,udr->dr", weights * q[index], dB),
+        )
+    return adapter
 
 
-def _als(global_adapter, updates, w, modules, shared, max_sweeps, tol) -> tuple[Tensor, Tensor, list[float]]:
+def _broadcast_from_bases(groups, modules, weights, p, q) -> Adapter:
+    """The same Â, B̂ as :func:`_broadcast_from_deltas`, read off the stacked bases the ALS built.
+
+    Â = Σ_j α_j A_j with α = [1 − Σ_u w_u p_u, w ⊙ p] (likewise B̂ from q): one memory-bound
+    batched product per shape group instead of U (d, r) and (r, k) differences per module.
+    """
+    adapter: Adapter = {}
+    for indices, E, Ft in groups:
+        M, Jr, k = E.shape
+        J = weights.shape[0] + 1
+        r, d = Jr // J, Ft.shape[2]
+        wp, wq = weights * p[indices], weights * q[indices]  # (M, U)
+        alpha = torch.cat([1 - wp.sum(1, keepdim=True), wp], dim=1)  # (M, J)
+        beta = torch.cat([1 - wq.sum(1, keepdim=True), wq], dim=1)
+        A_hat = (alpha[:, None, :] @ E.view(M, J, r * k)).view(M, r, k)
+        Bt_hat = (beta[:, None, :] @ Ft.view(M, J, r * d)).view(M, r, d)
+        for i, index in enumerate(indices):
+            adapter[modules[index]] = LoraPair(A=A_hat[i], B=Bt_hat[i].T.contiguous())
+    return {m: adapter[m] for m in modules}
+
+
+def _stacked_bases(global_adapter: Adapter, updates: Sequence[ClientUpdate], group: list[str]) -> tuple[Tensor, Tensor]:
+    """E (M, J r, k) = [A_g; A_1; …; A_U] and Ft (M, J r, d) = [B_gᵀ; B_1ᵀ; …; B_Uᵀ] per module.
+
+    Written block by block into preallocated buffers: ``torch.stack``/``cat`` of hundreds of
+    tensors is many times slower than these copies on small multi-threaded CPUs.
+    """
+    first = global_adapter[group[0]]
+    (r, k), d, J = first.A.shape, first.B.shape[0], len(updates) + 1
+    E = torch.empty(len(group), J * r, k, dtype=first.A.dtype)
+    Ft = torch.empty(len(group), J * r, d, dtype=first.B.dtype)
+    for i, module in enumerate(group):
+        pairs = [global_adapter[module]] + [u.adapter[module] for u in updates]
+        for j, pair in enumerate(pairs):
+            E[i, j * r : (j + 1) * r].copy_(pair.A)
+            Ft[i, j * r : (j + 1) * r].copy_(pair.B.T)
+    return E, Ft
+
+
+def _als(global_adapter, updates, w, modules, shared, max_sweeps, tol):
     # Batch same-shape modules (all of a transformer's q/v projections, say) into one problem.
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, module in enumerate(modules):
         groups[tuple(global_adapter[module].A.shape) + tuple(global_adapter[module].B.shape)].append(index)
-    problems = []
+    problems, bases = [], []
     for indices in groups.values():
-        bases = [_basis(global_adapter, updates, modules[i]) for i in indices]
-        problems.append(GramProblem.build(torch.stack([a for a, _ in bases]), torch.stack([b for _, b in bases]), w))
+        E, Ft = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
+        problems.append(GramProblem.from_stacked(E, Ft, w))
+        bases.append((indices, E, Ft))
     ps, qs, trace = solve_als(problems, shared, max_sweeps, tol)
     p = torch.empty(len(modules), len(updates), dtype=torch.float64)
     q = torch.empty_like(p)
     for indices, pg, qg in zip(groups.values(), ps, qs):
         p[indices], q[indices] = pg, qg
-    return p, q, trace
+    return p, q, trace, bases
 
 
 def _adamw(global_adapter, updates, w, modules, shared, steps, lr) -> tuple[Tensor, Tensor, list[float]]:

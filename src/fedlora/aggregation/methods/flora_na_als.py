@@ -37,9 +37,21 @@ class GramProblem:
         """``A_basis`` (M, J, r, k) and ``B_basis`` (M, J, d, r), index 0 = the global factor."""
         M, J, r, k = A_basis.shape
         E = A_basis.reshape(M, J * r, k)  # (M, J r, k): A_i stacked on top
-        F = B_basis.permute(0, 2, 1, 3).reshape(M, B_basis.shape[2], J * r)  # (M, d, J r): B_j side by side
-        GA = (E @ E.transpose(1, 2)).view(M, J, r, J, r)
-        GB = (F.transpose(1, 2) @ F).view(M, J, r, J, r)
+        Ft = B_basis.transpose(2, 3).reshape(M, J * r, B_basis.shape[2])  # (M, J r, d): B_jᵀ stacked on top
+        return GramProblem.from_stacked(E, Ft, w)
+
+    @staticmethod
+    def from_stacked(E: Tensor, Ft: Tensor, w: Tensor) -> "GramProblem":
+        """From ``E`` (M, J r, k) = [A_0; …; A_U] and ``Ft`` (M, J r, d) = [B_0ᵀ; …; B_Uᵀ] per module.
+
+        Both Grams are one batched (J r, ·) @ (·, J r) product with the long dimension contiguous,
+        the cheapest layout for the BLAS; this is the only O((d + k)(J r)²) work of the solve.
+        """
+        M, Jr = E.shape[0], E.shape[1]
+        J = w.shape[0] + 1
+        r = Jr // J
+        GA = (E @ E.mT).view(M, J, r, J, r)
+        GB = (Ft @ Ft.mT).view(M, J, r, J, r)
         return GramProblem(GB=GB, GA=GA, w=w)
 
     def coefficients(self, x: Tensor) -> Tensor:
@@ -73,21 +85,29 @@ class GramProblem:
         """L per module (M,) for client coefficients p, q (M, U)."""
         alpha, beta = self.coefficients(p), self.coefficients(q)
         H, h = self.quadratic(self.GB, self.GA, alpha)
-        return torch.einsum("mj,mjl,ml->m", beta, H, beta) - 2 * (beta * h).sum(1) + self.target_sq()
+        return _quadratic_value(H, h, beta) + self.target_sq()
 
 
-def _normal_equations(problem: GramProblem, x: Tensor, other: Tensor, free_is_B: bool) -> tuple[Tensor, Tensor]:
-    """K (M, U, U) and rhs (M, U) of the normal equations K δ = rhs for the change δ of x.
+def _quadratic_value(H: Tensor, h: Tensor, c: Tensor) -> Tensor:
+    """cᵀHc − 2cᵀh per module (M,): L − ‖T‖² at basis coefficients c (M, J)."""
+    return torch.einsum("mj,mjl,ml->m", c, H, c) - 2 * (c * h).sum(1)
+
+
+def _normal_equations(
+    problem: GramProblem, x: Tensor, other: Tensor, free_is_B: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """K (M, U, U) and rhs (M, U) of the normal equations K δ = rhs for the change δ of x, and H, h.
 
     x is q if ``free_is_B`` else p; the other side is held fixed. From L = cᵀHc − 2cᵀh + const
-    with c = e_0 + D x: Dᵀ H D δ = Dᵀ (h − H c).
+    with c = e_0 + D x: Dᵀ H D δ = Dᵀ (h − H c). H and h are returned so that L at the new x
+    costs no second quadratic.
     """
     G_free, G_fixed = (problem.GB, problem.GA) if free_is_B else (problem.GA, problem.GB)
     H, h = problem.quadratic(G_free, G_fixed, problem.coefficients(other))
     D = problem.basis_map()  # (J, U)
     K = torch.einsum("ju,mjl,lv->muv", D, H, D)
     rhs = torch.einsum("ju,mj->mu", D, h - torch.einsum("mjl,ml->mj", H, problem.coefficients(x)))
-    return K, rhs
+    return K, rhs, H, h
 
 
 def _min_norm_solve(K: Tensor, rhs: Tensor) -> Tensor:
@@ -107,15 +127,19 @@ def solve_als(
     dtype = problems[0].GB.dtype
     ps = [torch.ones(pr.GB.shape[0], U, dtype=dtype) for pr in problems]
     qs = [torch.ones(pr.GB.shape[0], U, dtype=dtype) for pr in problems]
+    target_sq = [pr.target_sq() for pr in problems]  # ‖T‖² per module, fixed
 
-    def total(ps_: list[Tensor], qs_: list[Tensor]) -> float:
-        return float(sum(pr.objective(p, q).sum() for pr, p, q in zip(problems, ps_, qs_)))
-
-    trace = [total(ps, qs)]
+    trace = [float(sum(pr.objective(p, q).sum() for pr, p, q in zip(problems, ps, qs)))]
     for _ in range(max_sweeps):
-        new_qs = _step_all(problems, qs, ps, free_is_B=True, shared=shared)
-        new_ps = _step_all(problems, ps, new_qs, free_is_B=False, shared=shared)
-        value = total(new_ps, new_qs)
+        new_qs, _ = _step_all(problems, qs, ps, free_is_B=True, shared=shared)
+        new_ps, quadratics = _step_all(problems, ps, new_qs, free_is_B=False, shared=shared)
+        # L at (new p, new q) from the p-step's own quadratic in α (β fixed at the new q).
+        value = float(
+            sum(
+                (_quadratic_value(H, h, pr.coefficients(p)) + t_sq).sum()
+                for pr, p, (H, h), t_sq in zip(problems, new_ps, quadratics, target_sq)
+            )
+        )
         if value > trace[-1]:  # only round-off can do this; keep the better iterate
             break
         ps, qs = new_ps, new_qs
@@ -125,13 +149,19 @@ def solve_als(
     return ps, qs, trace
 
 
-def _step_all(problems: list[GramProblem], xs: list[Tensor], others: list[Tensor], free_is_B: bool, shared: bool) -> list[Tensor]:
-    """One exact half-step for every group: per module, or one U×U solve for the whole model."""
+def _step_all(
+    problems: list[GramProblem], xs: list[Tensor], others: list[Tensor], free_is_B: bool, shared: bool
+) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """One exact half-step for every group: per module, or one U×U solve for the whole model.
+
+    Returns the new x per group and the quadratic (H, h) per group that the step minimised.
+    """
     systems = [_normal_equations(pr, x, o, free_is_B) for pr, x, o in zip(problems, xs, others)]
+    quadratics = [(H, h) for _, _, H, h in systems]
     if not shared:
-        return [x + _min_norm_solve(K, rhs) for x, (K, rhs) in zip(xs, systems)]
+        return [x + _min_norm_solve(K, rhs) for x, (K, rhs, _, _) in zip(xs, systems)], quadratics
     # Shared scope: the model's objective is the sum of the modules', so their normal equations add.
-    K_sum = sum(K.sum(0) for K, _ in systems)
-    rhs_sum = sum(rhs.sum(0) for _, rhs in systems)
+    K_sum = sum(K.sum(0) for K, _, _, _ in systems)
+    rhs_sum = sum(rhs.sum(0) for _, rhs, _, _ in systems)
     delta = _min_norm_solve(K_sum, rhs_sum)  # (U,)
-    return [x + delta for x in xs]
+    return [x + delta for x in xs], quadratics
