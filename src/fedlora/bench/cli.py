@@ -46,7 +46,9 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="FIELD=VALUE",
                    help="override a RunConfig field for every run, e.g. rounds=4 (changes the stated budget)")
     p.add_argument("--step-seconds", type=float, default=STEP_SECONDS, help="seconds per training step at batch 32x64, for the estimate")
+    p.add_argument("--calibrate", action="store_true", help="measure the step time on this machine first (~10 s) and estimate with it")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the runs on disk (partial grids too), run nothing")
     p.add_argument("--progress", action="store_true", help="per-round progress bars")
 
 
@@ -68,6 +70,11 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         from dataclasses import replace
 
         preset = replace(preset, budget_minutes=None)  # the stated budget holds for the preset as shipped only
+    if args.calibrate:
+        from fedlora.bench.presets import measure_step_seconds
+
+        args.step_seconds = measure_step_seconds()
+        print(f"measured {args.step_seconds:.3f} s per training step at batch 32 x 64 (nominal {STEP_SECONDS} s on an idle 2-core CPU)")
     results = Path(args.out or f"results/{preset.name}")
     jobs = expand(preset, results, _data_dir(args.data_dir), overrides)
     states = [status(job) for job in jobs]
@@ -77,14 +84,14 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     print(f"preset {preset.name}: {len(jobs)} runs ({len(preset.tasks)} tasks x {len(preset.settings)} settings x "
           f"{len(preset.methods)} methods x {len(preset.seeds)} seeds), {len(jobs) - len(todo)} already finished")
     print(f"estimated {estimate / 60:.1f} min for the whole grid, {remaining / 60:.1f} min left "
-          f"(at {args.step_seconds} s/step, idle 2-core CPU)" + (f"; budget {preset.budget_minutes:g} min" if preset.budget_minutes else ""))
+          f"(at {args.step_seconds:.3f} s/step)" + (f"; budget {preset.budget_minutes:g} min" if preset.budget_minutes else ""))
     if args.dry_run:
         return 0
     words = list(argv if argv is not None else sys.argv[1:])
     words = words[words.index("bench") + 1:] if "bench" in words else words  # `fedlora [-v] bench ...`
     command = " ".join(["fedlora bench", *map(shlex.quote, words)])
     start = time.perf_counter()
-    counts = run_jobs(jobs, args.step_seconds, progress=args.progress)
+    counts = {"new": 0, "resumed": 0, "skipped": len(jobs)} if args.report_only else run_jobs(jobs, args.step_seconds, progress=args.progress)
     elapsed = time.perf_counter() - start
     path = write_report(results, preset, jobs, command, estimate, args.step_seconds, elapsed)
     print(f"{counts['new']} new, {counts['resumed']} resumed, {counts['skipped']} skipped in {elapsed / 60:.1f} min -> {path}")

@@ -121,3 +121,32 @@ def estimate_seconds(config: RunConfig, step_seconds: float = STEP_SECONDS) -> f
         local_rounds = len({r for r in range(1, config.rounds + 1) if r % config.eval_local_every == 0 or r == config.rounds})
         eval_rows += local_rounds * config.num_sampled * config.max_local_eval_examples
     return train + eval_rows * forward_row + RUN_OVERHEAD_SECONDS.get(config.task, 8.0)
+
+
+def measure_step_seconds(steps: int = 3) -> float:
+    """Time AdamW steps of the bundled MiniLM at batch 32 × 64 on this machine, now.
+
+    The default STEP_SECONDS holds for an idle 2-core machine; a shared one can be many times
+    slower, and an estimate is only useful if it says so before an hour is committed.
+    """
+    import time
+
+    import torch
+
+    from fedlora.model import default_model_path, load_model
+
+    model, _ = load_model(default_model_path(), 2, 8, 16.0, ["query", "value"], seed=0)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 5000, (32, 64), generator=generator)
+    labels = torch.randint(0, 2, (32,), generator=generator)
+    times = []
+    for _ in range(steps + 1):  # the first step pays one-off allocation costs: not timed
+        start = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]  # median: robust to one step hit by a neighbour's job
