@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,7 +79,12 @@ def sim_superlink(tmp_path_factory):
 def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method):
     procs, env = sim_superlink
     config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
-    local = simulation.run(config, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray workers (1 CPU each): the same float summation order
+    try:
+        local = simulation.run(config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     flower_config = config.replace(out=str(tmp_path / "flower"))
     cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower_config),
@@ -94,7 +100,6 @@ def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method)
 
 def assert_same_adapter(flower: Path, local: Path) -> None:
     """Both engines saved the same PEFT adapter (and the same merged frozen weights, if any)."""
-    import torch
     from safetensors.torch import load_file
 
     for name in ("adapter_model.safetensors", "base_weights.safetensors"):

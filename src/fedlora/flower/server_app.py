@@ -92,7 +92,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     federation = build_federation(config, tokenizer)
     data_cache.warm(config, tokenizer, federation)  # SuperNodes sharing this disk (simulation, tests) reuse it
-    strategy = FedLoraStrategy(config, min_train_nodes=options.min_train_nodes, min_available_nodes=options.min_available_nodes)
+    strategy = FedLoraStrategy(config, min_train_nodes=options.min_train_nodes, min_available_nodes=options.min_available_nodes,
+                               connect_timeout=options.round_timeout)
     evaluation = CentralEvaluation(config, strategy, model, tokenizer, federation)
     strategy.start(
         grid=grid, initial_arrays=model_record(get_adapter(model), get_head(model)), num_rounds=config.rounds,

@@ -34,7 +34,8 @@ from fedlora.simulation import HEAD_ROUND_SEED, sample_clients
 
 
 class FedLoraStrategy(FedAvg):
-    def __init__(self, config: RunConfig, *, min_train_nodes: int = 1, min_available_nodes: int = 0) -> None:
+    def __init__(self, config: RunConfig, *, min_train_nodes: int = 1, min_available_nodes: int = 0,
+                 connect_timeout: float = 600.0) -> None:
         super().__init__(
             fraction_train=config.fraction,
             fraction_evaluate=0.0,  # the ServerApp evaluates centrally, as the local engine does
@@ -42,6 +43,7 @@ class FedLoraStrategy(FedAvg):
             min_available_nodes=min_available_nodes or config.clients,
         )
         self.config = config
+        self.connect_timeout = connect_timeout  # how long round 1 waits for min_available_nodes SuperNodes
         self.spec = get_method(config.method)
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.base_version: dict[int, int] = {}  # node id -> rounds of base_delta merged there
@@ -54,7 +56,9 @@ class FedLoraStrategy(FedAvg):
     def _map_partitions(self, grid: Grid, timeout: float) -> None:
         """Ask every node we do not know yet for its partition id (one QUERY each)."""
         deadline = time.monotonic() + timeout
-        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+        # Only the first round waits; later rounds go on with whoever is connected.
+        while (len(nodes := list(grid.get_node_ids())) < self.min_available_nodes and not self.partition_of
+               and time.monotonic() < deadline):
             log(INFO, "waiting for SuperNodes: %d of %d connected", len(nodes), self.min_available_nodes)
             time.sleep(1)
         new = [n for n in nodes if n not in self.partition_of]
@@ -71,7 +75,7 @@ class FedLoraStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.current = arrays
-        self._map_partitions(grid, timeout=60.0)
+        self._map_partitions(grid, timeout=self.connect_timeout)
         live = set(grid.get_node_ids())
         node_for = {p: n for n, p in self.partition_of.items() if n in live}
         sampled = sample_clients(self.config, server_round)
