@@ -85,7 +85,7 @@ def test_bad_client_raises_naming_client_and_module(clients, case):
     bad = list(ups)
     bad[2] = breaker(ups[2])
     with pytest.raises(AggregationError) as info:
-        aggregate("fedit", g, bad)
+        aggregate("fedit", g, bad, on_invalid="raise")
     message = str(info.value)
     assert "client 'client-2'" in message
     for needle in needles:
@@ -97,14 +97,14 @@ def test_bad_client_raises_naming_client_and_module(clients, case):
 def test_every_bad_client_is_reported_at_once(clients):
     g, ups = clients
     bad = [poisoned(float("nan"))(ups[0]), ups[1], drop_module(ups[2]), ups[3]]
-    message = str(pytest.raises(AggregationError, aggregate, "flora-na", g, bad).value)
+    message = str(pytest.raises(AggregationError, aggregate, "flora-na", g, bad, on_invalid="raise").value)
     assert "client-0" in message and "client-2" in message and "client-1" not in message
 
 
 def test_duplicate_client_ids(clients):
     g, ups = clients
     dup = list(ups) + [ClientUpdate(ups[1].adapter, 7, "client-1")]
-    message = str(pytest.raises(AggregationError, aggregate, "fedit", g, dup).value)
+    message = str(pytest.raises(AggregationError, aggregate, "fedit", g, dup, on_invalid="raise").value)
     assert "'client-1'" in message and "duplicate" in message
 
 
@@ -183,10 +183,32 @@ def test_reject_drops_bad_clients_and_equals_aggregating_the_good_ones(clients, 
     assert rejected.metrics["divergence"] == good.metrics["divergence"]
 
 
-def test_reject_with_every_client_bad_still_raises(clients):
+def test_default_is_reject_and_a_round_without_enough_valid_clients_is_skipped(clients):
     g, ups = clients
-    with pytest.raises(AggregationError, match="every client update was rejected"):
-        aggregate("fedit", g, [drop_module(u) for u in ups], on_invalid="reject")
+    result = aggregate("fedit", g, [drop_module(u) for u in ups])  # default on_invalid="reject"
+    assert result.metrics["skipped"] is True and len(result.metrics["rejected"]) == len(ups)
+    for m in SHAPES:  # the global adapter is left exactly as it was
+        assert torch.equal(result.adapter[m].A, g[m].A) and torch.equal(result.adapter[m].B, g[m].B)
+    assert result.base_delta == {}
+    partial = aggregate("fedit", g, [ups[0], drop_module(ups[1])], min_clients=2)
+    assert partial.metrics["skipped"] is True and partial.metrics["num_clients"] == 1
+    assert aggregate("fedit", g, [ups[0], drop_module(ups[1])]).metrics["skipped"] is False
+
+
+def test_huge_update_norms_and_implausible_example_counts_are_rejected(clients):
+    g, ups = clients
+    scaled = ClientUpdate({m: LoraPair(A=g[m].A + 1e4 * (p.A - g[m].A), B=g[m].B + 1e4 * (p.B - g[m].B))
+                           for m, p in ups[1].adapter.items()}, ups[1].num_examples, "client-1")
+    greedy = ClientUpdate(ups[2].adapter, 10**12, "client-2")
+    result = aggregate("flora-na", g, [ups[0], scaled, greedy, ups[3]])
+    reasons = {e["client"]: e["reason"] for e in result.metrics["rejected"]}
+    assert set(reasons) == {"client-1", "client-2"}
+    assert "median" in reasons["client-1"] and "implausible" in reasons["client-2"]
+    clean = aggregate("flora-na", g, [ups[0], ups[3]])
+    for m in SHAPES:
+        torch.testing.assert_close(result.adapter[m].A, clean.adapter[m].A, rtol=0, atol=0)
+    # The bound is configurable and can be switched off.
+    assert aggregate("fedit", g, [ups[0], scaled, ups[3]], norm_bound=None).metrics["rejected"] == []
 
 
 def snapshot(global_adapter, updates):

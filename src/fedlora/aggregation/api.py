@@ -19,11 +19,19 @@ from fedlora.aggregation.communication import round_bytes
 from fedlora.aggregation.divergence import divergence_report
 from fedlora.aggregation.registry import get_method
 from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate, LoraPair
-from fedlora.aggregation.validation import collect_problems, format_problems, validate_global
+from fedlora.aggregation.validation import (
+    MAX_NUM_EXAMPLES,
+    client_key,
+    collect_problems,
+    format_problems,
+    norm_outliers,
+    validate_global,
+)
 from fedlora.aggregation.weights import client_weights
 
 log = logging.getLogger(__name__)
 SERVER_DTYPE = torch.float64
+DEFAULT_NORM_BOUND = 100.0  # reject updates > 100x the round's median norm (scaled or poisoned)
 
 
 def _cast(adapter: Adapter, dtype: torch.dtype) -> Adapter:
@@ -36,16 +44,27 @@ def aggregate(
     updates: Sequence[ClientUpdate],
     *,
     weighting: str = "examples",
-    on_invalid: str = "raise",
+    on_invalid: str = "reject",
+    min_clients: int = 1,
+    norm_bound: float | None = DEFAULT_NORM_BOUND,
+    max_num_examples: int = MAX_NUM_EXAMPLES,
     **options: Any,
 ) -> AggregationResult:
     """Aggregate one round of client updates into the next global adapter.
 
     ``method``: a name from :func:`available_methods`. ``weighting``: "examples" (w_u ∝ n_u),
-    "uniform", or for flora-na "authors". ``on_invalid``: "raise" (default) raises one
-    :class:`AggregationError` listing every bad client update; "reject" drops them for this
-    round and lists them in ``metrics["rejected"]``. Other ``options`` go to the method
-    (e.g. ``solver="adamw"`` for flora-na, ``seed`` for flora).
+    "uniform", or for flora-na "authors". Other ``options`` go to the method (e.g.
+    ``solver="adamw"`` for flora-na, ``seed`` for flora).
+
+    Every client update is validated first: module names, shapes and rank equal to the global
+    adapter's, floating dtype, finite values, ``0 < num_examples <= max_num_examples``, a unique
+    client id, and an update norm ‖update − global‖_F at most ``norm_bound`` × the round's median
+    (``None`` disables it). ``on_invalid="reject"`` (default) drops failing clients for this round,
+    logs them and lists them in ``metrics["rejected"]`` as ``{client, reason}``; if fewer than
+    ``min_clients`` remain the round is skipped: the returned adapter equals the global one,
+    ``base_delta`` is empty and ``metrics["skipped"]`` is True. ``on_invalid="raise"`` raises one
+    :class:`AggregationError` naming every bad client and module instead. Caller errors (unknown
+    method or option, no updates, malformed global adapter) always raise.
     """
     spec = get_method(method)
     if weighting not in spec.weightings:
@@ -57,20 +76,32 @@ def aggregate(
         )
     if on_invalid not in ("raise", "reject"):
         raise AggregationError(f"on_invalid must be 'raise' or 'reject', got {on_invalid!r}")
+    if min_clients < 1:
+        raise AggregationError(f"min_clients must be >= 1, got {min_clients}")
     validate_global(global_adapter)
     if not updates:
         raise AggregationError("no client updates to aggregate: at least one client must report this round")
 
-    problems = collect_problems(global_adapter, updates)
-    rejected = [{"client": c, "reason": r} for c, r in problems]
+    problems = collect_problems(global_adapter, updates, max_num_examples)
+    blamed = {c for c, _ in problems}
+    valid = [u for i, u in enumerate(updates) if client_key(u, i) not in blamed]
+    if norm_bound is not None:
+        problems += norm_outliers(global_adapter, valid, norm_bound)
     if problems and on_invalid == "raise":
         raise AggregationError(f"invalid client updates for {method!r}: {format_problems(problems)}")
-    bad = {c for c, _ in problems}
+    rejected = [{"client": c, "reason": r} for c, r in problems]
     for entry in rejected:
-        log.warning("rejected client %s: %s", entry["client"], entry["reason"])
-    updates = [u for i, u in enumerate(updates) if str(getattr(u, "client_id", f"#{i}")) not in bad]
-    if not updates:
-        raise AggregationError(f"every client update was rejected: {format_problems(problems)}")
+        log.warning("round update from client %s rejected: %s", entry["client"], entry["reason"])
+    blamed = {c for c, _ in problems}
+    updates = [u for u in valid if u.client_id not in blamed]
+    if len(updates) < min_clients:
+        log.warning("round skipped: %d valid updates, min_clients=%d; global adapter unchanged", len(updates), min_clients)
+        return AggregationResult(
+            adapter=_cast(global_adapter, next(iter(global_adapter.values())).A.dtype),
+            metrics={"method": method, "num_clients": len(updates), "skipped": True, "rejected": rejected,
+                     "divergence": float("nan"), "eckart_young_bound": float("nan"), "solve_seconds": 0.0,
+                     "bytes_up": 0, "bytes_down": 0},
+        )
 
     out_dtype = next(iter(global_adapter.values())).A.dtype
     g64 = _cast(global_adapter, SERVER_DTYPE)
@@ -96,6 +127,7 @@ def aggregate(
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "rejected": rejected,
+        "skipped": False,
         **result.metrics,
     }
     return AggregationResult(

@@ -53,7 +53,10 @@ def validate_global(global_adapter: Adapter) -> None:
             raise AggregationError(f"global adapter: {problem}")
 
 
-def update_problems(global_adapter: Adapter, update: object) -> list[str]:
+MAX_NUM_EXAMPLES = 10**9  # beyond any real client: a larger count is a weight grab, not data
+
+
+def update_problems(global_adapter: Adapter, update: object, max_num_examples: int = MAX_NUM_EXAMPLES) -> list[str]:
     """Everything wrong with one client update, as readable reasons (empty list: valid)."""
     if not isinstance(update, ClientUpdate):
         return [f"expected a ClientUpdate(adapter, num_examples, client_id), got {type(update).__name__}"]
@@ -61,6 +64,8 @@ def update_problems(global_adapter: Adapter, update: object) -> list[str]:
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         problems.append(f"num_examples={n!r}; it must be a positive int (the client's training examples)")
+    elif n > max_num_examples:
+        problems.append(f"num_examples={n} is implausible (limit {max_num_examples}); it would dominate every weighted average")
     adapter = update.adapter
     if not isinstance(adapter, dict):
         return problems + [f"adapter is a {type(adapter).__name__}, not a dict {{module: LoraPair}}"]
@@ -86,13 +91,19 @@ def update_problems(global_adapter: Adapter, update: object) -> list[str]:
     return problems
 
 
-def collect_problems(global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> list[tuple[str, str]]:
+def client_key(update: object, index: int) -> str:
+    return str(getattr(update, "client_id", f"#{index}"))
+
+
+def collect_problems(
+    global_adapter: Adapter, updates: Sequence[ClientUpdate], max_num_examples: int = MAX_NUM_EXAMPLES
+) -> list[tuple[str, str]]:
     """``(client_id, reason)`` for every invalid update, including duplicate client ids."""
     found: list[tuple[str, str]] = []
     seen: set[str] = set()
     for index, update in enumerate(updates):
-        client = str(getattr(update, "client_id", f"#{index}"))
-        for reason in update_problems(global_adapter, update):
+        client = client_key(update, index)
+        for reason in update_problems(global_adapter, update, max_num_examples):
             found.append((client, reason))
         if client in seen:
             found.append((client, "duplicate client_id in this round's updates"))
@@ -102,3 +113,28 @@ def collect_problems(global_adapter: Adapter, updates: Sequence[ClientUpdate]) -
 
 def format_problems(problems: Sequence[tuple[str, str]]) -> str:
     return "; ".join(f"client {client!r}: {reason}" for client, reason in problems)
+
+
+def update_norm(global_adapter: Adapter, update: ClientUpdate) -> float:
+    """‖update − global‖_F over every module and both factors (float64)."""
+    total = 0.0
+    for module, ref in global_adapter.items():
+        pair = update.adapter[module]
+        total += float(((pair.A.double() - ref.A.double()) ** 2).sum() + ((pair.B.double() - ref.B.double()) ** 2).sum())
+    return total**0.5
+
+
+def norm_outliers(global_adapter: Adapter, updates: Sequence[ClientUpdate], bound: float) -> list[tuple[str, str]]:
+    """Clients whose update norm exceeds ``bound`` × the round's median norm (scaled-up or poisoned updates).
+
+    Only meaningful with a nonzero median: if most clients did not move, nothing is compared.
+    """
+    norms = [update_norm(global_adapter, u) for u in updates]
+    median = float(torch.tensor(norms, dtype=torch.float64).median()) if norms else 0.0
+    if median <= 0:
+        return []
+    return [
+        (client_key(u, i), f"update norm {n:.4g} is more than {bound:g}x the round's median {median:.4g}")
+        for i, (u, n) in enumerate(zip(updates, norms))
+        if n > bound * median
+    ]
