@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from fedlora import simulation  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
 from fedlora.flower.local import Processes, flower_env, free_port, generate_certificates, wait_for, write_connection  # noqa: E402
 
-from test_flower_simulation import GLUE, REPO, TINY, assert_same_adapter, assert_same_history, flower_overrides, records  # noqa: E402
+from test_flower_simulation import GLUE, REPO, TINY, assert_same_history, flower_overrides, records  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,

@@ -14,11 +14,11 @@ from fedlora.config import ConfigError, RunConfig
 DEFAULTS = RunConfig()
 
 
-def _alpha(text: str) -> float | None:
+def parse_alpha(text: str) -> float | None:
     return None if text.lower() == "iid" else float(text)
 
 
-def _option(text: str) -> tuple[str, object]:
+def parse_method_option(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--method-option wants KEY=VALUE, e.g. solver=adamw; got {text!r}")
     key, value = text.split("=", 1)
@@ -34,12 +34,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="GLUE directory (original layout); default $FEDLORA_DATA_DIR, else the hub")
     p.add_argument("--model", default=None, help="hub id or local path; default: bundled all-MiniLM-L6-v2")
     p.add_argument("--method", default=d.method, choices=available_methods())
-    p.add_argument("--method-option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    p.add_argument("--method-option", action="append", type=parse_method_option, default=[], metavar="KEY=VALUE",
                    help="method option, repeatable: solver=adamw, scope=global, weighting=authors, steps=200")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--clients", type=int, default=d.clients)
-    p.add_argument("--alpha", type=_alpha, default=d.alpha, help="Dirichlet concentration over labels, or 'iid'")
+    p.add_argument("--alpha", type=parse_alpha, default=d.alpha, help="Dirichlet concentration over labels, or 'iid'")
     p.add_argument("--fraction", type=float, default=d.fraction, help="share of clients sampled per round")
+    p.add_argument("--min-clients", type=int, default=d.min_clients, help="skip a round with fewer valid client updates")
     p.add_argument("--local-steps", type=int, default=d.local_steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -57,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         task=args.task, data_dir=args.data_dir, model=args.model, method=args.method,
         method_options=dict(args.method_option), rounds=args.rounds, clients=args.clients, alpha=args.alpha,
-        fraction=args.fraction, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
+        fraction=args.fraction, min_clients=args.min_clients, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
         max_length=args.max_length, rank=args.rank, lora_alpha=args.lora_alpha,
         target_modules=tuple(args.target_modules), seed=args.seed, eval_local_every=args.eval_local_every,
         max_eval_examples=args.max_eval_examples, out=args.out or f"runs/{args.method}-{args.task}",

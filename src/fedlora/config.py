@@ -31,6 +31,7 @@ class RunConfig:
     clients: int = 10
     alpha: float | None = 0.5  # Dirichlet concentration over labels; None = IID
     fraction: float = 1.0  # share of clients sampled each round
+    min_clients: int = 1  # fewer valid updates than this: the round is skipped, the global model kept
     local_steps: int = 10
     batch_size: int = 32
     lr: float = 5e-4
@@ -87,7 +88,7 @@ def _validate(c: RunConfig) -> None:
     _require(not bad, "method_option", bad, f"{c.method} accepts {', '.join(sorted(allowed)) or 'no options'}")
     weighting = c.method_options.get("weighting", "examples")
     _require(weighting in spec.weightings, "method_option", f"weighting={weighting}", f"use one of {spec.weightings}")
-    for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "rank"):
+    for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "rank", "min_clients"):
         value = getattr(c, name)
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value, "must be an integer >= 1")
     _require(c.alpha is None or c.alpha > 0, "alpha", c.alpha, "the Dirichlet concentration must be > 0 (or 'iid')")

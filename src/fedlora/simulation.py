@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedlora.aggregation import aggregate, client_weights, get_method
+from fedlora.aggregation import get_method
 from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
-from fedlora.client import average_heads, derived_seed, evaluate_on, train_client
+from fedlora.client import derived_seed, evaluate_on, train_client
 from fedlora.config import RunConfig
 from fedlora.failpoints import failpoint
 from fedlora.federation import build_federation
 from fedlora.model import default_model_path, load_model
+from fedlora.server import server_step
 from fedlora.peft_bridge import (
     get_adapter,
     get_head,
@@ -99,19 +100,18 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
         options = dict(config.method_options)
         if config.method == "flora":
             options["seed"] = derived_seed(config.seed, round_, HEAD_ROUND_SEED + 1)
-        updates = [r.update for r in results]
-        agg = aggregate(config.method, state.adapter, updates, **options)
+        agg, head = server_step(config.method, state.adapter, results, min_clients=config.min_clients, **options)
         failpoint("aggregate", round_)
-        if agg.base_delta:
-            merge_base_delta(model, agg.base_delta)
-        state.adapter = agg.adapter
-        state.head = average_heads([r.head for r in results], client_weights(updates))
+        if head is not None:  # None: too few valid updates, the round is skipped and nothing changes
+            if agg.base_delta:
+                merge_base_delta(model, agg.base_delta)
+            state.adapter, state.head = agg.adapter, head
         server_seconds = time.perf_counter() - server_start
 
         set_adapter(model, state.adapter)
         set_head(model, state.head)
         global_metrics = evaluate_on(model, federation.test, federation.task, tokenizer)
-        record = _record(config, round_, sampled, results, agg.metrics, global_metrics, server_seconds, state.head)
+        record = round_record(config, round_, sampled, results, agg.metrics, global_metrics, server_seconds, state.head)
         record["wall_seconds"] = time.perf_counter() - start
         state.round = round_
         state.history.append(record)
@@ -150,7 +150,7 @@ def _num_labels(config: RunConfig) -> int:
     return get_task(config.task).num_labels
 
 
-def _record(config, round_, sampled, results, agg_metrics, global_metrics, server_seconds, head) -> dict[str, Any]:
+def round_record(config, round_, sampled, results, agg_metrics, global_metrics, server_seconds, head) -> dict[str, Any]:
     locals_ = {r.update.client_id: r.local_metrics["main"] for r in results if r.local_metrics is not None}
     head_bytes = sum(t.numel() for t in head.values()) * 4 * len(results)  # the head travels both ways (FedAvg)
     return {
@@ -169,6 +169,8 @@ def _record(config, round_, sampled, results, agg_metrics, global_metrics, serve
         "bytes_down": agg_metrics["bytes_down"] + head_bytes,
         "lora_bytes_up": agg_metrics["bytes_up"],
         "lora_bytes_down": agg_metrics["bytes_down"],
+        "rejected": agg_metrics["rejected"],
+        "skipped": agg_metrics["skipped"],
         **({"objective": agg_metrics["objective"], "objective_fedit": agg_metrics["objective_fedit"]} if "objective" in agg_metrics else {}),
     }
 

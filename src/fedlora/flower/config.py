@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from fedlora.cli import _alpha, _option  # the CLI's own parsers: one meaning per option
+from fedlora.cli import parse_alpha, parse_method_option  # the CLI's own parsers: one meaning per option
 from fedlora.config import ConfigError, RunConfig
 
 # Options that exist only on Flower (node sampling and fault tolerance).
@@ -38,11 +38,12 @@ def run_config_from_flower(user_config: Mapping[str, Any]) -> tuple[RunConfig, F
         "data-dir": ("data_dir", lambda v: _none_if_empty(str(v))),
         "model": ("model", lambda v: _none_if_empty(str(v))),
         "method": ("method", str),
-        "method-options": ("method_options", lambda v: dict(_option(t) for t in str(v).split())),
+        "method-options": ("method_options", lambda v: dict(parse_method_option(t) for t in str(v).split())),
         "rounds": ("rounds", int),
         "clients": ("clients", int),
-        "alpha": ("alpha", lambda v: _alpha(str(v))),
+        "alpha": ("alpha", lambda v: parse_alpha(str(v))),
         "fraction": ("fraction", float),
+        "min-clients": ("min_clients", int),
         "local-steps": ("local_steps", int),
         "batch-size": ("batch_size", int),
         "lr": ("lr", float),

@@ -30,7 +30,7 @@ from fedlora.flower.wire import model_record, record_to_model
 from fedlora.model import default_model_path, load_model
 from fedlora.peft_bridge import get_adapter, get_head, merge_base_delta, merged_base_weights, save_adapter
 from fedlora.peft_bridge import set_adapter, set_head
-from fedlora.simulation import _record  # the engine's record builder: identical metrics.jsonl fields
+from fedlora.simulation import round_record  # the engine's record builder: identical metrics.jsonl fields
 
 app = ServerApp()
 
@@ -62,7 +62,7 @@ class CentralEvaluation:
         global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer)
         results = last["results"]
         sampled = [int(r.update.client_id.rsplit("-", 1)[1]) for r in results]
-        record = _record(self.config, server_round, sampled, results, last["metrics"], global_metrics,
+        record = round_record(self.config, server_round, sampled, results, last["metrics"], global_metrics,
                          last["server_seconds"], last["head"])
         record["wall_seconds"] = time.perf_counter() - self.round_start
         self.round_start = time.perf_counter()

@@ -26,10 +26,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from torch import Tensor
 
-from fedlora.aggregation import ClientUpdate, aggregate, client_weights, get_method
-from fedlora.client import ClientResult, average_heads, derived_seed
+from fedlora.aggregation import ClientUpdate, get_method
+from fedlora.client import ClientResult, derived_seed
 from fedlora.config import RunConfig
 from fedlora.flower.wire import deltas_record, model_record, record_to_model
+from fedlora.server import server_step
 from fedlora.simulation import HEAD_ROUND_SEED, sample_clients
 
 
@@ -120,12 +121,14 @@ class FedLoraStrategy(FedAvg):
         options = dict(self.config.method_options)
         if self.config.method == "flora":  # the engine's server-side seed for the LoRA re-init
             options["seed"] = derived_seed(self.config.seed, server_round, HEAD_ROUND_SEED + 1)
-        updates = [r.update for r in results]
-        agg = aggregate(self.config.method, global_adapter, updates, **options)
+        agg, head = server_step(self.config.method, global_adapter, results, min_clients=self.config.min_clients, **options)
+        server_seconds = time.perf_counter() - start
+        if head is None:
+            log(WARNING, "round %d skipped: rejected %s; global model unchanged", server_round, agg.metrics["rejected"])
+            self.last_round = None
+            return None, None
         if agg.base_delta:
             self.base_deltas[server_round] = agg.base_delta
-        head = average_heads([r.head for r in results], client_weights(updates))
-        server_seconds = time.perf_counter() - start
 
         self.last_round = {"round": server_round, "results": results, "metrics": agg.metrics,
                            "server_seconds": server_seconds, "head": head}

@@ -20,7 +20,7 @@ from fedlora.aggregation import Adapter
 from fedlora.peft_bridge import PEFT_PREFIX, adapter_to_state_dict, state_dict_to_adapter
 
 
-def _record(tensors: dict[str, Tensor]) -> ArrayRecord:
+def round_record(tensors: dict[str, Tensor]) -> ArrayRecord:
     return ArrayRecord.from_torch_state_dict({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()})
 
 
@@ -33,7 +33,7 @@ def model_record(adapter: Adapter, head: dict[str, Tensor]) -> ArrayRecord:
     """Adapter + head as one ArrayRecord keyed by PEFT state-dict names."""
     state = adapter_to_state_dict(adapter)
     state.update({f"{PEFT_PREFIX}{k}": v for k, v in head.items()})
-    return _record(state)
+    return round_record(state)
 
 
 def record_to_model(record: ArrayRecord) -> tuple[Adapter, dict[str, Tensor]]:
@@ -46,7 +46,7 @@ def record_to_model(record: ArrayRecord) -> tuple[Adapter, dict[str, Tensor]]:
 
 def deltas_record(deltas: dict[int, dict[str, Tensor]]) -> ArrayRecord:
     """``{round: {module: (d, k)}}`` → ``"<round>/<module>"`` keys."""
-    return _record({f"{r}/{m}": d for r, per_module in deltas.items() for m, d in per_module.items()})
+    return round_record({f"{r}/{m}": d for r, per_module in deltas.items() for m, d in per_module.items()})
 
 
 def record_to_deltas(record: ArrayRecord) -> dict[int, dict[str, Tensor]]:
@@ -59,7 +59,7 @@ def record_to_deltas(record: ArrayRecord) -> dict[int, dict[str, Tensor]]:
 
 
 def tensors_record(tensors: dict[str, Tensor]) -> ArrayRecord:
-    return _record(tensors)
+    return round_record(tensors)
 
 
 def record_tensors(record: ArrayRecord) -> dict[str, Tensor]:

@@ -61,7 +61,6 @@ class GramProblem:
 
     def basis_map(self) -> Tensor:
         """D (J, U) with coefficients(x) = e_0 + D x."""
-        U = self.w.shape[0]
         return torch.cat([-self.w[None, :], torch.diag(self.w)], dim=0).to(self.GB.dtype)
 
     def target_sq(self) -> Tensor:
