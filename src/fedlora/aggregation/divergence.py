@@ -45,15 +45,15 @@ def divergence_report(
     for module, pair in adapter.items():
         groups[(tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype)].append(module)
     for (_, _, dtype), modules in groups.items():
-        Ft, E = _stacked_target(adapter, updates, w.to(dtype), modules)  # T_m = Ft_mᵀ @ E_m
-        G_F, G_E = Ft @ Ft.mT, E @ E.mT  # (M, U r, U r): FᵀF and E Eᵀ of T = F E
+        F, E = _stacked_target(adapter, updates, w.to(dtype), modules)  # T_m = F_m @ E_m
+        G_F, G_E = F.mT @ F, E @ E.mT  # (M, U r, U r): FᵀF and E Eᵀ of T = F E
         S = lowrank.singular_values_from_grams(G_F, G_E)  # (M, U r)
         A_hat = _stack([adapter[m].A for m in modules], dtype)  # (M, r, k)
         B_hat = _stack([adapter[m].B for m in modules], dtype)  # (M, d, r)
         # ‖B̂Â − T‖² = ‖B̂Â‖² − 2⟨B̂Â, T⟩ + ‖T‖², each a sum over small Grams (= product_norm's
         # ⟨FᵀF, E Eᵀ⟩ for F = [B̂, −F_T], E = [Â; E_T], without recomputing the target's blocks).
         own = ((B_hat.mT @ B_hat) * (A_hat @ A_hat.mT)).sum((1, 2))
-        cross = ((Ft @ B_hat) * (E @ A_hat.mT)).sum((1, 2))
+        cross = ((F.mT @ B_hat) * (E @ A_hat.mT)).sum((1, 2))
         whole = (G_F * G_E).sum((1, 2))
         low_rank_err = (own - 2 * cross + whole).clamp_min(0)
         for i, module in enumerate(modules):
@@ -62,7 +62,7 @@ def divergence_report(
             tail_sq[module] = lowrank.tail_energy(S[i], pair.rank)
             if module in base_delta:
                 # (d, k) terms are dense anyway for methods that ship a residual.
-                T = Ft[i].T @ E[i]  # (d, k)
+                T = F[i] @ E[i]  # (d, k)
                 residual = pair.B @ pair.A + base_delta[module].to(dtype) - T
                 err_sq[module] = float(torch.linalg.matrix_norm(residual)) ** 2
             else:
@@ -85,21 +85,21 @@ def divergence_report(
 def _stacked_target(
     adapter: Adapter, updates: Sequence[ClientUpdate], w: Tensor, modules: list[str]
 ) -> tuple[Tensor, Tensor]:
-    """Ft (M, U r, d) = [w_1 B_1ᵀ; …; w_U B_Uᵀ] and E (M, U r, k) = [A_1; …; A_U], so T_m = Ft_mᵀ E_m.
+    """F (M, d, U r) = [w_1 B_1, …, w_U B_U] and E (M, U r, k) = [A_1; …; A_U], so T_m = F_m E_m.
 
     Copied block by block into preallocated buffers (``torch.cat`` of many tensors is slow on
-    small multi-threaded CPUs); the long dimension is contiguous for both Gram products.
+    small multi-threaded CPUs), each factor in its own memory layout (copying Bᵀ is 2x slower).
     """
     first = adapter[modules[0]]
     (r, k), d, U = first.A.shape, first.B.shape[0], len(updates)
-    Ft = torch.empty(len(modules), U * r, d, dtype=first.A.dtype)
+    F = torch.empty(len(modules), d, U * r, dtype=first.A.dtype)
     E = torch.empty(len(modules), U * r, k, dtype=first.A.dtype)
     for i, module in enumerate(modules):
         for u, update in enumerate(updates):
-            Ft[i, u * r : (u + 1) * r].copy_(update.adapter[module].B.T)
+            F[i, :, u * r : (u + 1) * r].copy_(update.adapter[module].B)
             E[i, u * r : (u + 1) * r].copy_(update.adapter[module].A)
-    Ft.view(len(modules), U, r, d).mul_(w[None, :, None, None])
-    return Ft, E
+    F.view(len(modules), d, U, r).mul_(w[None, None, :, None])
+    return F, E
 
 
 def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:

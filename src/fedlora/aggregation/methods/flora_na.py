@@ -111,22 +111,22 @@ def _broadcast_from_bases(groups, modules, weights, p, q) -> Adapter:
     batched product per shape group instead of U (d, r) and (r, k) differences per module.
     """
     adapter: Adapter = {}
-    for indices, E, Ft in groups:
+    for indices, E, F in groups:
         M, Jr, k = E.shape
         J = weights.shape[0] + 1
-        r, d = Jr // J, Ft.shape[2]
+        r, d = Jr // J, F.shape[1]
         wp, wq = weights * p[indices], weights * q[indices]  # (M, U)
         alpha = torch.cat([1 - wp.sum(1, keepdim=True), wp], dim=1)  # (M, J)
         beta = torch.cat([1 - wq.sum(1, keepdim=True), wq], dim=1)
         A_hat = (alpha[:, None, :] @ E.view(M, J, r * k)).view(M, r, k)
-        Bt_hat = (beta[:, None, :] @ Ft.view(M, J, r * d)).view(M, r, d)
+        B_hat = torch.einsum("mj,mdjr->mdr", beta, F.view(M, d, J, r))
         for i, index in enumerate(indices):
-            adapter[modules[index]] = LoraPair(A=A_hat[i], B=Bt_hat[i].T.contiguous())
+            adapter[modules[index]] = LoraPair(A=A_hat[i], B=B_hat[i])
     return {m: adapter[m] for m in modules}
 
 
 def _stacked_bases(global_adapter: Adapter, updates: Sequence[ClientUpdate], group: list[str]) -> tuple[Tensor, Tensor]:
-    """E (M, J r, k) = [A_g; A_1; …; A_U] and Ft (M, J r, d) = [B_gᵀ; B_1ᵀ; …; B_Uᵀ] per module.
+    """E (M, J r, k) = [A_g; A_1; …; A_U] and F (M, d, J r) = [B_g, B_1, …, B_U] per module.
 
     Written block by block into preallocated buffers: ``torch.stack``/``cat`` of hundreds of
     tensors is many times slower than these copies on small multi-threaded CPUs.
@@ -134,13 +134,13 @@ def _stacked_bases(global_adapter: Adapter, updates: Sequence[ClientUpdate], gro
     first = global_adapter[group[0]]
     (r, k), d, J = first.A.shape, first.B.shape[0], len(updates) + 1
     E = torch.empty(len(group), J * r, k, dtype=first.A.dtype)
-    Ft = torch.empty(len(group), J * r, d, dtype=first.B.dtype)
+    F = torch.empty(len(group), d, J * r, dtype=first.B.dtype)
     for i, module in enumerate(group):
         pairs = [global_adapter[module]] + [u.adapter[module] for u in updates]
         for j, pair in enumerate(pairs):
             E[i, j * r : (j + 1) * r].copy_(pair.A)
-            Ft[i, j * r : (j + 1) * r].copy_(pair.B.T)
-    return E, Ft
+            F[i, :, j * r : (j + 1) * r].copy_(pair.B)  # natural layout: 2x faster than copying Bᵀ
+    return E, F
 
 
 def _als(global_adapter, updates, w, modules, shared, max_sweeps, tol):
@@ -150,9 +150,9 @@ def _als(global_adapter, updates, w, modules, shared, max_sweeps, tol):
         groups[tuple(global_adapter[module].A.shape) + tuple(global_adapter[module].B.shape)].append(index)
     problems, bases = [], []
     for indices in groups.values():
-        E, Ft = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
-        problems.append(GramProblem.from_stacked(E, Ft, w))
-        bases.append((indices, E, Ft))
+        E, F = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
+        problems.append(GramProblem.from_stacked(E, F, w))
+        bases.append((indices, E, F))
     ps, qs, trace = solve_als(problems, shared, max_sweeps, tol)
     p = torch.empty(len(modules), len(updates), dtype=torch.float64)
     q = torch.empty_like(p)

@@ -37,12 +37,12 @@ class GramProblem:
         """``A_basis`` (M, J, r, k) and ``B_basis`` (M, J, d, r), index 0 = the global factor."""
         M, J, r, k = A_basis.shape
         E = A_basis.reshape(M, J * r, k)  # (M, J r, k): A_i stacked on top
-        Ft = B_basis.transpose(2, 3).reshape(M, J * r, B_basis.shape[2])  # (M, J r, d): B_jᵀ stacked on top
-        return GramProblem.from_stacked(E, Ft, w)
+        F = B_basis.permute(0, 2, 1, 3).reshape(M, B_basis.shape[2], J * r)  # (M, d, J r): B_j side by side
+        return GramProblem.from_stacked(E, F, w)
 
     @staticmethod
-    def from_stacked(E: Tensor, Ft: Tensor, w: Tensor) -> "GramProblem":
-        """From ``E`` (M, J r, k) = [A_0; …; A_U] and ``Ft`` (M, J r, d) = [B_0ᵀ; …; B_Uᵀ] per module.
+    def from_stacked(E: Tensor, F: Tensor, w: Tensor) -> "GramProblem":
+        """From ``E`` (M, J r, k) = [A_0; …; A_U] and ``F`` (M, d, J r) = [B_0, …, B_U] per module.
 
         Both Grams are one batched (J r, ·) @ (·, J r) product with the long dimension contiguous,
         the cheapest layout for the BLAS; this is the only O((d + k)(J r)²) work of the solve.
@@ -51,7 +51,7 @@ class GramProblem:
         J = w.shape[0] + 1
         r = Jr // J
         GA = (E @ E.mT).view(M, J, r, J, r)
-        GB = (Ft @ Ft.mT).view(M, J, r, J, r)
+        GB = (F.mT @ F).view(M, J, r, J, r)
         return GramProblem(GB=GB, GA=GA, w=w)
 
     def coefficients(self, x: Tensor) -> Tensor:
