@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from fedlora.aggregation import available_methods
@@ -112,6 +113,7 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # PEFT ⇄ transformers 5
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -151,7 +153,7 @@ def _demo(args: argparse.Namespace) -> int:
     for method in args.methods:
         config = RunConfig(
             task="sst2", data_dir=args.data_dir, method=method, rounds=args.rounds, clients=10, alpha=0.5,
-            local_steps=5, batch_size=16, lr=1e-3, max_length=48, eval_local_every=0, max_eval_examples=None,
+            local_steps=5, batch_size=16, lr=5e-3, max_length=48, eval_local_every=0, max_eval_examples=None,
             out=str(Path(args.out) / method),
         )
         print(f"== {method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}")

@@ -62,6 +62,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
         list(config.target_modules), seed=config.seed,
     )
     federation = build_federation(config, tokenizer)
+    if progress:  # the partition is part of the experiment: show it
+        print(f"{config.clients} clients, alpha={config.alpha if config.alpha is not None else 'iid'}, label counts:\n{federation.histogram}")
     log.info("clients' label histogram:\n%s", federation.histogram)
     spec = get_method(config.method)
 

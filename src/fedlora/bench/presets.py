@@ -64,7 +64,7 @@ PAPER_TASKS = ("sst2", "rte", "mrpc", "cola")
 # 8 rounds × 10 clients × 2 local steps at batch 16 × 48 tokens, 200 dev rows per round, local
 # evaluation every 4 rounds on ≤ 50 rows per client. Small, but every method sees the same budget.
 HEADLINE_BASE: dict[str, Any] = dict(
-    clients=10, alpha=0.5, rounds=8, local_steps=2, batch_size=16, max_length=48, lr=1e-3, rank=8,
+    clients=10, alpha=0.5, rounds=8, local_steps=2, batch_size=16, max_length=48, lr=5e-3, rank=8,
     lora_alpha=16.0, eval_local_every=4, max_eval_examples=200, max_local_eval_examples=50,
 )
 ABLATION_BASE = {**HEADLINE_BASE}
