@@ -1,4 +1,5 @@
-"""Flower deployment on loopback: a TLS SuperLink, two SuperNodes, `flwr run`, real processes.
+"""Flower deployment on loopback: a TLS SuperLink with SuperNode authentication, two registered
+SuperNodes, `flwr run`, real processes.
 
 Every process is started in its own session and ended (with its children) in `finally`.
 Only 127.0.0.1 is used; certificates are generated inside the test.
@@ -18,7 +19,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora import simulation  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
-from fedlora.flower.local import Processes, flower_env, free_port, generate_certificates, wait_for, write_connection  # noqa: E402
+from fedlora.flower.local import (  # noqa: E402
+    Processes,
+    flower_env,
+    free_port,
+    generate_certificates,
+    generate_supernode_keys,
+    register_supernode,
+    superlink_command,
+    supernode_command,
+    wait_for,
+    write_connection,
+)
 
 from test_flower_simulation import GLUE, REPO, TINY, assert_same_history, flower_overrides, records  # noqa: E402
 
@@ -30,26 +42,23 @@ pytestmark = [
 
 @contextmanager
 def tls_deployment(root: Path, supernodes: int = 2):
-    """SuperLink (TLS) + SuperNodes with partition ids 0..n-1, and a `flwr` connection named "loopback"."""
+    """SuperLink (TLS, SuperNode authentication) + SuperNodes with partition ids 0..n-1, each
+    authorised by registering its public key (`flwr supernode register`) and started with its
+    private key, and a `flwr` connection named "loopback". Yields the processes, the environment
+    and the registered node ids by SuperNode name."""
     certs = generate_certificates(root / "certs")
+    keys = generate_supernode_keys(root / "keys", [f"supernode-{i}" for i in range(supernodes)])
     port = free_port()
     write_connection(root / "flwr-home", "loopback", f"127.0.0.1:{port}", root_certificates=certs["ca"])
     env = flower_env(root / "flwr-home") | {"FEDLORA_CACHE_DIR": str(root / "cache")}
     procs = Processes(root / "logs", env)
     try:
-        procs.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-            "--ssl-keyfile", str(certs["key"]), "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation",
-        ])
+        procs.start("superlink", superlink_command(port, certs, supernode_auth=True))
         wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink to listen")
-        for i in range(supernodes):
-            procs.start(f"supernode-{i}", [
-                "flower-supernode", "--root-certificates", str(certs["ca"]), "--superlink", f"127.0.0.1:{port}",
-                "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f"partition-id={i} num-partitions={supernodes}",
-            ])
-        yield procs, env
+        node_ids = {name: register_supernode(key["public"], "loopback", env) for name, key in keys.items()}
+        for i, (name, key) in enumerate(keys.items()):
+            procs.start(name, supernode_command(f"127.0.0.1:{port}", certs["ca"], i, supernodes, key["private"]))
+        yield procs, env, node_ids
     finally:
         procs.stop_all()
 
@@ -61,11 +70,12 @@ def submit(procs: Processes, env: dict, config: RunConfig, extra: str = "") -> N
 
 
 def test_tls_deployment_two_rounds_survives_a_killed_supernode(tmp_path):
-    """Round 1 over TLS equals the local engine's; SuperNode 1 is SIGKILLed at the start of round 2,
-    which then completes with client 0 alone; the global state and the PEFT adapter are written."""
+    """TLS + SuperNode authentication: round 1 equals the local engine's; SuperNode 1 is SIGKILLed
+    at the start of round 2, which then completes with client 0 alone; the global state and the
+    PEFT adapter are written."""
     config = RunConfig(method="fedex-lora", out=str(tmp_path / "local"), **TINY)  # base_delta travels too
     flower = config.replace(out=str(tmp_path / "flower"))
-    with tls_deployment(tmp_path / "deploy") as (procs, env):
+    with tls_deployment(tmp_path / "deploy") as (procs, env, node_ids):
         submit(procs, env, flower, extra="min-train-nodes=1")
         metrics = Path(flower.out) / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 180,
@@ -86,7 +96,9 @@ def test_tls_deployment_two_rounds_survives_a_killed_supernode(tmp_path):
     assert_same_history(history[:1], local[:1])  # same numbers as `fedlora run`, over TLS
     assert history[1]["clients"] == ["client-0"]  # round 2 completed with the remaining client
     assert history[1]["lora_bytes_up"] == local[1]["lora_bytes_up"] // 2  # the library's formula, one client
-    assert re.search(r"round 2: node \d+ \(partition 1\) (failed|sent no reply)", log), log[-4000:]
+    failed = re.search(r"round 2: node (\d+) \(partition 1\) (failed|sent no reply)", log)
+    assert failed, log[-4000:]
+    assert int(failed.group(1)) == node_ids["supernode-1"]  # the node registered with supernode-1's key
 
     from fedlora.checkpoint import load_state
     from fedlora.peft_bridge import load_model_with_adapter

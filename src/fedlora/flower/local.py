@@ -1,16 +1,26 @@
-"""Loopback helpers for running the Flower app on one machine: TLS material, the flwr CLI's
-connection file, and SuperLink/SuperNode processes that are always cleaned up.
+"""Loopback helpers for running the Flower app on one machine: TLS material, SuperNode
+authentication keys, the flwr CLI's connection file, the SuperLink/SuperNode command lines, and
+processes that are always cleaned up.
 
 Used by the tests and handy for a local deployment rehearsal; a real deployment runs the same
 ``flower-superlink`` / ``flower-supernode`` commands (docs/flower.md) on separate machines.
 Flower 1.42 serves the Fleet, Control and runtime APIs over HTTP(S) on one ``--port``; every
 SuperNode also serves a runtime API for its ClientApp on its own ``--port``.
+
+SuperNode authentication in Flower 1.42: ``flower-superlink --enable-supernode-auth`` (TLS
+required) refuses SuperNodes that register themselves; each SuperNode's EC public key (OpenSSH
+format, a NIST curve) is registered beforehand with ``flwr supernode register <key.pub> <superlink>``
+(Control API), and the SuperNode signs every Fleet request with the private key given by
+``flower-supernode --auth-supernode-private-key``. A SuperNode whose key is not registered fails
+to activate and exits (exit code 305, ``[code: 2004] Failed to activate SuperNode``); one
+without a key fails to register and exits (``[code: 2001]``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -60,6 +70,29 @@ def generate_certificates(directory: str | Path) -> dict[str, Path]:
     return paths
 
 
+def generate_supernode_keys(directory: str | Path, names: Sequence[str]) -> dict[str, dict[str, Path]]:
+    """An EC (NIST P-384) key pair per SuperNode for SuperNode authentication, in OpenSSH format,
+    as ``ssh-keygen -t ecdsa -b 384 -N "" -f <directory>/<name>`` writes them: ``<name>`` (private
+    key, mode 600, for ``flower-supernode --auth-supernode-private-key``) and ``<name>.pub`` (public
+    key, for ``flwr supernode register``). Returns ``{name: {"private": path, "public": path}}``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = directory / name, directory / f"{name}.pub"
+        private.touch(mode=0o600)
+        private.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        public.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
+        keys[name] = {"private": private, "public": public}
+    return keys
+
+
 def write_connection(flwr_home: str | Path, name: str, address: str, root_certificates: str | Path | None = None) -> Path:
     """``$FLWR_HOME/config.toml`` with one SuperLink connection (what ``flwr run . <name>`` reads)."""
     flwr_home = Path(flwr_home)
@@ -71,11 +104,56 @@ def write_connection(flwr_home: str | Path, name: str, address: str, root_certif
 
 
 def flower_env(flwr_home: str | Path) -> dict[str, str]:
-    """Environment for every Flower process: offline, no runtime ``uv sync``, own FLWR_HOME."""
+    """Environment for every Flower process: offline, no telemetry, no runtime ``uv sync``, own FLWR_HOME."""
     env = dict(os.environ)
     env.update(FLWR_HOME=str(flwr_home), HF_HUB_OFFLINE="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
+               FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0", TOKENIZERS_PARALLELISM="false")
     return env
+
+
+def superlink_command(port: int, certs: dict[str, Path], supernode_auth: bool = False,
+                      host: str = LOOPBACK) -> list[str]:
+    """``flower-superlink`` over TLS (``certs`` from :func:`generate_certificates`), optionally
+    with SuperNode authentication (only SuperNodes registered with :func:`register_supernode`)."""
+    cmd = ["flower-superlink", "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+           "--ssl-keyfile", str(certs["key"]), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    return cmd + ["--enable-supernode-auth"] if supernode_auth else cmd
+
+
+def supernode_command(superlink: str, root_certificates: str | Path, partition_id: int, num_partitions: int,
+                      private_key: str | Path | None = None, host: str = LOOPBACK) -> list[str]:
+    """``flower-supernode`` for client ``partition_id`` (TLS; its runtime API on a free port), signing
+    its requests with ``private_key`` (OpenSSH EC key) when given."""
+    cmd = ["flower-supernode", "--root-certificates", str(root_certificates), "--superlink", superlink,
+           "--host", host, "--port", str(free_port()),
+           "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+    return cmd + ["--auth-supernode-private-key", str(private_key)] if private_key else cmd
+
+
+def _flwr_json(args: Sequence[str], env: dict[str, str], timeout: float) -> dict:
+    """Run ``flwr <args> --format json`` and return its JSON answer (raises with the output on failure)."""
+    proc = subprocess.run(["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    out = proc.stdout
+    try:
+        answer = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    except ValueError:
+        answer = {}
+    if proc.returncode != 0 or not answer.get("success"):
+        raise RuntimeError(f"flwr {' '.join(args)} failed (exit {proc.returncode}):\n{out}\n{proc.stderr}")
+    return answer
+
+
+def register_supernode(public_key: str | Path, connection: str, env: dict[str, str], timeout: float = 120) -> int:
+    """``flwr supernode register <public_key> <connection>``: authorise one SuperNode; returns its node id."""
+    return int(_flwr_json(["supernode", "register", str(public_key), connection], env, timeout)["node-id"])
+
+
+def list_supernodes(connection: str, env: dict[str, str], timeout: float = 120) -> list[dict]:
+    """``flwr supernode list <connection>``: the SuperLink's nodes (``node-id``, ``status``: registered,
+    online, offline, ...)."""
+    return list(_flwr_json(["supernode", "list", connection], env, timeout)["nodes"])
 
 
 class Processes:
