@@ -88,6 +88,10 @@ def summarize(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _fmt(value: float) -> str:
+    return "–" if value != value else f"{value:.4f}"  # NaN: not measured (no local evaluation in that run)
+
+
 def compare_table(paths: list[str | Path]) -> str:
     """A markdown table, one row per run."""
     rows = [summarize(p) for p in paths]
@@ -95,7 +99,7 @@ def compare_table(paths: list[str | Path]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {Path(r['run']).name} | {r['method']} | {r['rounds']} | {r['final']:.4f} | {r['best']:.4f} | {r['local']:.4f} | "
+            f"| {Path(r['run']).name} | {r['method']} | {r['rounds']} | {r['final']:.4f} | {r['best']:.4f} | {_fmt(r['local'])} | "
             f"{r['divergence']:.4g} | {r['bound']:.4g} | {r['mb_up']:.3f} | {r['mb_down']:.3f} | {r['server_s']:.3f} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
