@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -108,6 +109,8 @@ def flower_env(flwr_home: str | Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLWR_HOME=str(flwr_home), HF_HUB_OFFLINE="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+    # The Flower executables live beside this Python; the venv may not be on PATH (CI calls .venv/bin/python).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
