@@ -8,7 +8,6 @@ Only 127.0.0.1 is used; certificates are generated inside the test.
 from __future__ import annotations
 
 import os
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,8 +86,7 @@ def test_tls_deployment_two_rounds_survives_a_killed_supernode(tmp_path):
         local = simulation.run(config, progress=False)
         done = Path(flower.out) / "adapter" / "adapter_model.safetensors"
         wait_for(lambda: done.exists() or procs.procs["flwr-run"].poll() is not None, 240, "round 2 without node 1")
-        log = procs.log("flwr-run")
-        assert done.exists(), log[-4000:]
+        assert done.exists(), procs.log("flwr-run")[-4000:]
         print(f"round 2 finished {time.monotonic() - killed_at:.0f}s after the kill")
 
     history = records(flower.out)
@@ -96,9 +94,10 @@ def test_tls_deployment_two_rounds_survives_a_killed_supernode(tmp_path):
     assert_same_history(history[:1], local[:1])  # same numbers as `fedlora run`, over TLS
     assert history[1]["clients"] == ["client-0"]  # round 2 completed with the remaining client
     assert history[1]["lora_bytes_up"] == local[1]["lora_bytes_up"] // 2  # the library's formula, one client
-    failed = re.search(r"round 2: node (\d+) \(partition 1\) (failed|sent no reply)", log)
-    assert failed, log[-4000:]
-    assert int(failed.group(1)) == node_ids["supernode-1"]  # the node registered with supernode-1's key
+    # The failure is recorded by node id in metrics.jsonl (the streamed server log may lag or be
+    # buffered by `flwr run --stream`, so the file is the reliable witness).
+    assert [(f["node"], f["partition"]) for f in history[1]["failed_nodes"]] == [(node_ids["supernode-1"], 1)]
+    assert history[0]["failed_nodes"] == []
 
     from fedlora.checkpoint import load_state
     from fedlora.peft_bridge import load_model_with_adapter

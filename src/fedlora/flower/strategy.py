@@ -105,7 +105,7 @@ class FedLoraStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        self._log_failures(server_round, valid, failed)
+        failed_nodes = self._log_failures(server_round, valid, failed)
         if len(valid) < self.min_train_nodes:
             log(WARNING, "round %d: %d replies < min-train-nodes=%d; global model unchanged", server_round, len(valid), self.min_train_nodes)
             self.last_round = None
@@ -130,7 +130,7 @@ class FedLoraStrategy(FedAvg):
         if agg.base_delta:
             self.base_deltas[server_round] = agg.base_delta
 
-        self.last_round = {"round": server_round, "results": results, "metrics": agg.metrics,
+        self.last_round = {"round": server_round, "results": results, "metrics": agg.metrics, "failed_nodes": failed_nodes,
                            "server_seconds": server_seconds, "head": head}
         metrics = MetricRecord({
             "num-clients": len(results),
@@ -141,8 +141,10 @@ class FedLoraStrategy(FedAvg):
         })
         return model_record(agg.adapter, head), metrics
 
-    def _log_failures(self, server_round: int, valid: list[Message], failed: list[Message]) -> None:
-        """Name every node whose update is missing: error replies and silence alike."""
+    def _log_failures(self, server_round: int, valid: list[Message], failed: list[Message]) -> list[dict[str, Any]]:
+        """Name every node whose update is missing (error replies and silence alike); also returned
+        as ``[{node, partition, reason}]`` for the round's ``metrics.jsonl`` record."""
+        failures: list[dict[str, Any]] = []
         # SuperLink-made errors (e.g. NODE_UNAVAILABLE after missed heartbeats) come from the
         # SuperLink itself, so the failed node is found through the message they answer.
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
@@ -151,9 +153,12 @@ class FedLoraStrategy(FedAvg):
             node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             log(WARNING, "round %d: node %d (partition %s) failed: %s", server_round, node, self.partition_of.get(node), msg.error.reason)
+            failures.append({"node": int(node), "partition": self.partition_of.get(node), "reason": str(msg.error.reason)})
         answered |= {m.metadata.src_node_id for m in valid}
         for node in sorted(set(dst.values()) - answered):
             log(WARNING, "round %d: node %d (partition %s) sent no reply within round-timeout", server_round, node, self.partition_of.get(node))
+            failures.append({"node": int(node), "partition": self.partition_of.get(node), "reason": "no reply within round-timeout"})
+        return failures
 
     def _result(self, msg: Message) -> ClientResult:
         adapter, head = record_to_model(msg.content["arrays"])
