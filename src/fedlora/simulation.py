@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from fedlora.aggregation import get_method
 from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
-from fedlora.client import derived_seed, evaluate_on, train_client
+from fedlora.client import ClientResult, derived_seed, evaluate_on, train_client
 from fedlora.config import RunConfig
+from fedlora.data import get_task
 from fedlora.failpoints import failpoint
 from fedlora.federation import build_federation
 from fedlora.model import default_model_path, load_model
@@ -56,7 +57,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
     out.mkdir(parents=True, exist_ok=True)
     resumed = load_state(out) if resume else None  # first: a bad checkpoint fails before minutes of loading
     torch.manual_seed(config.seed)
-    task_num_labels = _num_labels(config)
+    task_num_labels = get_task(config.task).num_labels
     model, tokenizer = load_model(
         config.model or default_model_path(), task_num_labels, config.rank, config.lora_alpha,
         list(config.target_modules), seed=config.seed,
@@ -113,7 +114,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
         set_adapter(model, state.adapter)
         set_head(model, state.head)
         global_metrics = evaluate_on(model, federation.test, federation.task, tokenizer)
-        record = round_record(config, round_, sampled, results, agg.metrics, global_metrics, server_seconds, state.head)
+        record = round_record(round_, results, agg.metrics, global_metrics, server_seconds, state.head)
         record["wall_seconds"] = time.perf_counter() - start
         state.round = round_
         state.history.append(record)
@@ -146,13 +147,11 @@ def _save_adapter_atomically(model: torch.nn.Module, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def _num_labels(config: RunConfig) -> int:
-    from fedlora.data import get_task
-
-    return get_task(config.task).num_labels
-
-
-def round_record(config, round_, sampled, results, agg_metrics, global_metrics, server_seconds, head) -> dict[str, Any]:
+def round_record(
+    round_: int, results: list[ClientResult], agg_metrics: dict[str, Any], global_metrics: dict[str, float],
+    server_seconds: float, head: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """One line of metrics.jsonl; the Flower ServerApp writes the same fields."""
     locals_ = {r.update.client_id: r.local_metrics["main"] for r in results if r.local_metrics is not None}
     head_bytes = sum(t.numel() for t in head.values()) * 4 * len(results)  # the head travels both ways (FedAvg)
     return {

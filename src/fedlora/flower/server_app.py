@@ -61,9 +61,7 @@ class CentralEvaluation:
         set_head(self.model, head)
         global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer)
         results = last["results"]
-        sampled = [int(r.update.client_id.rsplit("-", 1)[1]) for r in results]
-        record = round_record(self.config, server_round, sampled, results, last["metrics"], global_metrics,
-                         last["server_seconds"], last["head"])
+        record = round_record(server_round, results, last["metrics"], global_metrics, last["server_seconds"], last["head"])
         record["failed_nodes"] = last.get("failed_nodes", [])  # SuperNodes lost this round, by node id
         record["wall_seconds"] = time.perf_counter() - self.round_start
         self.round_start = time.perf_counter()
