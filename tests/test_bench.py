@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.bench import comm, get_preset, stats  # noqa: E402
-from fedlora.bench.grid import completed_rounds, expand, run_jobs, select, slug, status  # noqa: E402
+from fedlora.bench.grid import completed_rounds, expand, finished_runs, run_jobs, select, slug, status  # noqa: E402
 from fedlora.cli import main  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -87,10 +87,27 @@ def test_quick_preset_end_to_end_then_rerun_skips_finished_runs(tmp_path, capsys
     mtimes = {job.path: (job.path / "metrics.jsonl").stat().st_mtime_ns for job in jobs}
     calls = []
     counts = run_jobs(jobs, 0.35, runner=lambda *a, **k: calls.append(a))
-    assert counts == {"skipped": len(jobs), "resumed": 0, "new": 0} and calls == []
+    assert counts == {"skipped": len(jobs), "resumed": 0, "new": 0, "reused": 0} and calls == []
     assert main(["bench", "--preset", "quick", "--data-dir", str(GLUE), "--out", str(out)]) == 0
-    assert "0 new, 0 resumed, 3 skipped" in capsys.readouterr().out
+    assert "0 new, 0 resumed, 0 reused, 3 skipped" in capsys.readouterr().out
     assert {job.path: (job.path / "metrics.jsonl").stat().st_mtime_ns for job in jobs} == mtimes
+
+    # --reuse: another grid holding the same configs copies them (byte-identical metrics, its own
+    # config.json); only the config that differs (a changed lr) would need training.
+    other = tmp_path / "other"
+    reused_jobs = expand(preset, other, str(GLUE))
+    changed = expand(select(preset, None, ["fedit"], None), tmp_path / "changed", str(GLUE), {"lr": 0.01})
+    calls = []
+    counts = run_jobs(reused_jobs + changed, 0.35, runner=lambda config, **k: calls.append(config),
+                      reuse=finished_runs([out]), log=lambda line: None)
+    assert counts == {"skipped": 0, "resumed": 0, "new": 1, "reused": len(jobs)}
+    assert [c.lr for c in calls] == [0.01]
+    for job, copy in zip(jobs, reused_jobs):
+        assert (copy.path / "metrics.jsonl").read_bytes() == (job.path / "metrics.jsonl").read_bytes()
+        assert status(copy) == "done" and '"out": "%s"' % copy.path in (copy.path / "config.json").read_text()
+    assert not list(other.glob("runs/*/*/*.copying"))
+    with pytest.raises(ValueError, match="no such results directory"):
+        finished_runs([tmp_path / "missing"])
 
 
 @needs_glue

@@ -50,6 +50,9 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the runs on disk (partial grids too), run nothing")
     p.add_argument("--progress", action="store_true", help="per-round progress bars")
+    p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="RESULTS_DIR",
+                   help="copy finished runs with an identical config from these results directories instead of "
+                        "rerunning them (e.g. an ablation's centre point from results/headline)")
 
 
 def _data_dir(arg: str | None) -> str | None:
@@ -61,7 +64,7 @@ def _data_dir(arg: str | None) -> str | None:
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from fedlora.bench.grid import expand, run_jobs, select, status
+    from fedlora.bench.grid import expand, finished_runs, run_jobs, select, status
     from fedlora.bench.report import write_report
 
     preset = select(get_preset(args.preset), args.tasks, args.methods, args.seeds)
@@ -91,10 +94,12 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     words = words[words.index("bench") + 1:] if "bench" in words else words  # `fedlora [-v] bench ...`
     command = " ".join(["fedlora bench", *map(shlex.quote, words)])
     start = time.perf_counter()
-    counts = {"new": 0, "resumed": 0, "skipped": len(jobs)} if args.report_only else run_jobs(jobs, args.step_seconds, progress=args.progress)
+    reuse = finished_runs(args.reuse) if args.reuse else None
+    counts = ({"new": 0, "resumed": 0, "skipped": len(jobs), "reused": 0} if args.report_only
+              else run_jobs(jobs, args.step_seconds, progress=args.progress, reuse=reuse))
     elapsed = time.perf_counter() - start
     path = write_report(results, preset, jobs, command, estimate, args.step_seconds, elapsed)
-    print(f"{counts['new']} new, {counts['resumed']} resumed, {counts['skipped']} skipped in {elapsed / 60:.1f} min -> {path}")
+    print(f"{counts['new']} new, {counts['resumed']} resumed, {counts['reused']} reused, {counts['skipped']} skipped in {elapsed / 60:.1f} min -> {path}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,40 @@ def _check_same_config(job: Job) -> None:
         raise ValueError(f"{job.path} was run with different {diff}; use another --out or delete that run directory")
 
 
+def _config_key(config_json: str) -> str:
+    """What makes two runs the same experiment: the config minus where it lives on disk."""
+    fields = {k: v for k, v in json.loads(config_json).items() if k not in IGNORED_IN_MATCH}
+    return json.dumps(fields, sort_keys=True)
+
+
+def finished_runs(results_dirs: list[Path]) -> dict[str, Path]:
+    """Index the finished runs under other results directories by their config, for reuse.
+
+    An ablation's centre point (alpha=0.5, U=10, r=8, the ALS solver) is the headline's SST-2 run
+    with the same seed; the engine is deterministic given the config, so rerunning it would only
+    reproduce the same metrics.jsonl at the cost of minutes.
+    """
+    index: dict[str, Path] = {}
+    for root in results_dirs:
+        if not Path(root).is_dir():
+            raise ValueError(f"--reuse {root}: no such results directory")
+        for saved in sorted(Path(root).glob("runs/*/*/seed*/config.json")):
+            config_json = saved.read_text()
+            if completed_rounds(saved.parent) >= json.loads(config_json).get("rounds", 0) > 0:
+                index.setdefault(_config_key(config_json), saved.parent)
+    return index
+
+
+def _copy_run(source: Path, job: Job) -> None:
+    # Copy beside the target, then rename: an interrupted copy never looks like a finished run.
+    partial = job.path.with_name(job.path.name + ".copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    (partial / "config.json").write_text(job.config.to_json())  # its own out path, not the source's
+    shutil.rmtree(job.path, ignore_errors=True)
+    partial.rename(job.path)
+
+
 def status(job: Job) -> str:
     """'done', 'resume' (checkpoint present, rounds missing) or 'new'."""
     _check_same_config(job)
@@ -102,16 +137,27 @@ def status(job: Job) -> str:
 
 
 def run_jobs(jobs: list[Job], step_seconds: float, progress: bool = False,
-             runner: Callable[..., Any] | None = None, log: Callable[[str], None] = print) -> dict[str, int]:
-    """Run every job that is not finished; returns counts of done/resumed/new/skipped runs."""
+             runner: Callable[..., Any] | None = None, log: Callable[[str], None] = print,
+             reuse: dict[str, Path] | None = None) -> dict[str, int]:
+    """Run every job that is not finished; returns counts of skipped/resumed/new/reused runs.
+
+    ``reuse`` (from :func:`finished_runs`) maps configs to finished runs elsewhere; a new job whose
+    config is there is copied instead of run.
+    """
     if runner is None:
         from fedlora.simulation import run as runner
-    counts = {"skipped": 0, "resumed": 0, "new": 0}
+    counts = {"skipped": 0, "resumed": 0, "new": 0, "reused": 0}
     states = [status(job) for job in jobs]  # validate every directory before spending any CPU
     for index, (job, state) in enumerate(zip(jobs, states), 1):
         where = f"[{index}/{len(jobs)}] {job.task} {job.label} seed{job.seed}"
         if state == "done":
             counts["skipped"] += 1
+            continue
+        source = (reuse or {}).get(_config_key(job.config.to_json())) if state == "new" else None
+        if source is not None and source.resolve() != job.path.resolve():
+            _copy_run(source, job)
+            counts["reused"] += 1
+            log(f"{where}: reused {source}")
             continue
         start = time.perf_counter()
         runner(job.config, resume=state == "resume", progress=progress)
