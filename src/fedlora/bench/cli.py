@@ -65,7 +65,7 @@ def _data_dir(arg: str | None) -> str | None:
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from fedlora.bench.grid import expand, finished_runs, run_jobs, select, status
-    from fedlora.bench.report import write_report
+    from fedlora.bench.report import commit, write_report
 
     preset = select(get_preset(args.preset), args.tasks, args.methods, args.seeds)
     overrides = dict(args.overrides)
@@ -93,12 +93,13 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     words = list(argv if argv is not None else sys.argv[1:])
     words = words[words.index("bench") + 1:] if "bench" in words else words  # `fedlora [-v] bench ...`
     command = " ".join(["fedlora bench", *map(shlex.quote, words)])
+    ran_at = None if args.report_only else commit()
     start = time.perf_counter()
     reuse = finished_runs(args.reuse) if args.reuse else None
     counts = ({"new": 0, "resumed": 0, "skipped": len(jobs), "reused": 0} if args.report_only
               else run_jobs(jobs, args.step_seconds, progress=args.progress, reuse=reuse))
     elapsed = time.perf_counter() - start
-    path = write_report(results, preset, jobs, command, estimate, args.step_seconds, elapsed)
+    path = write_report(results, preset, jobs, command, estimate, args.step_seconds, elapsed, ran_at)
     print(f"{counts['new']} new, {counts['resumed']} resumed, {counts['reused']} reused, {counts['skipped']} skipped in {elapsed / 60:.1f} min -> {path}")
     return 0
 

@@ -13,8 +13,9 @@ from fedlora.bench.presets import Preset, STEP_SECONDS
 
 
 def commit() -> str:
+    """The checked-out commit, with "-dirty" when tracked files differ from it (then it alone does not reproduce)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -40,7 +41,8 @@ def load_runs(jobs: list[Job]) -> list[dict[str, Any]]:
 
 
 def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, estimate_s: float,
-                 step_seconds: float = STEP_SECONDS, elapsed_s: float | None = None) -> Path:
+                 step_seconds: float = STEP_SECONDS, elapsed_s: float | None = None, ran_at: str | None = None) -> Path:
+    """``ran_at``: the commit when the runs started (the code that produced them), if known."""
     runs = load_runs(jobs)
     names = metric_names(list(preset.tasks))
     rows = stats.aggregate_rows(runs)
@@ -64,7 +66,7 @@ def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, e
         f"{preset.description}.",
         "",
         f"- command: `{command}`",
-        f"- commit: `{commit()}`",
+        f"- commit: `{ran_at or commit()}`" + (f" (runs); report written at `{commit()}`" if ran_at and ran_at != commit() else ""),
         f"- budget: {budget}; estimated {estimate_s / 60:.1f} min for {len(jobs)} runs at {step_seconds} s per "
         f"training step (batch 32 × 64 tokens, idle machine)" + (f"; this invocation took {elapsed_s / 60:.1f} min" if elapsed_s is not None else ""),
         f"- runs: {finished}/{len(jobs)} finished ({len(runs) - finished} partial); seeds {list(preset.seeds)}; mean ± sample std over seeds",
