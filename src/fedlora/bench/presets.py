@@ -92,7 +92,9 @@ PRESETS: dict[str, Preset] = {
         Preset("ablation-solver", "FLoRA-NA solver (AdamW 50/200/1000 steps vs ALS) and scope (global vs per-module)",
                ("sst2",),
                (FEDIT, SVD, FLORA_NA, Variant("flora-na (global)", "flora-na", {"scope": "global"}))
-               + tuple(Variant(f"flora-na (adamw {s})", "flora-na", {"solver": "adamw", "steps": s}) for s in (50, 200, 1000))
+               # 200 is the solver's default: spelled {"solver": "adamw"} it is the headline's config, so --reuse finds it.
+               + tuple(Variant(f"flora-na (adamw {s})", "flora-na", {"solver": "adamw", **({} if s == 200 else {"steps": s})})
+                       for s in (50, 200, 1000))
                + (Variant("flora-na (adamw 200, global)", "flora-na", {"solver": "adamw", "steps": 200, "scope": "global"}),),
                (0, 1, 2), ABLATION_BASE),
         Preset("ablation-rank", "LoRA rank r in {4, 8, 16} (lora_alpha = 2r, so the scaling stays 2)", ("sst2",),
