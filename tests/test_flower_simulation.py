@@ -2,7 +2,10 @@
 
 Same RunConfig, same seed: the per-round global metrics, divergence and byte counts written by
 the ServerApp equal the local engine's (within float tolerance: Ray workers may use another
-thread count), and the final adapter is a loadable PEFT adapter.
+thread count), and the final adapter is a loadable PEFT adapter. The array bytes measured in the
+run's messages (``wire_*_bytes_*``) equal the closed form of
+:func:`fedlora.aggregation.communication.round_bytes` (``lora_bytes_*``), up to the documented
+offsets asserted in :func:`assert_wire_matches_formula`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def records(out: str | Path) -> list[dict]:
 
 
 def assert_same_history(flower: list[dict], local: list[dict]) -> None:
+    """Keys both engines write are equal (the local engine has no ``wire_*`` keys: it sends no messages)."""
     assert [r["round"] for r in flower] == [r["round"] for r in local]
     for f, l in zip(flower, local):
         assert f["clients"] == l["clients"]
@@ -75,7 +79,26 @@ def sim_superlink(tmp_path_factory):
         procs.stop_all()
 
 
-@pytest.mark.parametrize("method", ["fedex-lora", "fedsa-lora"])
+def assert_wire_matches_formula(method: str, flower: list[dict], lora_B_bytes: int) -> None:
+    """Measured array payloads per round against ``round_bytes``; ``lora_B_bytes``: one client's B, all modules."""
+    for r in flower:
+        up, down = r["lora_bytes_up"], r["lora_bytes_down"]
+        if method == "fedex-lora" and r["round"] == 1:
+            # A round's residual travels in the next round's messages: round 1's carry none (its
+            # formula counts round 1's own residual, which reaches the clients in round 2).
+            down = up
+        assert r["wire_lora_bytes_up"] == up, r["round"]
+        assert r["wire_lora_bytes_down"] == down, r["round"]
+        assert r["wire_head_bytes_up"] == r["bytes_up"] - r["lora_bytes_up"]  # the head both ways, as round_record counts it
+        assert r["wire_head_bytes_down"] == r["bytes_down"] - r["lora_bytes_down"]
+        # FedSA-LoRA's B goes up outside the protocol, for the server's evaluation-only global B
+        assert r["wire_eval_bytes_up"] == (len(r["clients"]) * lora_B_bytes if method == "fedsa-lora" else 0)
+        assert r["wire_eval_bytes_down"] == 0
+        measured = sum(r[f"wire_{kind}_bytes_up"] for kind in ("lora", "head", "eval"))
+        assert measured < r["wire_serialized_bytes_up"]  # + one .npy header per array
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "fedex-lora", "fedsa-lora"])
 def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method):
     procs, env = sim_superlink
     config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
@@ -96,6 +119,13 @@ def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method)
     assert RunConfig.from_json((out / "config.json").read_text()) == flower_config
 
     assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
+    assert_wire_matches_formula(method, records(out), lora_B_bytes(out / "adapter"))
+
+
+def lora_B_bytes(adapter: Path) -> int:
+    from safetensors.torch import load_file
+
+    return 4 * sum(t.numel() for k, t in load_file(str(adapter / "adapter_model.safetensors")).items() if ".lora_B." in k)
 
 
 def assert_same_adapter(flower: Path, local: Path) -> None:

@@ -8,10 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.aggregation import LoraPair
+from flwr.app import Array, RecordDict
+
+from fedlora.aggregation import LoraPair, get_method
+from fedlora.aggregation.communication import round_bytes
 from fedlora.config import ConfigError, RunConfig
 from fedlora.flower.config import run_config_from_flower
-from fedlora.flower.wire import deltas_record, model_record, record_to_deltas, record_to_model
+from fedlora.flower.wire import (
+    WireBytes,
+    content_bytes,
+    deltas_record,
+    model_record,
+    payload_bytes,
+    record_to_deltas,
+    record_to_model,
+    select_factors,
+)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -57,6 +69,56 @@ def test_deltas_come_back_in_round_order():
     deltas = {3: {"m": torch.ones(2, 2)}, 1: {"m": torch.zeros(2, 2), "n": torch.eye(2)}}
     back = record_to_deltas(deltas_record(deltas))
     assert list(back) == [1, 3] and torch.equal(back[1]["n"], torch.eye(2))
+
+
+def _model(d: int = 6, k: int = 5, r: int = 2) -> tuple[dict[str, LoraPair], dict[str, torch.Tensor]]:
+    adapter = {m: LoraPair(A=torch.randn(r, k), B=torch.randn(d, r)) for m in ("layer.0.query", "layer.0.value")}
+    return adapter, {"classifier.weight": torch.randn(3, d), "classifier.bias": torch.randn(3)}
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (2, 3), (1000, 17)])
+def test_payload_bytes_is_the_float32_data_without_the_npy_header(shape):
+    array = Array(torch.zeros(shape, dtype=torch.float32))
+    assert payload_bytes(array) == 4 * torch.zeros(shape).numel()
+    assert len(array.data) > payload_bytes(array)  # the header is real, and not counted
+
+
+def test_content_bytes_splits_lora_head_delta_and_eval():
+    adapter, head = _model()
+    head_bytes = 4 * sum(t.numel() for t in head.values())
+    B_bytes = 4 * sum(p.B.numel() for p in adapter.values())
+    content = RecordDict({"arrays": model_record(adapter, head, A=False), "base-delta": deltas_record({1: {"m": torch.ones(6, 5)}}),
+                          "eval-B": model_record(adapter, {}, A=False)})
+    counted = content_bytes(content)
+    assert (counted.lora, counted.head, counted.eval) == (B_bytes + 4 * 30, head_bytes, B_bytes)
+    assert counted.serialized > counted.lora + counted.head + counted.eval
+    assert (counted + counted).as_record("up")["wire_lora_bytes_up"] == 2 * counted.lora
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "fedsa-lora", "fedex-lora"])
+def test_policy_trimmed_records_weigh_what_round_bytes_counts(method):
+    """Per client, the uploaded factors are round_bytes' up; down is the same plus FedEx-LoRA's (d, k) residual."""
+    policy = get_method(method).policy
+    adapter, head = _model()
+    clients = 3
+    record = model_record(adapter, head, A=policy.upload_A, B=policy.upload_B)
+    residual = deltas_record({1: {m: p.product() for m, p in adapter.items()}}) if policy.download_residual else None
+    up = content_bytes(RecordDict({"arrays": record}))
+    down = content_bytes(RecordDict({"arrays": record} | ({"base-delta": residual} if residual else {})))
+    assert (clients * up.lora, clients * down.lora) == round_bytes(policy, adapter, clients)
+
+
+def test_missing_factors_come_from_the_receivers_copy():
+    adapter, head = _model()
+    mine = {m: LoraPair(A=torch.zeros_like(p.A), B=torch.ones_like(p.B)) for m, p in adapter.items()}
+    only_A = select_factors(model_record(adapter, head), B=False)
+    assert not any(".lora_B." in k for k in only_A) and "base_model.model.classifier.bias" in only_A
+    back, back_head = record_to_model(only_A, missing_from=mine)
+    for m, p in adapter.items():
+        assert torch.equal(back[m].A, p.A) and torch.equal(back[m].B, mine[m].B)
+    assert torch.equal(back_head["classifier.weight"], head["classifier.weight"])
+    with pytest.raises(KeyError, match="both A and B"):
+        record_to_model(only_A)  # without a copy of its own the receiver cannot rebuild B
 
 
 def test_certificates_are_for_loopback_and_signed_by_the_ca(tmp_path):

@@ -10,6 +10,10 @@ simulation several virtual SuperNodes share one process (and so the cached model
 * ``"base"``: the frozen weights this client has merged ``base_delta`` into, and how many
   rounds of deltas that includes (FedEx-LoRA, FLoRA); restored before each round.
 * ``"local-B"``: FedSA-LoRA's private B factors, kept across rounds.
+
+Only the LoRA factors the method shares travel (:mod:`fedlora.flower.wire`); the others come
+from the client itself: FFA-LoRA's frozen A is the seed-determined init, FedSA-LoRA's B is
+``"local-B"`` (the init before the client's first round).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
-from fedlora.aggregation import get_method
+from fedlora.aggregation import Adapter, LoraPair, get_method
 from fedlora.client import derived_seed, train_client
 from fedlora.config import ConfigError, RunConfig
 from fedlora.data.tasks import TaskSpec
@@ -31,7 +35,7 @@ from fedlora.flower.data_cache import client_data
 from fedlora.flower.config import run_config_from_flower
 from fedlora.flower.wire import model_record, record_tensors, record_to_deltas, record_to_model, tensors_record
 from fedlora.model import default_model_path, load_model
-from fedlora.peft_bridge import lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
+from fedlora.peft_bridge import get_adapter, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -43,6 +47,7 @@ class _Process:
     tokenizer: object
     clients: dict[int, tuple[TaskSpec, ClientData]]  # partition -> its data (several in simulation)
     pristine: dict[str, Tensor]  # untouched frozen weights of every LoRA module
+    initial: Adapter  # the seed-determined LoRA init, identical on every node and the server
     touched: bool = False  # some client in this process changed the frozen weights
 
 
@@ -66,7 +71,7 @@ def _load(config: RunConfig) -> _Process:
         list(config.target_modules), seed=config.seed,
     )
     pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in lora_layers(model).items()}
-    return _Process(model, tokenizer, {}, pristine)
+    return _Process(model, tokenizer, {}, pristine, initial=get_adapter(model))
 
 
 def _partition(context: Context, config: RunConfig) -> int:
@@ -116,8 +121,8 @@ def train(msg: Message, context: Context) -> Message:
     local_eval = bool(msg.content["config"]["local-eval"])
     version = _sync_base(proc, context.state, msg.content.get("base-delta"))
 
-    global_adapter, global_head = record_to_model(msg.content["arrays"])
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
+    global_adapter, global_head = record_to_model(msg.content["arrays"], missing_from=_own_factors(proc.initial, local_B))
     if partition not in proc.clients:
         proc.clients[partition] = client_data(config, proc.tokenizer, partition)
     task, client = proc.clients[partition]
@@ -132,5 +137,16 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": result.update.num_examples, "partition-id": partition,
                "train-loss": result.loss, "base-version": version}
     metrics.update({f"local.{k}": float(v) for k, v in (result.local_metrics or {}).items()})
-    content = RecordDict({"arrays": model_record(result.update.adapter, result.head), "metrics": MetricRecord(metrics)})
+    adapter = result.update.adapter
+    content = RecordDict({"arrays": model_record(adapter, result.head, A=policy.upload_A, B=policy.upload_B),
+                          "metrics": MetricRecord(metrics)})
+    if policy.local_B:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
+        content["eval-B"] = model_record(adapter, {}, A=False)
     return Message(content, reply_to=msg)
+
+
+def _own_factors(initial: Adapter, local_B: dict[str, Tensor] | None) -> Adapter:
+    """What this client has of each factor without the server: the init, with its own B if it keeps one."""
+    if local_B is None:
+        return initial
+    return {m: LoraPair(A=p.A, B=local_B[m]) for m, p in initial.items()}

@@ -63,6 +63,7 @@ class CentralEvaluation:
         results = last["results"]
         record = round_record(server_round, results, last["metrics"], global_metrics, last["server_seconds"], last["head"])
         record["failed_nodes"] = last.get("failed_nodes", [])  # SuperNodes lost this round, by node id
+        record.update(last["wire"])  # array bytes measured in this round's messages (wire_*_bytes_up/down)
         record["wall_seconds"] = time.perf_counter() - self.round_start
         self.round_start = time.perf_counter()
         self.history.append(record)

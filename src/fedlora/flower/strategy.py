@@ -7,6 +7,11 @@ match), ``aggregate(method, previous global, updates)`` produces the next adapte
 FedAvg-ed with example weights, and a ``base_delta`` is kept as round ``t``'s delta, sent to
 every later-sampled client that has not merged it yet (clients report their base version).
 
+Messages carry only the LoRA factors the method's ``TrainingPolicy`` says travel (FFA-LoRA: B;
+FedSA-LoRA: A, plus the clients' B as ``"eval-B"``, see :mod:`fedlora.flower.wire`); the strategy
+rebuilds every reply's full adapter from the stashed global model, and measures each round's
+array payloads both ways (``WireBytes``, written to ``metrics.jsonl`` as ``wire_*_bytes_*``).
+
 Flower's ``aggregate_train`` is not given the previous global adapter; like Flower's own
 FedOpt we stash it in ``configure_train``. Failed or missing replies are logged with their
 node id and the round aggregates what arrived; with fewer than ``min_train_nodes`` replies the
@@ -26,10 +31,10 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from torch import Tensor
 
-from fedlora.aggregation import ClientUpdate, get_method
+from fedlora.aggregation import Adapter, ClientUpdate, get_method
 from fedlora.client import ClientResult, derived_seed
 from fedlora.config import RunConfig
-from fedlora.flower.wire import deltas_record, model_record, record_to_model
+from fedlora.flower.wire import WireBytes, content_bytes, deltas_record, model_record, record_to_model, select_factors
 from fedlora.server import server_step
 from fedlora.simulation import HEAD_ROUND_SEED, sample_clients
 
@@ -51,6 +56,9 @@ class FedLoraStrategy(FedAvg):
         self.base_deltas: dict[int, dict[str, Tensor]] = {}  # round -> {module: (d, k)}
         self.current: ArrayRecord | None = None  # the global model sent this round (FedOpt's trick)
         self.sent: list[Message] = []  # this round's train messages, to name nodes that failed
+        self.sent_bytes = WireBytes()  # what this round's train messages carry
+        self.holds_local_B: set[int] = set()  # FedSA-LoRA: nodes that have trained, so keep their own B
+        self.aggregated = False  # some round changed the global model (its B is no longer the clients' init)
         self.last_round: dict[str, Any] | None = None  # what the ServerApp needs for metrics.jsonl
 
     # -- sampling ---------------------------------------------------------------------------
@@ -90,7 +98,7 @@ class FedLoraStrategy(FedAvg):
             node = node_for[partition]
             have = self.base_version.get(node, 0)
             content = RecordDict({
-                "arrays": arrays,
+                "arrays": self._download(arrays, node),
                 "config": ConfigRecord({"server-round": server_round, "local-eval": local_eval, "partition-id": partition}),
             })
             pending = {r: d for r, d in self.base_deltas.items() if r > have}
@@ -98,8 +106,21 @@ class FedLoraStrategy(FedAvg):
                 content["base-delta"] = deltas_record(pending)
             messages.append(Message(content, node, MessageType.TRAIN))
         self.sent = messages
+        self.sent_bytes = sum((content_bytes(m.content) for m in messages), WireBytes())
         log(INFO, "configure_train: round %d, partitions %s", server_round, [p for p in sampled if p in node_for])
         return messages
+
+    def _download(self, arrays: ArrayRecord, node: int) -> ArrayRecord:
+        """The global model with only the factors that travel down to ``node``.
+
+        Down travels what goes up (``round_bytes``' convention). FFA-LoRA's frozen A is the
+        seed-determined init every client builds itself. FedSA-LoRA's B is the client's own, but a
+        client without one starts from the server's B (as in the local engine): that B is sent
+        once the global B has left the init every client has.
+        """
+        policy = self.spec.policy
+        catch_up_B = policy.local_B and self.aggregated and node not in self.holds_local_B
+        return select_factors(arrays, A=policy.upload_A, B=policy.upload_B or catch_up_B)
 
     # -- aggregation ------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -112,12 +133,15 @@ class FedLoraStrategy(FedAvg):
             return None, None
         assert self.current is not None, "configure_train stashes the global model before aggregation"
         valid.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))  # the local engine's order
-        results = [self._result(m) for m in valid]
+        global_adapter, _ = record_to_model(self.current)
+        results = [self._result(m, global_adapter) for m in valid]
         for msg in valid:
             self.base_version[msg.metadata.src_node_id] = int(msg.content["metrics"]["base-version"])
+            if self.spec.policy.local_B:  # the client stored its B in its state before replying
+                self.holds_local_B.add(msg.metadata.src_node_id)
+        received = sum((content_bytes(m.content) for m in valid), WireBytes())
 
         start = time.perf_counter()
-        global_adapter, _ = record_to_model(self.current)
         options = dict(self.config.method_options)
         if self.config.method == "flora":  # the engine's server-side seed for the LoRA re-init
             options["seed"] = derived_seed(self.config.seed, server_round, HEAD_ROUND_SEED + 1)
@@ -129,9 +153,11 @@ class FedLoraStrategy(FedAvg):
             return None, None
         if agg.base_delta:
             self.base_deltas[server_round] = agg.base_delta
+        self.aggregated = True
 
+        wire = self.sent_bytes.as_record("down") | received.as_record("up")
         self.last_round = {"round": server_round, "results": results, "metrics": agg.metrics, "failed_nodes": failed_nodes,
-                           "server_seconds": server_seconds, "head": head}
+                           "server_seconds": server_seconds, "head": head, "wire": wire}
         metrics = MetricRecord({
             "num-clients": len(results),
             "train-loss": float(sum(r.loss for r in results) / len(results)),
@@ -160,8 +186,13 @@ class FedLoraStrategy(FedAvg):
             failures.append({"node": int(node), "partition": self.partition_of.get(node), "reason": "no reply within round-timeout"})
         return failures
 
-    def _result(self, msg: Message) -> ClientResult:
-        adapter, head = record_to_model(msg.content["arrays"])
+    def _result(self, msg: Message, global_adapter: Adapter) -> ClientResult:
+        # Factors that did not travel are the global ones (FFA-LoRA's frozen A is identical
+        # everywhere); FedSA-LoRA's B comes in "eval-B", for the server's evaluation-only mean.
+        own = global_adapter
+        if "eval-B" in msg.content:
+            own, _ = record_to_model(msg.content["eval-B"], missing_from=global_adapter)
+        adapter, head = record_to_model(msg.content["arrays"], missing_from=own)
         m = msg.content["metrics"]
         local = {k.removeprefix("local."): float(v) for k, v in m.items() if k.startswith("local.")} or None
         partition = int(m["partition-id"])

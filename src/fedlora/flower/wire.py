@@ -1,9 +1,13 @@
 """What travels between ServerApp and ClientApps: float32 ArrayRecords with stable keys.
 
-* ``"arrays"`` (both ways): the LoRA factors under PEFT's own state-dict names
-  (:func:`fedlora.peft_bridge.adapter_to_state_dict`, ``base_model.model.<module>.lora_A.weight``)
-  plus the classifier head under ``base_model.model.<head key>`` -- the names PEFT writes into
-  ``adapter_model.safetensors``, so a received record is a loadable adapter state dict.
+* ``"arrays"`` (both ways): the LoRA factors that travel under the method's
+  :class:`~fedlora.aggregation.TrainingPolicy` (A if ``upload_A``, B if ``upload_B``), under PEFT's
+  own state-dict names (:func:`fedlora.peft_bridge.adapter_to_state_dict`,
+  ``base_model.model.<module>.lora_A.weight``), plus the classifier head under
+  ``base_model.model.<head key>`` -- the names PEFT writes into ``adapter_model.safetensors``.
+  A factor that does not travel is rebuilt by the receiver (:func:`record_to_model`'s ``missing_from``).
+* ``"eval-B"`` (up only, FedSA-LoRA): the client's B, which the protocol keeps local; uploaded only
+  because the server evaluates a global model with B = mean of the clients' B, as the local engine does.
 * ``"base-delta"`` (down only, FedEx-LoRA / FLoRA): the product-space (d, k) deltas the client
   has not merged yet, keyed ``"<round>/<module>"`` so the client replays them in order, exactly
   as the local engine merged them.
@@ -12,8 +16,12 @@
 
 from __future__ import annotations
 
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 from torch import Tensor
 
 from fedlora.aggregation import Adapter
@@ -29,18 +37,37 @@ def _tensors(record: ArrayRecord) -> dict[str, Tensor]:
     return {k: torch.from_numpy(a.numpy()).clone() for k, a in record.items()}
 
 
-def model_record(adapter: Adapter, head: dict[str, Tensor]) -> ArrayRecord:
-    """Adapter + head as one ArrayRecord keyed by PEFT state-dict names."""
-    state = adapter_to_state_dict(adapter)
+def model_record(adapter: Adapter, head: dict[str, Tensor], *, A: bool = True, B: bool = True) -> ArrayRecord:
+    """Adapter + head as one ArrayRecord keyed by PEFT state-dict names; ``A``/``B``: which factors to include."""
+    state = {k: v for k, v in adapter_to_state_dict(adapter).items() if _factor_wanted(k, A=A, B=B)}
     state.update({f"{PEFT_PREFIX}{k}": v for k, v in head.items()})
     return round_record(state)
 
 
-def record_to_model(record: ArrayRecord) -> tuple[Adapter, dict[str, Tensor]]:
-    """Inverse of :func:`model_record`: ``(adapter, head)``."""
+def select_factors(record: ArrayRecord, *, A: bool = True, B: bool = True) -> ArrayRecord:
+    """``record`` without the LoRA factors not asked for; the kept Arrays are shared, not re-serialised."""
+    return ArrayRecord({k: a for k, a in record.items() if _factor_wanted(k, A=A, B=B)})
+
+
+def _factor_wanted(key: str, *, A: bool, B: bool) -> bool:
+    if ".lora_A." in key:
+        return A
+    if ".lora_B." in key:
+        return B
+    return True  # not a LoRA factor: the head always travels
+
+
+def record_to_model(record: ArrayRecord, missing_from: Adapter | None = None) -> tuple[Adapter, dict[str, Tensor]]:
+    """Inverse of :func:`model_record`: ``(adapter, head)``.
+
+    ``missing_from``: where the factors that did not travel come from (the receiver's own copy:
+    FFA-LoRA's frozen A, FedSA-LoRA's local B); without it every module needs both A and B.
+    """
     state = _tensors(record)
-    adapter = state_dict_to_adapter(state, strict=False)
     head = {k[len(PEFT_PREFIX):]: v for k, v in state.items() if ".lora_" not in k}
+    if missing_from is not None:
+        state = adapter_to_state_dict(missing_from) | state  # the received factors win
+    adapter = state_dict_to_adapter(state, strict=False)
     return adapter, head
 
 
@@ -64,3 +91,53 @@ def tensors_record(tensors: dict[str, Tensor]) -> ArrayRecord:
 
 def record_tensors(record: ArrayRecord) -> dict[str, Tensor]:
     return _tensors(record)
+
+
+# -- bytes on the wire ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WireBytes:
+    """Array payload bytes in messages, by what they carry (float32 data; no .npy headers).
+
+    ``lora``: LoRA factors and ``base-delta`` records -- what
+    :func:`fedlora.aggregation.communication.round_bytes` counts. ``head``: the classifier head.
+    ``eval``: FedSA-LoRA's ``"eval-B"``, outside the protocol (see the module docstring).
+    ``serialized``: every Array's full serialised buffer (.npy header included).
+    """
+
+    lora: int = 0
+    head: int = 0
+    eval: int = 0
+    serialized: int = 0
+
+    def __add__(self, other: "WireBytes") -> "WireBytes":
+        return WireBytes(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def as_record(self, direction: str) -> dict[str, int]:
+        """``{"wire_<kind>_bytes_<direction>": n}`` for ``metrics.jsonl``."""
+        return {f"wire_{k}_bytes_{direction}": v for k, v in asdict(self).items()}
+
+
+def payload_bytes(array: Array) -> int:
+    """Bytes of tensor data in a serialised Array: its ``.npy`` buffer minus the ``.npy`` header."""
+    buffer = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(buffer)
+    # version 1.0 has a 2-byte header length, 2.0 and 3.0 a 4-byte one; reading it ends at the data
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    read_header(buffer)
+    return len(array.data) - buffer.tell()
+
+
+def content_bytes(content: RecordDict) -> WireBytes:
+    """What the ArrayRecords of one message's content weigh (ConfigRecords and MetricRecords are not counted)."""
+    total = WireBytes()
+    for name, record in content.array_records.items():
+        for key, array in record.items():
+            n = payload_bytes(array)
+            if name == "eval-B":
+                kind = "eval"
+            elif name == "base-delta" or ".lora_" in key:
+                kind = "lora"
+            else:
+                kind = "head"
+            total += WireBytes(**{kind: n}, serialized=len(array.data))
+    return total
