@@ -79,26 +79,32 @@ def sim_superlink(tmp_path_factory):
         procs.stop_all()
 
 
-def assert_wire_matches_formula(method: str, flower: list[dict], lora_B_bytes: int) -> None:
-    """Measured array payloads per round against ``round_bytes``; ``lora_B_bytes``: one client's B, all modules."""
+def assert_wire_matches_formula(method: str, flower: list[dict], adapter: Path) -> None:
+    """Measured array payloads per round against ``round_bytes``, all modules, all the round's clients."""
+    B_bytes, dense_bytes = client_sizes(adapter)  # one client's
     for r in flower:
         up, down = r["lora_bytes_up"], r["lora_bytes_down"]
+        U = len(r["clients"])
         if method == "fedex-lora" and r["round"] == 1:
             # A round's residual travels in the next round's messages: round 1's carry none (its
             # formula counts round 1's own residual, which reaches the clients in round 2).
             down = up
+        if method == "flora":
+            # Not the paper's stacked download, U·(r·k + d·r) per client: each client gets the
+            # re-initialised global A and B (r·k + d·r) plus the previous round's dense (d, k) delta.
+            down = up + (U * dense_bytes if r["round"] > 1 else 0)
         assert r["wire_lora_bytes_up"] == up, r["round"]
         assert r["wire_lora_bytes_down"] == down, r["round"]
         assert r["wire_head_bytes_up"] == r["bytes_up"] - r["lora_bytes_up"]  # the head both ways, as round_record counts it
         assert r["wire_head_bytes_down"] == r["bytes_down"] - r["lora_bytes_down"]
         # FedSA-LoRA's B goes up outside the protocol, for the server's evaluation-only global B
-        assert r["wire_eval_bytes_up"] == (len(r["clients"]) * lora_B_bytes if method == "fedsa-lora" else 0)
+        assert r["wire_eval_bytes_up"] == (U * B_bytes if method == "fedsa-lora" else 0)
         assert r["wire_eval_bytes_down"] == 0
         measured = sum(r[f"wire_{kind}_bytes_up"] for kind in ("lora", "head", "eval"))
         assert measured < r["wire_serialized_bytes_up"]  # + one .npy header per array
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "fedex-lora", "fedsa-lora"])
+@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "fedex-lora", "fedsa-lora", "flora"])
 def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method):
     procs, env = sim_superlink
     config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
@@ -119,13 +125,17 @@ def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method)
     assert RunConfig.from_json((out / "config.json").read_text()) == flower_config
 
     assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
-    assert_wire_matches_formula(method, records(out), lora_B_bytes(out / "adapter"))
+    assert_wire_matches_formula(method, records(out), out / "adapter")
 
 
-def lora_B_bytes(adapter: Path) -> int:
+def client_sizes(adapter: Path) -> tuple[int, int]:
+    """One client's bytes of B (d·r) and of a dense (d, k) delta, summed over modules, from a saved adapter."""
     from safetensors.torch import load_file
 
-    return 4 * sum(t.numel() for k, t in load_file(str(adapter / "adapter_model.safetensors")).items() if ".lora_B." in k)
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    B = {k.replace(".lora_B.", "."): t for k, t in state.items() if ".lora_B." in k}
+    A = {k.replace(".lora_A.", "."): t for k, t in state.items() if ".lora_A." in k}
+    return 4 * sum(t.numel() for t in B.values()), 4 * sum(B[m].shape[0] * A[m].shape[1] for m in B)
 
 
 def assert_same_adapter(flower: Path, local: Path) -> None:

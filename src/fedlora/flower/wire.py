@@ -5,7 +5,8 @@
   own state-dict names (:func:`fedlora.peft_bridge.adapter_to_state_dict`,
   ``base_model.model.<module>.lora_A.weight``), plus the classifier head under
   ``base_model.model.<head key>`` -- the names PEFT writes into ``adapter_model.safetensors``.
-  A factor that does not travel is rebuilt by the receiver (:func:`record_to_model`'s ``missing_from``).
+  A factor that does not travel is rebuilt by the receiver (:func:`record_to_model`'s ``missing_from``);
+  the one exception: a FedSA-LoRA client with no B of its own after round 1 is sent the server's B.
 * ``"eval-B"`` (up only, FedSA-LoRA): the client's B, which the protocol keeps local; uploaded only
   because the server evaluates a global model with B = mean of the clients' B, as the local engine does.
 * ``"base-delta"`` (down only, FedEx-LoRA / FLoRA): the product-space (d, k) deltas the client
