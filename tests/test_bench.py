@@ -125,3 +125,22 @@ def test_interrupted_run_resumes_and_a_changed_config_is_refused(tmp_path):
     [other] = expand(preset, tmp_path, str(GLUE), {"rounds": 2, "lr": 0.01})
     with pytest.raises(ValueError, match="different"):
         status(other)
+
+
+def test_paired_differences_match_by_task_setting_and_seed():
+    def run(label: str, seed: int, final: float, divergence: float = 0.1, task: str = "sst2") -> dict:
+        return {"task": task, "label": label, "seed": seed, "final": final, "best": final + 0.1, "divergence": divergence}
+
+    runs = [run("fedit", 0, 0.50), run("fedit", 1, 0.60), run("flora-na", 0, 0.55, 0.05), run("flora-na", 1, 0.60, 0.07),
+            run("flora-na", 2, 0.99),  # no fedit seed 2: unpaired, must not count
+            run("fedit [alpha=0.1]", 0, 0.70), run("svd [alpha=0.1]", 0, 0.65),
+            run("fedit", 0, 0.10, task="rte"), run("svd", 0, 0.20, task="rte")]
+    rows = {(r["task"], r["label"]): r for r in stats.paired_rows(runs)}
+    assert set(rows) == {("sst2", "flora-na"), ("sst2", "svd [alpha=0.1]"), ("rte", "svd")}
+    na = rows[("sst2", "flora-na")]
+    assert na["n"] == 2 and (na["wins"], na["ties"], na["losses"]) == (1, 1, 0)
+    assert na["d_final"] == pytest.approx(0.025) and na["d_divergence"] == pytest.approx(-0.04)
+    assert rows[("sst2", "svd [alpha=0.1]")]["d_final"] == pytest.approx(-0.05)  # against fedit [alpha=0.1], not fedit
+    assert rows[("rte", "svd")]["d_final"] == pytest.approx(0.1)
+    table = stats.paired_table(list(rows.values()), {"sst2": "accuracy"})
+    assert "| sst2 (accuracy) | flora-na | 2 | +0.0250 ± 0.0354 |" in table and "| 1 / 1 / 0 |" in table

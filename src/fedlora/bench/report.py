@@ -81,6 +81,12 @@ def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, e
               "local − global compares it with the global metric of the same rounds. Divergence = ‖B̂Â + Δ − T‖/‖T‖ "
               "averaged over rounds; SVD bound = the same for the best rank-r aggregate (Eckart–Young). MB = LoRA factors only.",
               "", stats.markdown_table(rows, names) if rows else "_no finished runs yet_", ""]
+    paired = stats.paired_rows(runs)
+    if paired:
+        lines += ["## Paired against FedIT (same task, setting and seed)", "",
+                  "Each seed fixes the partition, the initial adapter and every client's batches, so a method's difference "
+                  "from FedIT on the same seed removes most of the seed-to-seed spread. Mean ± sample std over seeds.", "",
+                  stats.paired_table(paired, names), ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     lines += ["## Communication at the paper's shapes (float32, formulas)", "", comm.formula_table(comm.formula_rows(methods)), ""]
     if first_per_method:

@@ -104,3 +104,49 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
         for row in rows:
             writer.writerow({**row, "seeds": " ".join(map(str, row.get("seeds", [])))} if "seeds" in row else row)
     return path
+
+
+def _split_label(label: str) -> tuple[str, str]:
+    """"flora-na [alpha=0.1]" -> ("flora-na", " [alpha=0.1]"): method part and ablation-setting suffix."""
+    method, sep, setting = label.partition(" [")
+    return method, (sep + setting if sep else "")
+
+
+def paired_rows(runs: list[dict[str, Any]], baseline: str = "fedit") -> list[dict[str, Any]]:
+    """Every method against ``baseline`` run for run: same task, same ablation setting, same seed.
+
+    A seed fixes the partition, the initial adapter and head, and every client's batches, so the
+    paired difference removes most of the seed-to-seed spread that dominates small budgets.
+    ``wins``/``ties``/``losses`` count seeds by the sign of the final-metric difference.
+    """
+    by_key = {(r["task"], r["label"], r["seed"]): r for r in runs}
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for run in runs:
+        method, setting = _split_label(run["label"])
+        base = by_key.get((run["task"], baseline + setting, run["seed"]))
+        if method != baseline and base is not None:
+            groups.setdefault((run["task"], run["label"]), []).append((run, base))
+    rows = []
+    for (task, label), pairs in groups.items():
+        diff = {key: [r[key] - b[key] for r, b in pairs] for key in ("final", "best", "divergence")}
+        row: dict[str, Any] = {"task": task, "label": label, "n": len(pairs),
+                               "wins": sum(d > 0 for d in diff["final"]), "ties": sum(d == 0 for d in diff["final"]),
+                               "losses": sum(d < 0 for d in diff["final"])}
+        for key, values in diff.items():
+            row[f"d_{key}"], row[f"d_{key}_std"] = mean_std(values)
+        rows.append(row)
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]], metric_names: dict[str, str], baseline: str = "fedit") -> str:
+    header = ["task (metric)", "method", "paired seeds", f"Δ final vs {baseline}", f"Δ best vs {baseline}",
+              "wins / ties / losses (final)", f"Δ mean divergence vs {baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row['task']} ({metric_names.get(row['task'], '?')})", row["label"], str(row["n"]),
+                 _cell(row["d_final"], row["d_final_std"], "+.4f", row["n"]),
+                 _cell(row["d_best"], row["d_best_std"], "+.4f", row["n"]),
+                 f"{row['wins']} / {row['ties']} / {row['losses']}",
+                 _cell(row["d_divergence"], row["d_divergence_std"], "+.4g", row["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
