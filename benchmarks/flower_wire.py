@@ -28,13 +28,7 @@ from typing import Any
 from fedlora.aggregation import get_method
 from fedlora.aggregation.communication import FLOAT32_BYTES, round_bytes
 from fedlora.bench.comm import checkpoint_modules, shape_adapter
-from fedlora.flower.local import (
-    Processes,
-    flower_env,
-    free_port,
-    wait_for,
-    write_connection,
-)
+from fedlora.flower.local import simulation_superlink
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "svd", "flora-na"]
@@ -61,10 +55,9 @@ def flower_run(method: str, data_dir: Path, out: Path, env: dict[str, str], time
         raise RuntimeError(f"{method}: flwr run failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def explain(method: str, record: dict[str, Any], modules: list[tuple[str, int, int, int]]) -> str:
-    """'yes', a documented reason for the difference, or one starting with UNEXPLAINED."""
+def explain(method: str, record: dict[str, Any], modules: list[tuple[str, int, int, int]], up: int, down: int) -> str:
+    """'yes', a documented reason for the difference, or one starting with UNEXPLAINED (``up``/``down``: round_bytes)."""
     U, rnd = len(record["clients"]), record["round"]
-    up, down = round_bytes(get_method(method).policy, shape_adapter(modules), U)
     wire_up, wire_down = record["wire_lora_bytes_up"], record["wire_lora_bytes_down"]
     B_bytes = FLOAT32_BYTES * sum(d * r for _, r, d, _ in modules)  # one client's B, all modules
     dense = FLOAT32_BYTES * sum(d * k for _, _, d, k in modules)  # one client's dense (d, k) delta
@@ -101,7 +94,7 @@ def rows_for(method: str, out: Path) -> list[dict[str, Any]]:
         rows.append({"method": method, "round": r["round"], "clients": len(r["clients"]),
                      "wire_up": r["wire_lora_bytes_up"], "up": up, "wire_down": r["wire_lora_bytes_down"], "down": down,
                      "head": f"{r['wire_head_bytes_up']} / {r['wire_head_bytes_down']}",
-                     "eval_up": r["wire_eval_bytes_up"], "agree": explain(method, r, modules),
+                     "eval_up": r["wire_eval_bytes_up"], "agree": explain(method, r, modules, up, down),
                      "adapter": f"{len(modules)} modules, (r, d, k) in {shapes}"})
     return rows
 
@@ -116,22 +109,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def measure(methods: list[str], data_dir: Path, work: Path, timeout: float) -> list[dict[str, Any]]:
     """Start a simulation SuperLink, run every method on it, stop it (always); the table rows."""
-    port = free_port()
-    write_connection(work / "flwr-home", "sim", f"127.0.0.1:{port}")
-    env = flower_env(work / "flwr-home") | {"FEDLORA_CACHE_DIR": str(work / "cache")}
-    procs = Processes(work / "logs", env)
     rows: list[dict[str, Any]] = []
-    try:
-        procs.start("superlink", ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port",
-                                  str(port), "--disable-runtime-dependency-installation"])
-        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink to listen")
+    with simulation_superlink(work) as (_, env):
         for method in methods:
             start = time.monotonic()
             flower_run(method, data_dir, work / "runs" / method, env, timeout)
             print(f"[{method}: {time.monotonic() - start:.0f} s]", file=sys.stderr, flush=True)
             rows += rows_for(method, work / "runs" / method)
-    finally:
-        procs.stop_all()
     return rows
 
 

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora import simulation  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
-from fedlora.flower.local import Processes, flower_env, free_port, wait_for, write_connection  # noqa: E402
+from fedlora.flower.local import simulation_superlink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -65,18 +65,8 @@ def assert_same_history(flower: list[dict], local: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def sim_superlink(tmp_path_factory):
     """A simulation-mode SuperLink on a free loopback port, and the `flwr` connection to it."""
-    root = tmp_path_factory.mktemp("flower-sim")
-    port = free_port()
-    write_connection(root / "flwr-home", "sim", f"127.0.0.1:{port}")
-    env = flower_env(root / "flwr-home") | {"FEDLORA_CACHE_DIR": str(root / "cache")}
-    procs = Processes(root / "logs", env)
-    try:
-        procs.start("superlink", ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port",
-                                  str(port), "--disable-runtime-dependency-installation"])
-        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink to listen")
+    with simulation_superlink(tmp_path_factory.mktemp("flower-sim")) as (procs, env):
         yield procs, env
-    finally:
-        procs.stop_all()
 
 
 def assert_wire_matches_formula(method: str, flower: list[dict], adapter: Path) -> None:

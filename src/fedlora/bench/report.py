@@ -58,6 +58,7 @@ def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, e
     methods = list(comm.CLOSED_FORM)
 
     base = jobs[0].config if jobs else None
+    now = commit()
     budget = f"≤ {preset.budget_minutes:g} min on a 2-core CPU" if preset.budget_minutes else "no stated budget"
     finished = sum(r["finished"] for r in runs)
     lines = [
@@ -66,7 +67,7 @@ def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, e
         f"{preset.description}.",
         "",
         f"- command: `{command}`",
-        f"- commit: `{ran_at or commit()}`" + (f" (runs); report written at `{commit()}`" if ran_at and ran_at != commit() else ""),
+        f"- commit: `{ran_at or now}`" + (f" (runs); report written at `{now}`" if ran_at and ran_at != now else ""),
         f"- budget: {budget}; estimated {estimate_s / 60:.1f} min for {len(jobs)} runs at {step_seconds} s per "
         f"training step (batch 32 × 64 tokens, idle machine)" + (f"; this invocation took {elapsed_s / 60:.1f} min" if elapsed_s is not None else ""),
         f"- runs: {finished}/{len(jobs)} finished ({len(runs) - finished} partial); seeds {list(preset.seeds)}; mean ± sample std over seeds",

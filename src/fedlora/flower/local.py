@@ -27,6 +27,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -216,3 +218,24 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextmanager
+def simulation_superlink(root: str | Path) -> Iterator[tuple[Processes, dict[str, str]]]:
+    """A simulation-mode SuperLink on a free loopback port, with ``flwr`` connection "sim" to it.
+
+    Yields the processes and the environment for ``flwr run <app> sim``; ``root`` holds the Flower
+    home, the client data cache and the logs. The SuperLink is stopped on exit, errors included.
+    """
+    root = Path(root)
+    port = free_port()
+    write_connection(root / "flwr-home", "sim", f"{LOOPBACK}:{port}")
+    env = flower_env(root / "flwr-home") | {"FEDLORA_CACHE_DIR": str(root / "cache")}
+    procs = Processes(root / "logs", env)
+    try:
+        procs.start("superlink", ["flower-superlink", "--insecure", "--simulation", "--host", LOOPBACK, "--port",
+                                  str(port), "--disable-runtime-dependency-installation"])
+        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink to listen")
+        yield procs, env
+    finally:
+        procs.stop_all()
