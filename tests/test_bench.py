@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import statistics
@@ -108,6 +109,32 @@ def test_quick_preset_end_to_end_then_rerun_skips_finished_runs(tmp_path, capsys
     assert not list(other.glob("runs/*/*/*.copying"))
     with pytest.raises(ValueError, match="no such results directory"):
         finished_runs([tmp_path / "missing"])
+
+    # --workers 2: the same grid in two spawned processes with one torch thread each gives the same
+    # numbers as the sequential run above (timings aside), and the report says how it ran.
+    parallel = tmp_path / "parallel"
+    assert main(["bench", "--preset", "quick", "--data-dir", str(GLUE), "--out", str(parallel), "--workers", "2"]) == 0
+    assert "3 new, 0 resumed, 0 reused, 0 skipped" in capsys.readouterr().out
+    assert "with 2 runs at a time" in (parallel / "results.md").read_text()
+    for job, twin in zip(jobs, expand(preset, parallel, str(GLUE))):
+        assert _without_timings(twin.path) == _without_timings(job.path), job.label
+
+
+def _without_timings(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
+
+
+@needs_glue
+def test_parallel_grid_names_the_failed_run(tmp_path, capsys):
+    preset = select(get_preset("quick"), None, ["fedit", "svd"], None)
+    empty = tmp_path / "glue-without-rte"  # exists, so the config is valid; the run fails at loading
+    empty.mkdir()
+    jobs = expand(preset, tmp_path, str(empty))
+    with pytest.raises(RuntimeError, match=r"rte (fedit|svd) seed0 failed .*RTE"):
+        run_jobs(jobs, 0.35, workers=2, log=lambda line: None)
+    assert main(["bench", "--preset", "quick", "--data-dir", str(GLUE), "--out", str(tmp_path / "w0"), "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
 
 
 @needs_glue

@@ -2,4 +2,5 @@
 
 from fedlora.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # `fedlora bench --workers N` spawns processes that re-import this module
+    raise SystemExit(main())

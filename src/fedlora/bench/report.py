@@ -41,8 +41,10 @@ def load_runs(jobs: list[Job]) -> list[dict[str, Any]]:
 
 
 def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, estimate_s: float,
-                 step_seconds: float = STEP_SECONDS, elapsed_s: float | None = None, ran_at: str | None = None) -> Path:
-    """``ran_at``: the commit when the runs started (the code that produced them), if known."""
+                 step_seconds: float = STEP_SECONDS, elapsed_s: float | None = None, ran_at: str | None = None,
+                 workers: int | None = None) -> Path:
+    """``ran_at``: the commit when the runs started (the code that produced them), if known;
+    ``workers``: how many runs went at once in this invocation (``--workers``), if it ran any."""
     runs = load_runs(jobs)
     names = metric_names(list(preset.tasks))
     rows = stats.aggregate_rows(runs)
@@ -69,7 +71,8 @@ def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, e
         f"- command: `{command}`",
         f"- commit: `{ran_at or now}`" + (f" (runs); report written at `{now}`" if ran_at and ran_at != now else ""),
         f"- budget: {budget}; estimated {estimate_s / 60:.1f} min for {len(jobs)} runs at {step_seconds} s per "
-        f"training step (batch 32 × 64 tokens, idle machine)" + (f"; this invocation took {elapsed_s / 60:.1f} min" if elapsed_s is not None else ""),
+        f"training step (batch 32 × 64 tokens, idle machine)" + (f"; this invocation took {elapsed_s / 60:.1f} min" if elapsed_s is not None else "")
+        + (f" with {workers} run{'s' if workers > 1 else ''} at a time" if workers and elapsed_s is not None else ""),
         f"- runs: {finished}/{len(jobs)} finished ({len(runs) - finished} partial); seeds {list(preset.seeds)}; mean ± sample std over seeds",
     ]
     if base is not None:
