@@ -52,7 +52,8 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="per-round progress bars (sequential runs only)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N runs at once, each in its own process with cpu_count // N torch threads "
-                        "(2 on a 2-core CPU: about 1.35x the throughput of 1; the numbers do not change)")
+                        "(2 on a 2-core CPU: about 1.35x the throughput of 1). The thread count changes the "
+                        "order of float sums, so numbers agree with --workers 1 to rounding, not bit for bit")
     p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="RESULTS_DIR",
                    help="copy finished runs with an identical config from these results directories instead of "
                         "rerunning them (e.g. an ablation's centre point from results/headline)")

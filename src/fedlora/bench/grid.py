@@ -208,8 +208,10 @@ def _run_parallel(todo: list[tuple[str, Job, str]], workers: int, runner: Callab
 
     Why: on a 2-core CPU one run with 2 threads keeps the cores only ~80% busy (MiniLM's matrices
     at batch 8 x 48 are too small to split well), while 2 single-threaded runs keep both busy:
-    about 1.35x the throughput. Each run is still deterministic given its config (its batches,
-    dropout and partition are seeded per run, never by the worker). Spawned, not forked: forking
+    about 1.35x the throughput. Each run is still deterministic given its config and the thread
+    count (its batches, dropout and partition are seeded per run, never by the worker); a different
+    thread count splits float sums differently, so it agrees with a sequential run to rounding
+    (relative 1e-8 after one round here), not bit for bit. Spawned, not forked: forking
     after torch has started its OpenMP pool can deadlock the child. On the first failure the
     queued runs are cancelled, the running ones finish (so nothing is half-written beyond what
     a resume repairs), and the error is raised naming the run.
