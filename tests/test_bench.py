@@ -183,3 +183,25 @@ def test_paired_differences_match_by_task_setting_and_seed():
     assert rows[("rte", "svd")]["d_final"] == pytest.approx(0.1)
     table = stats.paired_table(list(rows.values()), {"sst2": "accuracy"})
     assert "| sst2 (accuracy) | flora-na | 2 | +0.0250 ± 0.0354 |" in table and "| 1 / 1 / 0 |" in table
+
+
+def test_gap_closed_is_zero_at_fedit_one_at_svd_and_pairs_by_setting_and_seed():
+    def run(label: str, seed: int, divergence: float, objectives: list[tuple[float, float]] = ()) -> dict:
+        records = [{"objective": o, "objective_fedit": f} for o, f in objectives]
+        return {"task": "sst2", "label": label, "seed": seed, "divergence": divergence, "records": records}
+
+    runs = [run("fedit", 0, 0.30), run("svd", 0, 0.10), run("fedit", 1, 0.20), run("svd", 1, 0.10),
+            run("flora-na", 0, 0.25, [(0.5, 1.0), (0.9, 1.0)]), run("flora-na", 1, 0.20, [(1.2, 1.0)]),
+            run("flora-na", 2, 0.01),  # no fedit/svd for seed 2: must not count
+            run("flora", 0, 1e-17), run("flora", 1, 0.0),
+            run("fedit [r=4]", 0, 0.40), run("svd [r=4]", 0, 0.20), run("flora-na [r=4]", 0, 0.20)]
+    rows = {r["label"]: r for r in stats.gap_rows(runs)}
+    assert set(rows) == {"flora-na", "flora", "flora-na [r=4]"}  # fedit and svd are the yardsticks
+    na = rows["flora-na"]
+    assert na["n"] == 2 and na["closed"] == pytest.approx((0.25 + 0.0) / 2)  # 25 % on seed 0, 0 % (= FedIT) on seed 1
+    assert (na["rounds_not_worse"], na["rounds"], na["median_ratio"]) == (2, 3, pytest.approx(0.9))
+    assert rows["flora-na [r=4]"]["closed"] == pytest.approx(1.0)  # against its own setting's fedit/svd
+    assert rows["flora"]["exact"] and not na["exact"]
+    table = stats.gap_table(list(rows.values()), {"sst2": "accuracy"})
+    assert "| sst2 (accuracy) | flora-na | 2 | 12 ± 18 % | 2 / 3 | 0.90 |" in table
+    assert "| flora | 2 | exact (divergence ≈ 0) | – | – |" in table

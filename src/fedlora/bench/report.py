@@ -92,6 +92,13 @@ def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, e
                   "Each seed fixes the partition, the initial adapter and every client's batches, so a method's difference "
                   "from FedIT on the same seed removes most of the seed-to-seed spread. Mean ± sample std over seeds.", "",
                   stats.paired_table(paired, names), ""]
+    gaps = stats.gap_rows(runs)
+    if gaps:
+        lines += ["## Divergence against the SVD optimum (same task, setting and seed)", "",
+                  "0 % is FedIT's divergence, 100 % the Eckart–Young optimum at the same rank and bytes (svd); "
+                  "exact methods pay for divergence 0 in bytes or in a frozen factor, see the table above. The objective "
+                  "columns compare FLoRA-NA's solver objective with FedIT's on the same round's client updates.", "",
+                  stats.gap_table(gaps, names), ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     lines += ["## Communication at the paper's shapes (float32, formulas)", "", comm.formula_table(comm.formula_rows(methods)), ""]
     if first_per_method:

@@ -150,3 +150,51 @@ def paired_table(rows: list[dict[str, Any]], metric_names: dict[str, str], basel
                  _cell(row["d_divergence"], row["d_divergence_std"], "+.4g", row["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+EXACT = 1e-6  # divergence below this is float rounding of an exact aggregate (e.g. 1e-17, 5e-9)
+
+
+def gap_rows(runs: list[dict[str, Any]], low: str = "fedit", high: str = "svd") -> list[dict[str, Any]]:
+    """How much of the divergence gap between ``low`` (FedIT) and ``high`` (the SVD optimum) each method closes.
+
+    Per seed: closed = (D_fedit − D_method) / (D_fedit − D_svd) on the runs' mean divergence, so 0 is
+    FedIT and 1 the Eckart–Young optimum; ``exact`` marks methods whose divergence is 0 to float
+    rounding (FedEx-LoRA, FLoRA, FFA-LoRA), which pay for it in bytes or in frozen factors. Runs that report FLoRA-NA's solver objective (metrics.jsonl
+    ``objective`` and ``objective_fedit``, the same round's client updates under both aggregates) also
+    get ``rounds_not_worse`` (objective ≤ FedIT's) and the median objective ratio over their rounds.
+    """
+    by_key = {(r["task"], r["label"], r["seed"]): r for r in runs}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        method, setting = _split_label(run["label"])
+        base, best = by_key.get((run["task"], low + setting, run["seed"])), by_key.get((run["task"], high + setting, run["seed"]))
+        if method in (low, high) or base is None or best is None or base["divergence"] <= best["divergence"]:
+            continue
+        groups.setdefault((run["task"], run["label"]), []).append(
+            {**run, "closed": (base["divergence"] - run["divergence"]) / (base["divergence"] - best["divergence"])})
+    rows = []
+    for (task, label), members in groups.items():
+        row: dict[str, Any] = {"task": task, "label": label, "n": len(members)}
+        row["closed"], row["closed_std"] = mean_std(m["closed"] for m in members)
+        row["exact"] = all(m["divergence"] < EXACT for m in members)
+        pairs = [(r["objective"], r["objective_fedit"]) for m in members for r in m.get("records", [])
+                 if r.get("objective") is not None and r.get("objective_fedit")]
+        row["rounds"] = len(pairs)
+        row["rounds_not_worse"] = sum(o <= f for o, f in pairs)
+        row["median_ratio"] = statistics.median(o / f for o, f in pairs) if pairs else math.nan
+        rows.append(row)
+    return rows
+
+
+def gap_table(rows: list[dict[str, Any]], metric_names: dict[str, str]) -> str:
+    header = ["task (metric)", "method", "seeds", "share of the FedIT → SVD divergence gap closed",
+              "rounds with objective ≤ FedIT's", "median objective / FedIT's"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row['task']} ({metric_names.get(row['task'], '?')})", row["label"], str(row["n"]),
+                 "exact (divergence ≈ 0)" if row["exact"] else _cell(100 * row["closed"], 100 * row["closed_std"], ".0f", row["n"]) + " %",
+                 f"{row['rounds_not_worse']} / {row['rounds']}" if row["rounds"] else "–",
+                 "–" if math.isnan(row["median_ratio"]) else f"{row['median_ratio']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
