@@ -74,9 +74,9 @@ def explain(method: str, record: dict[str, Any], modules: list[tuple[str, int, i
     note = "yes"
     if method == "fedex-lora" and rnd == 1 and wire_down == down - U * dense == up:
         note = "round 1: no residual yet, a round's (d,k) residual travels in the next round's messages (fedex-lora)"
-    elif method == "flora" and wire_down == up + (U * dense if rnd > 1 else 0) != down:
-        note = ("down: re-initialised global A, B" + (" + previous round's dense (d,k) merge" if rnd > 1 else "")
-                + " per client instead of stacked factors (flora)")
+    elif method == "flora" and rnd == 1 and wire_down == 0:
+        note = ("round 1: no stacked factors yet, a round's stacked factors travel in the next round's messages; "
+                "the re-initialised A, B are drawn by each client from the seed the server names (flora)")
     elif wire_down != down:
         problems.append(f"down {wire_down} != {down}")
     if method == "fedsa-lora" and note == "yes" and not problems:

@@ -119,6 +119,16 @@ def test_flora_restarts_lora_with_a_seeded_fresh_init():
         assert torch.equal(a.adapter[m].A, b.adapter[m].A) and not torch.equal(a.adapter[m].A, c.adapter[m].A)
 
 
+def test_flora_stacked_factors_multiply_to_its_base_delta_on_non_square_modules():
+    """What FLoRA's clients download (B_stack (d, U r), A_stack (U r, k)) is exactly the merge the server makes."""
+    g, ups = least_squares_clients(SHAPES, RANK, 4, seed=3)
+    result = aggregate("flora", g, ups, seed=2)
+    for m, (d, k) in ((m, SHAPES[m][:2]) for m in SHAPES):
+        stacked = result.extras["stacked"][m]
+        assert stacked.B.shape == (d, 4 * RANK) and stacked.A.shape == (4 * RANK, k)
+        assert torch.equal((stacked.B @ stacked.A).to(result.base_delta[m].dtype), result.base_delta[m])
+
+
 def test_svd_is_the_dense_eckart_young_optimum():
     g, ups = least_squares_clients(SHAPES, RANK, 6, seed=9)
     result = aggregate("svd", g, ups)

@@ -10,19 +10,21 @@ import torch
 
 from flwr.app import Array, RecordDict
 
-from fedlora.aggregation import LoraPair, get_method
+from fedlora.aggregation import ClientUpdate, LoraPair, aggregate, get_method
 from fedlora.aggregation.communication import round_bytes
 from fedlora.config import ConfigError, RunConfig
+from fedlora.flower.client_app import _global_init
 from fedlora.flower.config import run_config_from_flower
 from fedlora.flower.wire import (
-    WireBytes,
     content_bytes,
     deltas_record,
     model_record,
     payload_bytes,
     record_to_deltas,
     record_to_model,
+    record_to_stacked_deltas,
     select_factors,
+    stacked_record,
 )
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -106,6 +108,32 @@ def test_policy_trimmed_records_weigh_what_round_bytes_counts(method):
     up = content_bytes(RecordDict({"arrays": record}))
     down = content_bytes(RecordDict({"arrays": record} | ({"base-delta": residual} if residual else {})))
     assert (clients * up.lora, clients * down.lora) == round_bytes(policy, adapter, clients)
+
+
+def test_flora_downloads_stacked_factors_that_multiply_out_to_the_merge_and_weigh_round_bytes():
+    """FLoRA's "base-factors": per client U·(r·k + d·r) floats (round_bytes' stacked download), and
+    the client's product of them is the server's base_delta; its "arrays" carry no LoRA factor."""
+    adapter, head = _model()
+    clients = 3
+    ups = [ClientUpdate({m: LoraPair(A=torch.randn_like(p.A), B=torch.randn_like(p.B)) for m, p in adapter.items()}, 10 + u, f"c{u}")
+           for u in range(clients)]
+    result = aggregate("flora", adapter, ups, seed=5)
+    stacked = {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in result.extras["stacked"].items()}
+    record = stacked_record({2: stacked})
+    back = record_to_stacked_deltas(record)
+    assert list(back) == [2]
+    for m in adapter:
+        torch.testing.assert_close(back[2][m], result.base_delta[m], rtol=1e-5, atol=1e-6)  # (d, k), not transposed
+    policy = get_method("flora").policy
+    arrays = select_factors(model_record(result.adapter, head), A=False, B=False)  # what the strategy sends
+    down = content_bytes(RecordDict({"arrays": arrays, "base-factors": record}))
+    up = content_bytes(RecordDict({"arrays": model_record(adapter, head)}))
+    assert (clients * up.lora, clients * down.lora) == round_bytes(policy, adapter, clients)
+    # The client draws the re-initialised global adapter from the seed instead of downloading it.
+    drawn = _global_init(adapter, 5)
+    for m in adapter:
+        assert torch.equal(drawn[m].A, result.adapter[m].A) and torch.equal(drawn[m].B, result.adapter[m].B)
+    assert _global_init(adapter, -1) is adapter
 
 
 def test_missing_factors_come_from_the_receivers_copy():

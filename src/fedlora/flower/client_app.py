@@ -12,8 +12,9 @@ simulation several virtual SuperNodes share one process (and so the cached model
 * ``"local-B"``: FedSA-LoRA's private B factors, kept across rounds.
 
 Only the LoRA factors the method shares travel (:mod:`fedlora.flower.wire`); the others come
-from the client itself: FFA-LoRA's frozen A is the seed-determined init, FedSA-LoRA's B is
-``"local-B"`` (the init before the client's first round).
+from the client itself: FFA-LoRA's frozen A is the seed-determined init, FLoRA's re-initialised
+global adapter is drawn from the ``init-seed`` the server names, FedSA-LoRA's B is ``"local-B"``
+(the init before the client's first round).
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, LoraPair, get_method
+from fedlora.aggregation.api import SERVER_DTYPE
+from fedlora.aggregation.methods.flora import reinitialised
 from fedlora.client import derived_seed, train_client
 from fedlora.config import ConfigError, RunConfig
 from fedlora.data.tasks import TaskSpec
 from fedlora.federation import ClientData
 from fedlora.flower.data_cache import client_data
 from fedlora.flower.config import run_config_from_flower
-from fedlora.flower.wire import model_record, record_tensors, record_to_deltas, record_to_model, tensors_record
+from fedlora.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
+                                 tensors_record)
 from fedlora.model import default_model_path, load_model
 from fedlora.peft_bridge import get_adapter, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
 
@@ -84,7 +88,7 @@ def _partition(context: Context, config: RunConfig) -> int:
     return partition
 
 
-def _sync_base(proc: _Process, state: RecordDict, deltas: ArrayRecord | None) -> int:
+def _sync_base(proc: _Process, state: RecordDict, deltas: dict[int, dict[str, Tensor]] | None) -> int:
     """Put this client's frozen weights into the shared model, merge new deltas; return its version."""
     if deltas is None and "base" not in state and not proc.touched:
         return 0  # nobody has changed frozen weights (FedIT, FLoRA-NA, ...): nothing to restore
@@ -94,7 +98,7 @@ def _sync_base(proc: _Process, state: RecordDict, deltas: ArrayRecord | None) ->
     restore_base_weights(proc.model, {**proc.pristine, **weights})  # pristine where this client merged nothing
     if deltas is None:
         return version
-    for round_, delta in record_to_deltas(deltas).items():
+    for round_, delta in deltas.items():
         if round_ > version:  # replay in round order: the same additions the local engine made
             merge_base_delta(proc.model, delta)
             version = round_
@@ -119,10 +123,11 @@ def train(msg: Message, context: Context) -> Message:
     policy = get_method(config.method).policy
     round_ = int(msg.content["config"]["server-round"])
     local_eval = bool(msg.content["config"]["local-eval"])
-    version = _sync_base(proc, context.state, msg.content.get("base-delta"))
+    version = _sync_base(proc, context.state, _deltas(msg.content))
 
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
-    global_adapter, global_head = record_to_model(msg.content["arrays"], missing_from=_own_factors(proc.initial, local_B))
+    own = _own_factors(_global_init(proc.initial, int(msg.content["config"]["init-seed"])), local_B)
+    global_adapter, global_head = record_to_model(msg.content["arrays"], missing_from=own)
     if partition not in proc.clients:
         proc.clients[partition] = client_data(config, proc.tokenizer, partition)
     task, client = proc.clients[partition]
@@ -143,6 +148,24 @@ def train(msg: Message, context: Context) -> Message:
     if policy.local_B:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
         content["eval-B"] = model_record(adapter, {}, A=False)
     return Message(content, reply_to=msg)
+
+
+def _deltas(content: RecordDict) -> dict[int, dict[str, Tensor]] | None:
+    """The frozen-weight merges this client has not made: FedEx-LoRA's dense ones or FLoRA's stacked factors."""
+    if "base-factors" in content:
+        return record_to_stacked_deltas(content["base-factors"])
+    return record_to_deltas(content["base-delta"]) if "base-delta" in content else None
+
+
+def _global_init(initial: Adapter, seed: int) -> Adapter:
+    """The global adapter as far as the seed fixes it: the initial one, or FLoRA's re-init with ``seed``.
+
+    Drawn in float64 and cast, as the server draws it (in SERVER_DTYPE) before sending float32.
+    """
+    if seed < 0:
+        return initial
+    like = {m: LoraPair(A=p.A.to(SERVER_DTYPE), B=p.B.to(SERVER_DTYPE)) for m, p in initial.items()}
+    return {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in reinitialised(like, seed).items()}
 
 
 def _own_factors(initial: Adapter, local_B: dict[str, Tensor] | None) -> Adapter:

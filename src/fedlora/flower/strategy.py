@@ -5,7 +5,8 @@ engine's ``sample_clients(config, t)`` (partition ids, mapped to SuperNodes by o
 message per new node), replies are sorted by partition id (the engine's order, so float sums
 match), ``aggregate(method, previous global, updates)`` produces the next adapter, the head is
 FedAvg-ed with example weights, and a ``base_delta`` is kept as round ``t``'s delta, sent to
-every later-sampled client that has not merged it yet (clients report their base version).
+every later-sampled client that has not merged it yet (clients report their base version):
+FedEx-LoRA's dense (d, k) residual, FLoRA's stacked factors.
 
 Messages carry only the LoRA factors the method's ``TrainingPolicy`` says travel (FFA-LoRA: B;
 FedSA-LoRA: A, plus the clients' B as ``"eval-B"``, see :mod:`fedlora.flower.wire`); the strategy
@@ -31,10 +32,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from torch import Tensor
 
-from fedlora.aggregation import Adapter, ClientUpdate, get_method
+from fedlora.aggregation import Adapter, ClientUpdate, LoraPair, get_method
 from fedlora.client import ClientResult, derived_seed
 from fedlora.config import RunConfig
-from fedlora.flower.wire import WireBytes, content_bytes, deltas_record, model_record, record_to_model, select_factors
+from fedlora.flower.wire import (WireBytes, content_bytes, deltas_record, model_record, record_to_model, select_factors,
+                                 stacked_record)
 from fedlora.server import server_step
 from fedlora.simulation import HEAD_ROUND_SEED, sample_clients
 
@@ -54,6 +56,8 @@ class FedLoraStrategy(FedAvg):
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.base_version: dict[int, int] = {}  # node id -> rounds of base_delta merged there
         self.base_deltas: dict[int, dict[str, Tensor]] = {}  # round -> {module: (d, k)}
+        self.stacked: dict[int, dict[str, LoraPair]] = {}  # FLoRA: round -> {module: (A_stack, B_stack)}, float32
+        self.init_seed = -1  # FLoRA: seed of the global adapter's re-init (-1: the initial adapter)
         self.current: ArrayRecord | None = None  # the global model sent this round (FedOpt's trick)
         self.sent: list[Message] = []  # this round's train messages, to name nodes that failed
         self.sent_bytes = WireBytes()  # what this round's train messages carry
@@ -99,10 +103,13 @@ class FedLoraStrategy(FedAvg):
             have = self.base_version.get(node, 0)
             content = RecordDict({
                 "arrays": self._download(arrays, node),
-                "config": ConfigRecord({"server-round": server_round, "local-eval": local_eval, "partition-id": partition}),
+                "config": ConfigRecord({"server-round": server_round, "local-eval": local_eval, "partition-id": partition,
+                                        "init-seed": self.init_seed}),
             })
-            pending = {r: d for r, d in self.base_deltas.items() if r > have}
-            if pending:  # FedEx-LoRA / FLoRA: what this client has not merged yet, in round order
+            # FedEx-LoRA / FLoRA: the merges this client has not made yet, in round order
+            if self.spec.policy.download_stacked and (pending := {r: f for r, f in self.stacked.items() if r > have}):
+                content["base-factors"] = stacked_record(pending)
+            elif pending := {r: d for r, d in self.base_deltas.items() if r > have}:
                 content["base-delta"] = deltas_record(pending)
             messages.append(Message(content, node, MessageType.TRAIN))
         self.sent = messages
@@ -114,11 +121,14 @@ class FedLoraStrategy(FedAvg):
         """The global model with only the factors that travel down to ``node``.
 
         Down travels what goes up (``round_bytes``' convention). FFA-LoRA's frozen A is the
-        seed-determined init every client builds itself. FedSA-LoRA's B is the client's own, but a
+        seed-determined init every client builds itself, and so is FLoRA's re-initialised global
+        adapter (its merges travel as stacked factors instead). FedSA-LoRA's B is the client's own, but a
         client without one starts from the server's B (as in the local engine): that B is sent
         once the global B has left the init every client has.
         """
         policy = self.spec.policy
+        if policy.download_stacked:  # FLoRA: the global adapter is a re-init the client draws from init-seed
+            return select_factors(arrays, A=False, B=False)
         catch_up_B = policy.local_B and self.aggregated and node not in self.holds_local_B
         return select_factors(arrays, A=policy.upload_A, B=policy.upload_B or catch_up_B)
 
@@ -153,6 +163,9 @@ class FedLoraStrategy(FedAvg):
             return None, None
         if agg.base_delta:
             self.base_deltas[server_round] = agg.base_delta
+        if "stacked" in agg.extras:  # FLoRA: what its clients download instead of the dense base_delta
+            self.stacked[server_round] = {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in agg.extras["stacked"].items()}
+            self.init_seed = options["seed"]
         self.aggregated = True
 
         wire = self.sent_bytes.as_record("down") | received.as_record("up")

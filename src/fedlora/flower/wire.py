@@ -9,9 +9,13 @@
   the one exception: a FedSA-LoRA client with no B of its own after round 1 is sent the server's B.
 * ``"eval-B"`` (up only, FedSA-LoRA): the client's B, which the protocol keeps local; uploaded only
   because the server evaluates a global model with B = mean of the clients' B, as the local engine does.
-* ``"base-delta"`` (down only, FedEx-LoRA / FLoRA): the product-space (d, k) deltas the client
+* ``"base-delta"`` (down only, FedEx-LoRA): the product-space (d, k) residuals the client
   has not merged yet, keyed ``"<round>/<module>"`` so the client replays them in order, exactly
   as the local engine merged them.
+* ``"base-factors"`` (down only, FLoRA): the same for FLoRA's merges, as the paper sends them: the
+  stacked factors B_stack (d, U r) and A_stack (U r, k), keyed ``"<round>/<module>/B"`` and ``.../A``;
+  the client multiplies them (U·r·(d + k) floats instead of d·k). FLoRA's ``"arrays"`` carry no
+  LoRA factors: the global adapter is a re-init the client draws from the seed in the config.
 * ``"local-B"`` (``context.state`` only, FedSA-LoRA): the client's private B factors.
 """
 
@@ -25,7 +29,7 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from torch import Tensor
 
-from fedlora.aggregation import Adapter
+from fedlora.aggregation import Adapter, LoraPair
 from fedlora.peft_bridge import PEFT_PREFIX, adapter_to_state_dict, state_dict_to_adapter
 
 
@@ -86,6 +90,28 @@ def record_to_deltas(record: ArrayRecord) -> dict[int, dict[str, Tensor]]:
     return dict(sorted(out.items()))
 
 
+def stacked_record(stacked: dict[int, dict[str, LoraPair]]) -> ArrayRecord:
+    """``{round: {module: LoraPair(A_stack, B_stack)}}`` → ``"<round>/<module>/A"`` and ``.../B`` keys."""
+    return round_record({f"{r}/{m}/{name}": getattr(pair, name) for r, per_module in stacked.items()
+                         for m, pair in per_module.items() for name in ("A", "B")})
+
+
+def record_to_stacked_deltas(record: ArrayRecord) -> dict[int, dict[str, Tensor]]:
+    """Inverse of :func:`stacked_record`, multiplied out: ``{round: {module: B_stack @ A_stack}}`` (d, k)."""
+    factors: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, tensor in _tensors(record).items():
+        r, module_and_factor = key.split("/", 1)
+        module, _, name = module_and_factor.rpartition("/")
+        factors.setdefault((int(r), module), {})[name] = tensor
+    out: dict[int, dict[str, Tensor]] = {}
+    for (r, module), pair in sorted(factors.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"base-factors for round {r} module {module!r} has {sorted(pair)}; expected A and B")
+        # float64 like the server's product, then float32 like its base_delta
+        out.setdefault(r, {})[module] = (pair["B"].double() @ pair["A"].double()).float()  # (d, U r) @ (U r, k)
+    return out
+
+
 def tensors_record(tensors: dict[str, Tensor]) -> ArrayRecord:
     return round_record(tensors)
 
@@ -136,7 +162,7 @@ def content_bytes(content: RecordDict) -> WireBytes:
             n = payload_bytes(array)
             if name == "eval-B":
                 kind = "eval"
-            elif name == "base-delta" or ".lora_" in key:
+            elif name in ("base-delta", "base-factors") or ".lora_" in key:
                 kind = "lora"
             else:
                 kind = "head"

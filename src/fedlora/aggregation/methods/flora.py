@@ -6,9 +6,11 @@ factors, B_stack = [w_1 B_1 … w_U B_U] (d, U r) and A_stack = [A_1; …; A_U] 
 B_stack A_stack = Σ_u w_u B_u A_u = T exactly; every client downloads the stacked factors
 (U times FedIT's download), merges W0 ← W0 + s·T and re-initialises its LoRA module.
 
-Here: ``base_delta = T`` and the new global adapter is a fresh PEFT-style init, A ~ U(−1/√k,
-1/√k) (PEFT's kaiming-uniform with a = √5) and B = 0, drawn from ``seed`` so runs are
-reproducible; its product is zero, so adapter + base_delta reproduces T exactly.
+Here: ``base_delta = T``, ``extras["stacked"]`` its factorisation (what clients download:
+B_stack, A_stack per module, with the weights folded into B_stack) and the new global adapter a
+fresh PEFT-style init (:func:`reinitialised`), A ~ U(−1/√k, 1/√k) (PEFT's kaiming-uniform with
+a = √5) and B = 0, drawn from ``seed`` so runs are reproducible and a client can draw the same init
+without downloading it; its product is zero, so adapter + base_delta reproduces T exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.methods.common import target_product
+from fedlora.aggregation.methods.common import factors
 from fedlora.aggregation.registry import register_method
 from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, LoraPair, TrainingPolicy
 
@@ -31,14 +33,31 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 def flora(
     global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor, *, seed: int = 0
 ) -> AggregationResult:
+    base_delta: dict[str, Tensor] = {}
+    stacked: dict[str, LoraPair] = {}
+    for module in global_adapter:
+        Bs, As = factors(updates, module)
+        B_stack = torch.cat([w * B for w, B in zip(weights, Bs)], dim=1)  # (d, U r)
+        A_stack = torch.cat(As, dim=0)  # (U r, k)
+        stacked[module] = LoraPair(A=A_stack, B=B_stack)
+        base_delta[module] = B_stack @ A_stack  # (d, k): T = Σ_u w_u B_u A_u, as target_product computes it
+    return AggregationResult(adapter=reinitialised(global_adapter, seed), base_delta=base_delta,
+                             extras={"stacked": stacked})
+
+
+def reinitialised(like: Adapter, seed: int) -> Adapter:
+    """A fresh LoRA init with ``like``'s shapes and dtype: A ~ U(−1/√k, 1/√k), B = 0, from ``seed``.
+
+    Modules are drawn in sorted order, so the init does not depend on dict order; a Flower client
+    calls this with the seed the server names to rebuild the global adapter instead of downloading it
+    (pass the same dtype as the server: float32 and float64 draws differ).
+    """
     generator = torch.Generator().manual_seed(seed)
     adapter: Adapter = {}
-    base_delta: dict[str, Tensor] = {}
-    for module in sorted(global_adapter):  # sorted: the init must not depend on dict order
-        pair = global_adapter[module]
+    for module in sorted(like):
+        pair = like[module]
         r, k = pair.A.shape
         bound = 1.0 / k**0.5
         A = (torch.rand(r, k, generator=generator, dtype=pair.A.dtype) * 2 - 1) * bound  # (r, k)
         adapter[module] = LoraPair(A=A, B=torch.zeros_like(pair.B))  # product is exactly 0
-        base_delta[module] = target_product(updates, module, weights)  # (d, k)
-    return AggregationResult(adapter={m: adapter[m] for m in global_adapter}, base_delta=base_delta)
+    return {m: adapter[m] for m in like}
