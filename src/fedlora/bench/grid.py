@@ -185,6 +185,11 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_per_worker(workers: int) -> int:
+    """Torch threads each of ``workers`` parallel runs gets: the usable CPUs split evenly, at least 1."""
+    return max(1, cpu_count() // workers)
+
+
 def _start_worker(threads: int) -> None:
     import torch
 
@@ -217,7 +222,7 @@ def _run_parallel(todo: list[tuple[str, Job, str]], workers: int, runner: Callab
     a resume repairs), and the error is raised naming the run.
     """
     context = multiprocessing.get_context("spawn")
-    threads = max(1, cpu_count() // workers)
+    threads = threads_per_worker(workers)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(_timed_run, runner, job.config, state == "resume"): (where, job, state)
                    for where, job, state in todo}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.bench import comm, plots, stats
-from fedlora.bench.grid import Job, completed_rounds, cpu_count
+from fedlora.bench.grid import Job, completed_rounds, threads_per_worker
 from fedlora.bench.presets import Preset, STEP_SECONDS
 
 
@@ -72,8 +72,8 @@ def write_report(results: Path, preset: Preset, jobs: list[Job], command: str, e
         f"- commit: `{ran_at or now}`" + (f" (runs); report written at `{now}`" if ran_at and ran_at != now else ""),
         f"- budget: {budget}; estimated {estimate_s / 60:.1f} min for {len(jobs)} runs at {step_seconds} s per "
         f"training step (batch 32 × 64 tokens, idle machine)" + (f"; this invocation took {elapsed_s / 60:.1f} min" if elapsed_s is not None else "")
-        + (f" with {workers} run{'s' if workers > 1 else ''} at a time, {max(1, cpu_count() // workers)} torch "
-           f"thread{'s' if cpu_count() // workers > 1 else ''} each" if workers and elapsed_s is not None else ""),
+        + (f" with {workers} run{'s' if workers > 1 else ''} at a time, {threads_per_worker(workers)} torch "
+           f"thread{'s' if threads_per_worker(workers) > 1 else ''} each" if workers and elapsed_s is not None else ""),
         f"- runs: {finished}/{len(jobs)} finished ({len(runs) - finished} partial); seeds {list(preset.seeds)}; mean ± sample std over seeds",
     ]
     if base is not None:

@@ -20,8 +20,13 @@ def factors(updates: Sequence[ClientUpdate], module: str) -> tuple[list[Tensor],
     return [u.adapter[module].B for u in updates], [u.adapter[module].A for u in updates]
 
 
+def stacked_factors(updates: Sequence[ClientUpdate], module: str, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """(B_stack, A_stack) = ([w_1 B_1 … w_U B_U] (d, U r), [A_1; …; A_U] (U r, k)), whose product is T."""
+    Bs, As = factors(updates, module)
+    return torch.cat([w * B for w, B in zip(weights, Bs)], dim=1), torch.cat(As, dim=0)
+
+
 def target_product(updates: Sequence[ClientUpdate], module: str, weights: Tensor) -> Tensor:
     """T = Σ_u w_u B_u A_u, the ideal aggregate, as one (d, U r) @ (U r, k) matmul."""
-    Bs, As = factors(updates, module)
-    F = torch.cat([w * B for w, B in zip(weights, Bs)], dim=1)  # (d, U r)
-    return F @ torch.cat(As, dim=0)  # (d, k)
+    B_stack, A_stack = stacked_factors(updates, module, weights)
+    return B_stack @ A_stack  # (d, k)

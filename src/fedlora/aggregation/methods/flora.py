@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.methods.common import factors
+from fedlora.aggregation.methods.common import stacked_factors
 from fedlora.aggregation.registry import register_method
 from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, LoraPair, TrainingPolicy
 
@@ -36,9 +36,7 @@ def flora(
     base_delta: dict[str, Tensor] = {}
     stacked: dict[str, LoraPair] = {}
     for module in global_adapter:
-        Bs, As = factors(updates, module)
-        B_stack = torch.cat([w * B for w, B in zip(weights, Bs)], dim=1)  # (d, U r)
-        A_stack = torch.cat(As, dim=0)  # (U r, k)
+        B_stack, A_stack = stacked_factors(updates, module, weights)  # (d, U r), (U r, k)
         stacked[module] = LoraPair(A=A_stack, B=B_stack)
         base_delta[module] = B_stack @ A_stack  # (d, k): T = Σ_u w_u B_u A_u, as target_product computes it
     return AggregationResult(adapter=reinitialised(global_adapter, seed), base_delta=base_delta,
