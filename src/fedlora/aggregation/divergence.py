@@ -4,6 +4,9 @@ divergence = ‖B̂Â + Δ − T‖_F / ‖T‖_F with T = Σ_u w_u B_u A_u (the
 client products) and Δ the product-space ``base_delta`` merged into W0 (zero for most methods).
 Over the model, numerator and denominator are summed over modules before the square root.
 The bound is the same ratio for the truncated SVD of T, the optimal rank-r answer.
+
+Everything is computed on the adapter's device; only the scalars come back to the host. On the
+``meta`` device (no values) every number of the report is NaN.
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ def divergence_report(
 ) -> DivergenceReport:
     """Divergence of ``adapter`` (+ ``base_delta``) from T and the Eckart–Young bound, per module and overall."""
     base_delta = base_delta or {}
-    w = weights.to(torch.float64)
+    if next(iter(adapter.values())).A.is_meta:
+        return _unmeasurable(adapter)
+    device = next(iter(adapter.values())).A.device
+    w = weights.to(device=device, dtype=torch.float64)
     err_sq: dict[str, float] = {}
     tail_sq: dict[str, float] = {}
     target_sq: dict[str, float] = {}
-    groups: dict[tuple, list[str]] = defaultdict(list)  # same-shape modules are handled as one batch
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], list[str]] = defaultdict(list)  # same-shape modules are handled as one batch
     for module, pair in adapter.items():
         groups[(tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype)].append(module)
     for (_, _, dtype), modules in groups.items():
@@ -82,6 +88,17 @@ def divergence_report(
     )
 
 
+def _unmeasurable(adapter: Adapter) -> DivergenceReport:
+    nan = float("nan")
+    return DivergenceReport(
+        divergence=nan,
+        eckart_young_bound=nan,
+        per_module=dict.fromkeys(adapter, nan),
+        per_module_bound=dict.fromkeys(adapter, nan),
+        target_norm=nan,
+    )
+
+
 def _stacked_target(
     adapter: Adapter, updates: Sequence[ClientUpdate], w: Tensor, modules: list[str]
 ) -> tuple[Tensor, Tensor]:
@@ -92,8 +109,8 @@ def _stacked_target(
     """
     first = adapter[modules[0]]
     (r, k), d, U = first.A.shape, first.B.shape[0], len(updates)
-    F = torch.empty(len(modules), d, U * r, dtype=first.A.dtype)
-    E = torch.empty(len(modules), U * r, k, dtype=first.A.dtype)
+    F = torch.empty(len(modules), d, U * r, dtype=first.A.dtype, device=first.A.device)
+    E = torch.empty(len(modules), U * r, k, dtype=first.A.dtype, device=first.A.device)
     for i, module in enumerate(modules):
         for u, update in enumerate(updates):
             F[i, :, u * r : (u + 1) * r].copy_(update.adapter[module].B)
@@ -103,7 +120,7 @@ def _stacked_target(
 
 
 def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    out = torch.empty(len(tensors), *tensors[0].shape, dtype=dtype)
+    out = torch.empty(len(tensors), *tensors[0].shape, dtype=dtype, device=tensors[0].device)
     for i, t in enumerate(tensors):
         out[i].copy_(t)
     return out

@@ -10,6 +10,7 @@ Why Gram + eigh and not a thin QR: on this class of CPU, LAPACK's tall-skinny QR
 slower than the Gram matmul it replaces. The price is precision: singular values below
 ~1e-8·σ_max are not resolved, which is far below anything the divergence metric reports.
 Directions with eigenvalue below ``RTOL``·λ_max are dropped (the factors are rank-deficient there).
+Everything runs on the factors' device and creates its tensors there.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def truncated_svd_factors(F: Tensor, E: Tensor, rank: int) -> tuple[Tensor, Tens
     U, S, Vh = torch.linalg.svd(fact.core, full_matrices=False)  # (m, s), (s,), (s, m')
     keep = min(rank, S.shape[0])
     root = S[:keep].sqrt()
-    B = torch.zeros(F.shape[0], rank, dtype=F.dtype)
-    A = torch.zeros(rank, E.shape[1], dtype=E.dtype)
+    B = torch.zeros(F.shape[0], rank, dtype=F.dtype, device=F.device)
+    A = torch.zeros(rank, E.shape[1], dtype=E.dtype, device=E.device)
     B[:, :keep] = fact.Q_F @ (U[:, :keep] * root)  # (d, keep)
     A[:keep] = (root[:, None] * Vh[:keep]) @ fact.Q_E.T  # (keep, k)
     return B, A, S

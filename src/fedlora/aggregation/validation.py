@@ -4,10 +4,16 @@ Caller errors (a malformed global adapter, no updates) always raise. Per-client 
 collected as ``(client_id, reason)`` pairs so that :func:`aggregate` can either raise them all at
 once (``on_invalid="raise"``, the default) or drop those clients for the round
 (``on_invalid="reject"``, for servers facing untrusted clients).
+
+Devices: one aggregation runs on one device, the global adapter's (any: cpu, cuda:n, mps, meta).
+Every tensor of the global adapter must sit on it (a caller error otherwise), and a client whose
+tensors sit elsewhere is invalid (its reason names both devices). Tensors on the ``meta`` device
+carry no values, so the value checks (finite values, update norms) are skipped for them.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -23,18 +29,34 @@ def _tensor_problem(name: str, t: object, ndim: int = 2) -> str | None:
         return f"{name} has dtype {t.dtype}; LoRA factors must be floating point (float32 on the wire)"
     if t.ndim != ndim:
         return f"{name} has shape {tuple(t.shape)}; expected a {ndim}-D matrix"
-    if not bool(torch.isfinite(t).all()):
+    if not t.is_meta and not bool(torch.isfinite(t).all()):  # meta tensors have no values to check
         return f"{name} contains NaN or Inf values"
     return None
 
 
-def _pair_problem(module: str, pair: object) -> str | None:
+def adapter_device(adapter: Adapter) -> torch.device:
+    """The device of an adapter's first factor: the device a (validated) aggregation runs on."""
+    return next(iter(adapter.values())).A.device
+
+
+def _pair_problem(module: str, pair: object, device: torch.device | None = None, where: str = "") -> str | None:
+    """What is wrong with one module's pair; ``device``: where both factors must be (``where`` names it)."""
     if not isinstance(pair, LoraPair):
         return f"module {module!r}: expected a LoraPair(A, B), got {type(pair).__name__}"
     for label, t in (("A", pair.A), ("B", pair.B)):
         problem = _tensor_problem(f"module {module!r}: {label}", t)
         if problem:
             return problem
+    if pair.A.device != pair.B.device:
+        return (
+            f"module {module!r}: A is on device {pair.A.device} but B is on device {pair.B.device}; "
+            "both factors must be on one device"
+        )
+    if device is not None and pair.A.device != device:
+        return (
+            f"module {module!r}: A and B are on device {pair.A.device} but {where or 'the aggregation runs'} on "
+            f"device {device}; every tensor of one aggregation must be on one device (move them with .to({str(device)!r}))"
+        )
     if pair.B.shape[1] != pair.A.shape[0]:
         return (
             f"module {module!r}: B {tuple(pair.B.shape)} and A {tuple(pair.A.shape)} disagree on the rank "
@@ -47,17 +69,24 @@ def validate_global(global_adapter: Adapter) -> None:
     """Raise if the server's own adapter is malformed (a caller error, never a client's)."""
     if not isinstance(global_adapter, dict) or not global_adapter:
         raise AggregationError("the global adapter must be a non-empty dict {module name: LoraPair}")
+    device: torch.device | None = None
     for module, pair in global_adapter.items():
-        problem = _pair_problem(module, pair)
+        problem = _pair_problem(module, pair, device, "the global adapter's first module is")
         if problem:
             raise AggregationError(f"global adapter: {problem}")
+        if device is None:
+            device = pair.A.device
 
 
 MAX_NUM_EXAMPLES = 10**9  # beyond any real client: a larger count is a weight grab, not data
 
 
 def update_problems(global_adapter: Adapter, update: object, max_num_examples: int = MAX_NUM_EXAMPLES) -> list[str]:
-    """Everything wrong with one client update, as readable reasons (empty list: valid)."""
+    """Everything wrong with one client update, as readable reasons (empty list: valid).
+
+    ``global_adapter`` must be valid (:func:`validate_global`): its device is the one every
+    client tensor must be on.
+    """
     if not isinstance(update, ClientUpdate):
         return [f"expected a ClientUpdate(adapter, num_examples, client_id), got {type(update).__name__}"]
     problems: list[str] = []
@@ -75,9 +104,10 @@ def update_problems(global_adapter: Adapter, update: object, max_num_examples: i
         problems.append(f"missing modules {missing[:3]}{'...' if len(missing) > 3 else ''} ({len(missing)} in all)")
     if extra:
         problems.append(f"unknown modules {extra[:3]}{'...' if len(extra) > 3 else ''} not in the global adapter")
+    device = adapter_device(global_adapter)
     for module in sorted(set(adapter) & set(global_adapter)):
         pair = adapter[module]
-        problem = _pair_problem(module, pair)
+        problem = _pair_problem(module, pair, device, "the global adapter is")
         if problem:
             problems.append(problem)
             continue
@@ -128,9 +158,12 @@ def norm_outliers(global_adapter: Adapter, updates: Sequence[ClientUpdate], boun
     """Clients whose update norm exceeds ``bound`` × the round's median norm (scaled-up or poisoned updates).
 
     Only meaningful with a nonzero median: if most clients did not move, nothing is compared.
+    Nothing is compared on the ``meta`` device either: it has no values.
     """
+    if adapter_device(global_adapter).type == "meta":
+        return []
     norms = [update_norm(global_adapter, u) for u in updates]
-    median = float(torch.tensor(norms, dtype=torch.float64).median()) if norms else 0.0
+    median = statistics.median_low(norms) if norms else 0.0  # the lower middle value, as torch.median
     if median <= 0:
         return []
     return [

@@ -44,18 +44,24 @@ def flora(
 
 
 def reinitialised(like: Adapter, seed: int) -> Adapter:
-    """A fresh LoRA init with ``like``'s shapes and dtype: A ~ U(−1/√k, 1/√k), B = 0, from ``seed``.
+    """A fresh LoRA init with ``like``'s shapes, dtype and device: A ~ U(−1/√k, 1/√k), B = 0, from ``seed``.
 
     Modules are drawn in sorted order, so the init does not depend on dict order; a Flower client
     calls this with the seed the server names to rebuild the global adapter instead of downloading it
     (pass the same dtype as the server: float32 and float64 draws differ).
+
+    A is always drawn on the CPU, from a CPU generator, and then moved to ``like``'s device: random
+    streams differ between devices (a CUDA generator gives other numbers for the same seed), and
+    the client that re-draws this init on its CPU must get exactly the server's values wherever
+    the server aggregates.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     adapter: Adapter = {}
     for module in sorted(like):
         pair = like[module]
         r, k = pair.A.shape
         bound = 1.0 / k**0.5
-        A = (torch.rand(r, k, generator=generator, dtype=pair.A.dtype) * 2 - 1) * bound  # (r, k)
+        A = (torch.rand(r, k, generator=generator, dtype=pair.A.dtype, device="cpu") * 2 - 1) * bound  # (r, k)
+        A = A.to(pair.A.device)  # after the draw and its arithmetic: bit-identical on every device
         adapter[module] = LoraPair(A=A, B=torch.zeros_like(pair.B))  # product is exactly 0
     return {m: adapter[m] for m in like}

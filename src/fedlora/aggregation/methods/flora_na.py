@@ -60,7 +60,7 @@ def flora_na(
     if scope not in SCOPES:
         raise AggregationError(f"flora-na: unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
     U = len(updates)
-    solve_w = torch.full((U,), 1.0 / U, dtype=torch.float64) if weighting == "authors" else weights
+    solve_w = torch.full((U,), 1.0 / U, dtype=torch.float64, device=weights.device) if weighting == "authors" else weights
     modules = list(global_adapter)
     shared = scope == "global"
 
@@ -133,8 +133,8 @@ def _stacked_bases(global_adapter: Adapter, updates: Sequence[ClientUpdate], gro
     """
     first = global_adapter[group[0]]
     (r, k), d, J = first.A.shape, first.B.shape[0], len(updates) + 1
-    E = torch.empty(len(group), J * r, k, dtype=first.A.dtype)
-    F = torch.empty(len(group), d, J * r, dtype=first.B.dtype)
+    E = torch.empty(len(group), J * r, k, dtype=first.A.dtype, device=first.A.device)
+    F = torch.empty(len(group), d, J * r, dtype=first.B.dtype, device=first.B.device)
     for i, module in enumerate(group):
         pairs = [global_adapter[module]] + [u.adapter[module] for u in updates]
         for j, pair in enumerate(pairs):
@@ -154,7 +154,7 @@ def _als(global_adapter, updates, w, modules, shared, max_sweeps, tol):
         problems.append(GramProblem.from_stacked(E, F, w))
         bases.append((indices, E, F))
     ps, qs, trace = solve_als(problems, shared, max_sweeps, tol)
-    p = torch.empty(len(modules), len(updates), dtype=torch.float64)
+    p = torch.empty(len(modules), len(updates), dtype=torch.float64, device=w.device)
     q = torch.empty_like(p)
     for indices, pg, qg in zip(groups.values(), ps, qs):
         p[indices], q[indices] = pg, qg
@@ -165,8 +165,8 @@ def _adamw(global_adapter, updates, w, modules, shared, steps, lr) -> tuple[Tens
     """The authors' solver: AdamW on the dense objective, best iterate kept (trace[0] is FedIT)."""
     U, M = len(updates), len(modules)
     rows = 1 if shared else M
-    p = torch.ones(rows, U, dtype=torch.float64, requires_grad=True)
-    q = torch.ones(rows, U, dtype=torch.float64, requires_grad=True)
+    p = torch.ones(rows, U, dtype=torch.float64, device=w.device, requires_grad=True)
+    q = torch.ones(rows, U, dtype=torch.float64, device=w.device, requires_grad=True)
     optimizer = torch.optim.AdamW([p, q], lr=lr)
     targets = {m: target_product(updates, m, w) for m in modules}  # (d, k) each
     deltas = {}

@@ -124,8 +124,8 @@ def solve_als(
     """
     U = problems[0].w.shape[0]
     dtype = problems[0].GB.dtype
-    ps = [torch.ones(pr.GB.shape[0], U, dtype=dtype) for pr in problems]
-    qs = [torch.ones(pr.GB.shape[0], U, dtype=dtype) for pr in problems]
+    ps = [torch.ones(pr.GB.shape[0], U, dtype=dtype, device=pr.GB.device) for pr in problems]
+    qs = [torch.ones(pr.GB.shape[0], U, dtype=dtype, device=pr.GB.device) for pr in problems]
     target_sq = [pr.target_sq() for pr in problems]  # ‖T‖² per module, fixed
 
     trace = [float(sum(pr.objective(p, q).sum() for pr, p, q in zip(problems, ps, qs)))]
