@@ -114,11 +114,7 @@ def aggregate(
     spec = get_method(method)
     if weighting not in spec.weightings:
         raise AggregationError(f"method {method!r} supports weighting {', '.join(spec.weightings)}; got {weighting!r}")
-    unknown = sorted(set(options) - set(spec.options) - {"weighting"})
-    if unknown:
-        raise AggregationError(
-            f"method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(spec.options) or 'none'}"
-        )
+    options = spec.check_options(options, from_user=False)
     if on_invalid not in ("raise", "reject"):
         raise AggregationError(f"on_invalid must be 'raise' or 'reject', got {on_invalid!r}")
     if min_clients < 1:

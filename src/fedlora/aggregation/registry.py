@@ -1,18 +1,22 @@
 """The method registry: every aggregation method registers one pure function here.
 
-A method function has the signature ``fn(global_adapter, updates, weights, **options)`` and
-returns an :class:`AggregationResult` holding at least ``adapter`` (and ``base_delta`` where
+A method function has the signature ``fn(global_adapter, updates, weights, *, option=default, ...)``
+and returns an :class:`AggregationResult` holding at least ``adapter`` (and ``base_delta`` where
 it touches the frozen weights). It receives validated float64 tensors and ``weights`` (U,)
 that sum to one; :func:`fedlora.aggregation.aggregate` does validation, dtype handling,
 timing, divergence and communication metrics around it, so a new method is ~20 lines.
+
+What a method needs from the engines (which factors train and travel, private factors, a server
+seed, what clients download) is declared once, in its :class:`TrainingPolicy`; its options are
+declared by its keyword-only parameters' annotations (:mod:`fedlora.aggregation.options`).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
+from fedlora.aggregation.options import OptionSpec, check_options, option_specs
 from fedlora.aggregation.types import AggregationError, AggregationResult, TrainingPolicy
 
 MethodFn = Callable[..., AggregationResult]
@@ -28,7 +32,30 @@ class MethodSpec:
     summary: str
     # Weightings the method understands; "authors" exists only for flora-na.
     weightings: tuple[str, ...] = ("examples", "uniform")
-    options: tuple[str, ...] = field(default=())
+    option_specs: dict[str, OptionSpec] = field(default_factory=dict)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Names of the method's own options (``weighting`` is handled by ``aggregate``)."""
+        return tuple(n for n in self.option_specs if n != "weighting")
+
+    def check_options(self, options: dict[str, Any], *, from_user: bool = True) -> dict[str, Any]:
+        """``options`` (with an optional ``weighting``) converted and checked; raises AggregationError.
+
+        ``from_user``: options from a run's configuration, where engine-drawn ones (``seed`` of a
+        ``server_seed`` method) are not the user's to set; library callers pass False.
+        """
+        options = dict(options)
+        weighting = options.pop("weighting", None)
+        if weighting is not None and weighting not in self.weightings:
+            raise AggregationError(
+                f"method {self.name!r}: option weighting={weighting!r} is invalid: use one of {', '.join(self.weightings)}"
+            )
+        own = {n: s for n, s in self.option_specs.items() if n != "weighting"}
+        if from_user and self.policy.server_seed:  # the engine draws the seed each round; a user may not set it
+            own.pop("seed", None)
+        checked = check_options(self.name, own, options)
+        return checked | ({"weighting": weighting} if weighting is not None else {})
 
 
 def register_method(
@@ -43,9 +70,7 @@ def register_method(
     def wrap(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"aggregation method {name!r} is registered twice")
-        params = inspect.signature(fn).parameters
-        options = tuple(p for p in list(params)[3:] if params[p].kind == inspect.Parameter.KEYWORD_ONLY)
-        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, options)
+        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, option_specs(fn))
         return fn
 
     return wrap

@@ -73,14 +73,21 @@ class AggregationResult:
 
 @dataclass(frozen=True)
 class TrainingPolicy:
-    """What a method lets clients train, upload and keep.
+    """What a method needs from the engines: the one place they learn how a method behaves.
+
+    Engines (local simulation, Flower) branch on these declarations only, never on a method's name.
 
     ``train_A`` / ``train_B``: whether the factor gets gradients on the client.
     ``upload_A`` / ``upload_B``: whether the factor travels to the server.
-    ``local_B``: the client keeps its own B across rounds (FedSA-LoRA); the server's B is used
-    only to evaluate a global model.
-    ``download_residual``: clients also download the (d, k) ``base_delta`` (FedEx-LoRA).
-    ``download_stacked``: clients download every client's factors (FLoRA stacking).
+    ``local_B``: the client keeps its own B across rounds (FedSA-LoRA, a private factor); the
+    server's B is used only to evaluate a global model.
+    ``download_residual``: clients also download the dense (d, k) ``base_delta`` (FedEx-LoRA).
+    ``download_stacked``: clients download every client's factors (FLoRA stacking) and rebuild the
+    re-initialised global adapter from the server's seed instead of downloading it.
+    ``server_seed``: the server passes the method a fresh per-round ``seed`` option (FLoRA's re-init).
+    ``needs_individual_updates``: the server must see each client's factors (products B_u A_u,
+    SVDs, coefficients per client); False when sums of uploads suffice, which is what secure
+    aggregation (Flower's SecAgg+) can deliver.
     """
 
     train_A: bool = True
@@ -90,6 +97,23 @@ class TrainingPolicy:
     local_B: bool = False
     download_residual: bool = False
     download_stacked: bool = False
+    server_seed: bool = False
+    needs_individual_updates: bool = True
+
+    @property
+    def download(self) -> str:
+        """What a client downloads besides the shared factors: "factors", "residual" or "stacked"."""
+        return "stacked" if self.download_stacked else "residual" if self.download_residual else "factors"
+
+    @property
+    def private_factors(self) -> tuple[str, ...]:
+        """Factors that stay on the client between rounds."""
+        return ("B",) if self.local_B else ()
+
+    @property
+    def merges_into_base(self) -> bool:
+        """The method changes the frozen weights (its result carries a ``base_delta``)."""
+        return self.download_residual or self.download_stacked
 
 
 class AggregationError(ValueError):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fedlora.aggregation.methods.common import factors, weighted_mean
 from fedlora.aggregation.registry import register_method
-from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, LoraPair
+from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, LoraPair, TrainingPolicy
 
 
 def fedit_average(updates: Sequence[ClientUpdate], weights: Tensor) -> Adapter:
@@ -25,6 +25,10 @@ def fedit_average(updates: Sequence[ClientUpdate], weights: Tensor) -> Adapter:
     return out
 
 
-@register_method("fedit", summary="FedAvg of A and B separately (Zhang et al. 2024)")
+@register_method(
+    "fedit",
+    policy=TrainingPolicy(needs_individual_updates=False),
+    summary="FedAvg of A and B separately (Zhang et al. 2024)",
+)
 def fedit(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     return AggregationResult(adapter=fedit_average(updates, weights))

@@ -19,7 +19,7 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 
 @register_method(
     "fedsa-lora",
-    policy=TrainingPolicy(upload_B=False, local_B=True),
+    policy=TrainingPolicy(upload_B=False, local_B=True, needs_individual_updates=False),
     summary="share A, keep B local; server B = mean, for evaluation only (Guo et al. 2025)",
 )
 def fedsa_lora(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:

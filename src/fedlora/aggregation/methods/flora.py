@@ -27,7 +27,7 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 
 @register_method(
     "flora",
-    policy=TrainingPolicy(download_stacked=True),
+    policy=TrainingPolicy(download_stacked=True, server_seed=True),
     summary="stack factors, merge T into W0, re-initialise LoRA (Wang et al. 2024)",
 )
 def flora(

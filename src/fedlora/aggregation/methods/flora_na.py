@@ -24,16 +24,20 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
 from fedlora.aggregation.methods.common import target_product
 from fedlora.aggregation.methods.flora_na_als import GramProblem, solve_als
+from fedlora.aggregation.options import AtLeast, GreaterThan
 from fedlora.aggregation.registry import register_method
 from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate, LoraPair
 
 SOLVERS = ("als", "adamw")
+# What the ALS keeps of each shape group for the broadcast: (module indices, E, F) as _stacked_bases builds them.
+Bases = list[tuple[list[int], Tensor, Tensor]]
 SCOPES = ("per-module", "global")
 
 
@@ -48,12 +52,12 @@ def flora_na(
     weights: Tensor,
     *,
     weighting: str = "examples",
-    solver: str = "als",
-    scope: str = "per-module",
-    max_sweeps: int = 100,
-    tol: float = 1e-10,
-    steps: int = 200,
-    lr: float = 1e-2,
+    solver: Literal["als", "adamw"] = "als",
+    scope: Literal["per-module", "global"] = "per-module",
+    max_sweeps: Annotated[int, AtLeast(1)] = 100,
+    tol: Annotated[float, AtLeast(0)] = 1e-10,
+    steps: Annotated[int, AtLeast(1)] = 200,
+    lr: Annotated[float, GreaterThan(0)] = 1e-2,
 ) -> AggregationResult:
     if solver not in SOLVERS:
         raise AggregationError(f"flora-na: unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
@@ -90,7 +94,9 @@ def flora_na(
     return AggregationResult(adapter=adapter, metrics=metrics, extras=extras)
 
 
-def _broadcast_from_deltas(global_adapter, updates, modules, weights, p, q) -> Adapter:
+def _broadcast_from_deltas(
+    global_adapter: Adapter, updates: Sequence[ClientUpdate], modules: list[str], weights: Tensor, p: Tensor, q: Tensor
+) -> Adapter:
     """Â = A_g + Σ_u w_u p_u ΔA_u and B̂ = B_g + Σ_u w_u q_u ΔB_u, module by module."""
     adapter: Adapter = {}
     for index, module in enumerate(modules):
@@ -104,7 +110,7 @@ def _broadcast_from_deltas(global_adapter, updates, modules, weights, p, q) -> A
     return adapter
 
 
-def _broadcast_from_bases(groups, modules, weights, p, q) -> Adapter:
+def _broadcast_from_bases(groups: Bases, modules: list[str], weights: Tensor, p: Tensor, q: Tensor) -> Adapter:
     """The same Â, B̂ as :func:`_broadcast_from_deltas`, read off the stacked bases the ALS built.
 
     Â = Σ_j α_j A_j with α = [1 − Σ_u w_u p_u, w ⊙ p] (likewise B̂ from q): one memory-bound
@@ -143,12 +149,21 @@ def _stacked_bases(global_adapter: Adapter, updates: Sequence[ClientUpdate], gro
     return E, F
 
 
-def _als(global_adapter, updates, w, modules, shared, max_sweeps, tol):
+def _als(
+    global_adapter: Adapter,
+    updates: Sequence[ClientUpdate],
+    w: Tensor,
+    modules: list[str],
+    shared: bool,
+    max_sweeps: int,
+    tol: float,
+) -> tuple[Tensor, Tensor, list[float], Bases]:
     # Batch same-shape modules (all of a transformer's q/v projections, say) into one problem.
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, module in enumerate(modules):
         groups[tuple(global_adapter[module].A.shape) + tuple(global_adapter[module].B.shape)].append(index)
-    problems, bases = [], []
+    problems: list[GramProblem] = []
+    bases: Bases = []
     for indices in groups.values():
         E, F = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
         problems.append(GramProblem.from_stacked(E, F, w))
@@ -161,7 +176,15 @@ def _als(global_adapter, updates, w, modules, shared, max_sweeps, tol):
     return p, q, trace, bases
 
 
-def _adamw(global_adapter, updates, w, modules, shared, steps, lr) -> tuple[Tensor, Tensor, list[float]]:
+def _adamw(
+    global_adapter: Adapter,
+    updates: Sequence[ClientUpdate],
+    w: Tensor,
+    modules: list[str],
+    shared: bool,
+    steps: int,
+    lr: float,
+) -> tuple[Tensor, Tensor, list[float]]:
     """The authors' solver: AdamW on the dense objective, best iterate kept (trace[0] is FedIT)."""
     U, M = len(updates), len(modules)
     rows = 1 if shared else M
