@@ -1,4 +1,7 @@
-"""The `fedlora` command line: parse → build a RunConfig → run → save. See `fedlora --help`."""
+"""fedlora: federated fine-tuning of LoRA adapters (FLoRA-NA and its baselines), locally or on Flower.
+
+The command line reads top to bottom: parse → build a RunConfig (validated) → run → save.
+"""
 
 from __future__ import annotations
 
@@ -9,61 +12,18 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedlora.aggregation import available_methods
 from fedlora.config import ConfigError, RunConfig
+from fedlora.config_schema import add_arguments, from_namespace
 
-DEFAULTS = RunConfig()
-
-
-def parse_alpha(text: str) -> float | None:
-    return None if text.lower() == "iid" else float(text)
-
-
-def parse_method_option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--method-option wants KEY=VALUE, e.g. solver=adamw; got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)  # numbers and booleans
-    except json.JSONDecodeError:
-        return key, value
-
-
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
-    p.add_argument("--task", default=d.task, help="GLUE task: sst2 mrpc rte cola qnli qqp mnli stsb")
-    p.add_argument("--data-dir", default=None, help="GLUE directory (original layout); default $FEDLORA_DATA_DIR, else the hub")
-    p.add_argument("--model", default=None, help="hub id or local path; default: bundled all-MiniLM-L6-v2")
-    p.add_argument("--method", default=d.method, choices=available_methods())
-    p.add_argument("--method-option", action="append", type=parse_method_option, default=[], metavar="KEY=VALUE",
-                   help="method option, repeatable: solver=adamw, scope=global, weighting=authors, steps=200")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--clients", type=int, default=d.clients)
-    p.add_argument("--alpha", type=parse_alpha, default=d.alpha, help="Dirichlet concentration over labels, or 'iid'")
-    p.add_argument("--fraction", type=float, default=d.fraction, help="share of clients sampled per round")
-    p.add_argument("--min-clients", type=int, default=d.min_clients, help="skip a round with fewer valid client updates")
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--target-modules", nargs="+", default=list(d.target_modules))
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-local-every", type=int, default=d.eval_local_every)
-    p.add_argument("--max-eval-examples", type=int, default=None)
-    p.add_argument("--out", default=None, help="run directory (default runs/<method>-<task>)")
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Every RunConfig field as a flag, generated from its one declaration (fedlora.config)."""
+    add_arguments(parser, RunConfig, defaults={"out": None})
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        task=args.task, data_dir=args.data_dir, model=args.model, method=args.method,
-        method_options=dict(args.method_option), rounds=args.rounds, clients=args.clients, alpha=args.alpha,
-        fraction=args.fraction, min_clients=args.min_clients, local_steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
-        max_length=args.max_length, rank=args.rank, lora_alpha=args.lora_alpha,
-        target_modules=tuple(args.target_modules), seed=args.seed, eval_local_every=args.eval_local_every,
-        max_eval_examples=args.max_eval_examples, out=args.out or f"runs/{args.method}-{args.task}",
-    )
+    values = from_namespace(RunConfig, args)
+    values["out"] = values["out"] or f"runs/{values['method']}-{values['task']}"
+    return RunConfig(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="SST-2, 10 clients, alpha=0.5: FLoRA-NA vs FedIT (a few minutes on a CPU)")
     demo.add_argument("--data-dir", default=None)
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--methods", nargs="+", default=["flora-na", "fedit"], choices=available_methods())
+    demo.add_argument("--methods", nargs="+", default=["flora-na", "fedit"], help="methods to compare")
     demo.add_argument("--rounds", type=int, default=8)
     from fedlora.bench.cli import add_bench_options  # light: argparse and the preset tables only
 
@@ -149,14 +109,15 @@ def _compare(runs: list[str], out: str | None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fedlora.simulation import run
 
-    runs = []
-    for method in args.methods:
-        config = RunConfig(
+    configs = [  # all built (and validated) before the first one runs
+        RunConfig(
             task="sst2", data_dir=args.data_dir, method=method, rounds=args.rounds, clients=10, alpha=0.5,
             local_steps=5, batch_size=16, lr=5e-3, max_length=48, eval_local_every=0, max_eval_examples=None,
             out=str(Path(args.out) / method),
         )
-        print(f"== {method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}")
+        for method in args.methods
+    ]
+    for config in configs:
+        print(f"== {config.method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}")
         run(config)
-        runs.append(config.out)
-    return _compare(runs, args.out)
+    return _compare([c.out for c in configs], args.out)

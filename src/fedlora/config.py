@@ -1,50 +1,85 @@
 """One frozen, validated configuration per federated run (local engine and Flower alike).
 
-Every option is checked up front, before any model or data is loaded, with a message that
-names the option and the accepted values; a run that starts will not die on a typo later.
+Every field is declared exactly once, here, with its section, default and help
+(:func:`fedlora.config_schema.option`); the ``fedlora run`` flags, the Flower app config keys
+and the data-cache key are derived from these declarations (tests fail if pyproject.toml's
+``[tool.flwr.app.config]`` drifts from them). Every value is checked when the config is built,
+method options included, before any model or data is loaded, with a message that names the
+option and the accepted values: a run that starts will not die on a typo later.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.aggregation import available_methods, get_method
-from fedlora.data import TASKS, get_task
+from fedlora.config_schema import option
 
 
 class ConfigError(ValueError):
     """An invalid option; the message names it and what is accepted."""
 
 
+def parse_alpha(text: str) -> float | None:
+    """``"iid"`` → None (IID split), else the Dirichlet concentration."""
+    return None if text.strip().lower() == "iid" else float(text)
+
+
+def parse_optional_int(text: str) -> int | None:
+    """``""``, ``"0"`` or ``"all"`` → None (no cap), else the integer."""
+    return None if text.strip().lower() in ("", "0", "all", "none") else int(text)
+
+
+def parse_optional_str(text: str) -> str | None:
+    return text or None
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    task: str = "sst2"
-    data_dir: str | None = None  # GLUE layout directory; None: $FEDLORA_DATA_DIR, else the hub
-    model: str | None = None  # hub id or local path; None: the bundled all-MiniLM-L6-v2
-    method: str = "flora-na"
-    method_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"solver": "adamw"}
-    rounds: int = 20
-    clients: int = 10
-    alpha: float | None = 0.5  # Dirichlet concentration over labels; None = IID
-    fraction: float = 1.0  # share of clients sampled each round
-    min_clients: int = 1  # fewer valid updates than this: the round is skipped, the global model kept
-    local_steps: int = 10
-    batch_size: int = 32
-    lr: float = 5e-3  # AdamW on LoRA + head; checked on MiniLM/SST-2 (5e-4 barely moves in 40 steps)
-    max_length: int = 64
-    rank: int = 8
-    lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("query", "value")
-    seed: int = 0
-    eval_local_every: int = 5  # rounds between local (personalised) evaluations; 0: never
-    local_test_fraction: float = 0.2
-    max_eval_examples: int | None = None  # cap on the global test set (None: all of it)
-    max_local_eval_examples: int = 200  # cap per client's local test split
-    out: str = "runs/latest"
+    # -- data: what each client holds (data=True: part of the tokenised-data cache key)
+    task: str = option("sst2", "data", "task name (see `fedlora.tasks.available_tasks()`)", data=True)
+    data_dir: str | None = option(None, "data", "local data folder (GLUE layout for GLUE tasks); unset: "
+                                  "$FEDLORA_DATA_DIR, else the Hugging Face hub", parse=parse_optional_str, data=True)
+    max_length: int = option(64, "data", "tokens per example (longer ones are truncated)", data=True)
+    # -- model and LoRA
+    model: str | None = option(None, "model", "hub id or local path; unset: the task's bundled default model",
+                               parse=parse_optional_str)
+    rank: int = option(8, "model", "LoRA rank r")
+    lora_alpha: float = option(16.0, "model", "LoRA alpha (the update is scaled by alpha / r)")
+    target_modules: tuple[str, ...] = option(("query", "value"), "model", "names of the Linear layers LoRA adapts",
+                                             many=True, metavar="NAME")
+    # -- training on each client, each round
+    local_steps: int = option(10, "training", "optimizer steps per client per round")
+    batch_size: int = option(32, "training", "examples per step")
+    lr: float = option(5e-3, "training", "AdamW learning rate on LoRA and head (fresh optimizer each round)")
+    # -- federation
+    method: str = option("flora-na", "federation", "aggregation method (see `fedlora.aggregation.available_methods()`)")
+    method_options: dict[str, Any] = option({}, "federation", "method option, repeatable, e.g. solver=adamw",
+                                            pairs=True)
+    rounds: int = option(20, "federation", "federated rounds")
+    clients: int = option(10, "federation", "number of clients", data=True)
+    alpha: float | None = option(0.5, "federation", "Dirichlet concentration over the task's partition key "
+                                 "(labels), or 'iid'", parse=parse_alpha,
+                                 show=lambda v: "iid" if v is None else v, data=True)
+    fraction: float = option(1.0, "federation", "share of clients sampled each round")
+    min_clients: int = option(1, "federation", "rounds with fewer valid client updates are skipped")
+    seed: int = option(0, "federation", "seed of everything: partition, init, batches, client sampling", data=True)
+    # -- evaluation
+    eval_local_every: int = option(5, "evaluation", "rounds between local (personalised) evaluations; 0: never")
+    local_test_fraction: float = option(0.2, "evaluation", "share of each client's data held out as its local test",
+                                        data=True)
+    max_eval_examples: int | None = option(None, "evaluation", "cap on the global test set ('all': no cap)",
+                                           parse=parse_optional_int, show=lambda v: "all" if v is None else v)
+    max_local_eval_examples: int = option(200, "evaluation", "cap on each client's local test split", data=True)
+    # -- runtime
+    device: str = option("auto", "runtime", "auto, cpu, cuda, cuda:N or mps (auto: cuda when available)")
+    precision: str = option("fp32", "runtime", "fp32, bf16 or fp16: autocast for training and evaluation "
+                            "(frozen-weight merges stay float32)")
+    out: str = option("runs/latest", "runtime", "run directory (fedlora run: default runs/<method>-<task>)")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -53,7 +88,7 @@ class RunConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> "RunConfig":
+    def from_json(text: str) -> RunConfig:
         raw = json.loads(text)
         known = {f.name for f in dataclasses.fields(RunConfig)}
         unknown = sorted(set(raw) - known)
@@ -63,7 +98,7 @@ class RunConfig:
             raw["target_modules"] = tuple(raw["target_modules"])
         return RunConfig(**raw)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -71,36 +106,68 @@ class RunConfig:
         return max(1, round(self.fraction * self.clients))
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 def _require(ok: bool, option: str, value: Any, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"--{option.replace('_', '-')}={value!r} is invalid: {accepted}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _validate(c: RunConfig) -> None:
+    from fedlora.aggregation import AggregationError, available_methods, get_method
+    from fedlora.tasks import available_tasks, get_task
+
     try:
         get_task(c.task)
-    except ValueError:
-        _require(False, "task", c.task, f"use one of {', '.join(sorted(TASKS))}")
+    except (KeyError, ValueError):
+        _require(False, "task", c.task, f"use one of {', '.join(available_tasks())}")
     _require(c.method in available_methods(), "method", c.method, f"use one of {', '.join(available_methods())}")
-    spec = get_method(c.method)
-    allowed = set(spec.options) | {"weighting"}
-    bad = sorted(set(c.method_options) - allowed)
-    _require(not bad, "method_option", bad, f"{c.method} accepts {', '.join(sorted(allowed)) or 'no options'}")
-    weighting = c.method_options.get("weighting", "examples")
-    _require(weighting in spec.weightings, "method_option", f"weighting={weighting}", f"use one of {spec.weightings}")
+    try:
+        checked = get_method(c.method).check_options(c.method_options)
+    except AggregationError as exc:
+        raise ConfigError(f"--method-option: {exc}") from None
+    object.__setattr__(c, "method_options", checked)  # typed values ("200" -> 200), still frozen afterwards
     for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "rank", "min_clients"):
         value = getattr(c, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value, "must be an integer >= 1")
-    _require(c.alpha is None or c.alpha > 0, "alpha", c.alpha, "the Dirichlet concentration must be > 0 (or 'iid')")
-    _require(0 < c.fraction <= 1, "fraction", c.fraction, "the share of clients per round must be in (0, 1]")
-    _require(c.lr > 0, "lr", c.lr, "the learning rate must be > 0")
-    _require(c.lora_alpha > 0, "lora_alpha", c.lora_alpha, "must be > 0 (the LoRA scaling is lora_alpha / rank)")
+        _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+    _require(_is_int(c.seed), "seed", c.seed, "must be an integer")
+    _require(c.alpha is None or (_is_number(c.alpha) and c.alpha > 0), "alpha", c.alpha,
+             "the Dirichlet concentration must be a finite number > 0 (or 'iid')")
+    _require(_is_number(c.fraction) and 0 < c.fraction <= 1, "fraction", c.fraction,
+             "the share of clients per round must be in (0, 1]")
+    _require(_is_number(c.lr) and c.lr > 0, "lr", c.lr, "the learning rate must be a finite number > 0")
+    _require(_is_number(c.lora_alpha) and c.lora_alpha > 0, "lora_alpha", c.lora_alpha,
+             "must be a finite number > 0 (the LoRA scaling is lora_alpha / rank)")
     _require(len(c.target_modules) > 0, "target_modules", c.target_modules, "name at least one Linear layer, e.g. query value")
-    _require(c.eval_local_every >= 0, "eval_local_every", c.eval_local_every, "must be >= 0 (0 disables local evaluation)")
-    _require(0 < c.local_test_fraction < 1, "local_test_fraction", c.local_test_fraction, "must be in (0, 1)")
-    _require(c.max_eval_examples is None or c.max_eval_examples >= 1, "max_eval_examples", c.max_eval_examples, "must be >= 1")
-    _require(c.max_local_eval_examples >= 1, "max_local_eval_examples", c.max_local_eval_examples, "must be >= 1")
+    _require(_is_int(c.eval_local_every) and c.eval_local_every >= 0, "eval_local_every", c.eval_local_every,
+             "must be an integer >= 0 (0 disables local evaluation)")
+    _require(_is_number(c.local_test_fraction) and 0 < c.local_test_fraction < 1, "local_test_fraction",
+             c.local_test_fraction, "must be in (0, 1)")
+    _require(c.max_eval_examples is None or (_is_int(c.max_eval_examples) and c.max_eval_examples >= 1),
+             "max_eval_examples", c.max_eval_examples, "must be >= 1 (or 'all')")
+    _require(_is_int(c.max_local_eval_examples) and c.max_local_eval_examples >= 1, "max_local_eval_examples",
+             c.max_local_eval_examples, "must be >= 1")
+    _require(c.precision in PRECISIONS, "precision", c.precision, f"use one of {', '.join(PRECISIONS)}")
+    _validate_device(c.device)
     if c.data_dir is not None:
-        _require(Path(c.data_dir).is_dir(), "data_dir", c.data_dir, "no such directory; point it at a GLUE folder such as ../shared/data/glue")
+        _require(Path(c.data_dir).is_dir(), "data_dir", c.data_dir, "no such directory; point it at a data folder "
+                 "such as ../shared/data/glue")
     if c.model is not None and (c.model.startswith((".", "/", "~")) or Path(c.model).exists()):
-        _require(Path(c.model).expanduser().is_dir(), "model", c.model, "no such model directory; give a hub id or a local model folder")
+        _require(Path(c.model).expanduser().is_dir(), "model", c.model,
+                 "no such model directory; give a hub id or a local model folder")
+
+
+def _validate_device(device: str) -> None:
+    """Syntax only: whether the device exists is checked when the run starts (it needs torch's runtime)."""
+    kind, _, index = device.partition(":")
+    ok = device in ("auto", "cpu", "mps", "cuda") or (kind == "cuda" and index.isdigit())
+    _require(ok, "device", device, "use auto, cpu, cuda, cuda:N or mps")

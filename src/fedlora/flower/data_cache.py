@@ -6,8 +6,9 @@ not survive a round and each round would re-read, re-partition and re-tokenise t
 client's ``ClientData`` (Arrow files, exact round-trip); later ones memory-map their own.
 
 The key covers every input of :func:`fedlora.federation.build_federation` -- the config fields
-it reads, the resolved data directory and the source of the data code -- so a changed option
-or a changed partitioner never reads stale data. Location: ``$FEDLORA_CACHE_DIR`` or
+declared ``data=True`` in :class:`fedlora.config.RunConfig` (derived, never listed here), the
+resolved data directory, the tokenizer and the source of the data and task code -- so a changed
+option or a changed partitioner never reads stale data. Location: ``$FEDLORA_CACHE_DIR`` or
 ``~/.cache/fedlora``; delete it freely.
 """
 
@@ -24,11 +25,13 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-import fedlora.data.loading
-import fedlora.data.partitioning
-import fedlora.data.tokenization
+import sys
+
+import fedlora.data
 import fedlora.federation
+import fedlora.tasks
 from fedlora.config import RunConfig
+from fedlora.config_schema import data_fields
 from fedlora.data import get_task
 from fedlora.data.loading import resolve_data_dir
 from fedlora.data.tasks import TaskSpec
@@ -42,16 +45,13 @@ def cache_root() -> Path:
 
 
 def federation_key(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    fields = {name: getattr(config, name) for name in data_fields(RunConfig)}
     data_dir = resolve_data_dir(config.data_dir)
-    fields = {
-        "task": config.task, "data_dir": str(data_dir) if data_dir else None, "clients": config.clients,
-        "alpha": config.alpha, "seed": config.seed, "max_length": config.max_length,
-        "local_test_fraction": config.local_test_fraction, "max_local_eval_examples": config.max_local_eval_examples,
-        "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer),
-    }
-    code = "".join(inspect.getsource(m) for m in (fedlora.data.loading, fedlora.data.partitioning,
-                                                  fedlora.data.tokenization, fedlora.federation))
-    return hashlib.sha256((json.dumps(fields, sort_keys=True) + code).encode()).hexdigest()[:20]
+    fields |= {"data_dir": str(data_dir) if data_dir else None, "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer)}
+    code_modules = sorted(name for name in sys.modules
+                          if name == "fedlora.federation" or name.startswith(("fedlora.data.", "fedlora.tasks.")))
+    code = "".join(inspect.getsource(sys.modules[name]) for name in code_modules)
+    return hashlib.sha256((json.dumps(fields, sort_keys=True, default=str) + code).encode()).hexdigest()[:20]
 
 
 def client_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase, partition: int) -> tuple[TaskSpec, ClientData]:
