@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora import simulation  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
+from fedlora.flower.config import run_config_overrides  # noqa: E402
 from fedlora.flower.local import simulation_superlink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +35,9 @@ TINY = dict(task="sst2", data_dir=str(GLUE), rounds=2, clients=2, alpha=0.5, loc
             max_length=32, eval_local_every=1, max_eval_examples=32, max_local_eval_examples=8, seed=0)
 
 
-def flower_overrides(config: RunConfig) -> str:
-    """The same run, as `flwr run --run-config` (the `fedlora run` option names)."""
-    return (f"task='{config.task}' data-dir='{config.data_dir}' method='{config.method}' rounds={config.rounds} "
-            f"clients={config.clients} alpha={config.alpha} local-steps={config.local_steps} "
-            f"batch-size={config.batch_size} lr={config.lr} max-length={config.max_length} seed={config.seed} "
-            f"eval-local-every={config.eval_local_every} max-eval-examples={config.max_eval_examples} "
-            f"max-local-eval-examples={config.max_local_eval_examples} out='{config.out}'")
+def flower_overrides(config: RunConfig, **flower) -> str:
+    """The same run, as `flwr run --run-config` (the `fedlora run` option names, from the one declaration)."""
+    return run_config_overrides(config, **flower)
 
 
 def records(out: str | Path) -> list[dict]:

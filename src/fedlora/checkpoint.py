@@ -33,6 +33,7 @@ class ServerState:
     base_weights: dict[str, Tensor] = field(default_factory=dict)  # module -> merged W0 (d, k)
     local_B: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # client -> module -> (d, r)
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics record per round
+    init_seed: int = -1  # seed of the last server-drawn adapter re-init (FLoRA); -1: the initial adapter
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -58,7 +59,7 @@ def save_state(state: ServerState, directory: Path) -> Path:
     tensors.update({f"base/{k}": v for k, v in state.base_weights.items()})
     for client, Bs in state.local_B.items():
         tensors.update({f"localB/{client}/{m}": B for m, B in Bs.items()})
-    meta = {"round": state.round, "history": state.history}
+    meta = {"round": state.round, "history": state.history, "init_seed": state.init_seed}
     path = directory / CHECKPOINT_FILE
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fedlora": json.dumps(meta)})
@@ -80,7 +81,8 @@ def load_state(directory: Path) -> ServerState:
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
         raise ValueError(f"{path} is not a fedlora checkpoint (safetensors with fedlora metadata): {exc}") from exc
     adapter: dict[str, dict[str, Tensor]] = {}
-    state = ServerState(round=int(meta["round"]), adapter={}, head={}, history=list(meta["history"]))
+    state = ServerState(round=int(meta["round"]), adapter={}, head={}, history=list(meta["history"]),
+                        init_seed=int(meta.get("init_seed", -1)))
     for key, value in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "adapter":

@@ -21,6 +21,11 @@ def server_step(
     method: str, global_adapter: Adapter, results: Sequence[ClientResult], *, min_clients: int = 1, **options: Any
 ) -> tuple[AggregationResult, dict[str, Tensor] | None]:
     """(aggregation result, new global head); the head is None when the round was skipped."""
+    if not results:  # no client reported (Flower: every node failed): a skipped round, nothing changes
+        skipped = AggregationResult(adapter=global_adapter, metrics={
+            "method": method, "num_clients": 0, "skipped": True, "rejected": [], "divergence": float("nan"),
+            "eckart_young_bound": float("nan"), "solve_seconds": 0.0, "bytes_up": 0, "bytes_down": 0})
+        return skipped, None
     bad_heads = [
         {"client": r.update.client_id, "reason": f"classifier head {k!r} contains NaN or Inf"}
         for r in results

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -30,15 +31,14 @@ from torch import Tensor
 from fedlora.aggregation import Adapter, LoraPair, get_method
 from fedlora.aggregation.api import SERVER_DTYPE
 from fedlora.aggregation.methods.flora import reinitialised
-from fedlora.client import derived_seed, train_client
 from fedlora.config import ConfigError, RunConfig
-from fedlora.data.tasks import TaskSpec
 from fedlora.federation import ClientData
 from fedlora.flower.data_cache import client_data
 from fedlora.flower.config import run_config_from_flower
 from fedlora.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
                                  tensors_record)
-from fedlora.model import default_model_path, load_model
+from fedlora.model import build_model
+from fedlora.rounds import RoundPlan, train_planned
 from fedlora.peft_bridge import get_adapter, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ app = ClientApp()
 class _Process:
     model: torch.nn.Module
     tokenizer: object
-    clients: dict[int, tuple[TaskSpec, ClientData]]  # partition -> its data (several in simulation)
+    clients: dict[int, tuple[Any, ClientData]]  # partition -> its data (several in simulation)
     pristine: dict[str, Tensor]  # untouched frozen weights of every LoRA module
     initial: Adapter  # the seed-determined LoRA init, identical on every node and the server
     touched: bool = False  # some client in this process changed the frozen weights
@@ -68,12 +68,7 @@ def _process(config: RunConfig) -> _Process:
 
 
 def _load(config: RunConfig) -> _Process:
-    from fedlora.data import get_task
-
-    model, tokenizer = load_model(
-        config.model or default_model_path(), get_task(config.task).num_labels, config.rank, config.lora_alpha,
-        list(config.target_modules), seed=config.seed,
-    )
+    model, tokenizer = build_model(config)
     pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in lora_layers(model).items()}
     return _Process(model, tokenizer, {}, pristine, initial=get_adapter(model))
 
@@ -121,23 +116,19 @@ def train(msg: Message, context: Context) -> Message:
     partition = _partition(context, config)
     proc = _process(config)
     policy = get_method(config.method).policy
-    round_ = int(msg.content["config"]["server-round"])
-    local_eval = bool(msg.content["config"]["local-eval"])
+    settings = msg.content["config"]
+    plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options={})
     version = _sync_base(proc, context.state, _deltas(msg.content))
 
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
-    own = _own_factors(_global_init(proc.initial, int(msg.content["config"]["init-seed"])), local_B)
-    global_adapter, global_head = record_to_model(msg.content["arrays"], missing_from=own)
+    own = _own_factors(_global_init(proc.initial, int(settings["init-seed"])), local_B)
+    received, global_head = record_to_model(msg.content["arrays"], missing_from=own)
+    start = _own_factors(received, local_B)  # a private factor the client holds beats a copy from the server
     if partition not in proc.clients:
         proc.clients[partition] = client_data(config, proc.tokenizer, partition)
     task, client = proc.clients[partition]
-    result = train_client(
-        proc.model, client_id=client.client_id, train=client.train, local_test=client.local_test if local_eval else None,
-        task=task, tokenizer=proc.tokenizer, global_adapter=global_adapter, global_head=global_head,
-        local_B=local_B, policy=policy, steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
-        seed=derived_seed(config.seed, round_, partition),
-    )
-    if policy.local_B:  # FedSA-LoRA: B never leaves the client between rounds
+    result = train_planned(proc.model, client, partition, task, proc.tokenizer, config, plan, (start, global_head))
+    if policy.private_factors:  # FedSA-LoRA: B never leaves the client between rounds
         context.state["local-B"] = tensors_record({m: p.B for m, p in result.update.adapter.items()})
     metrics = {"num-examples": result.update.num_examples, "partition-id": partition,
                "train-loss": result.loss, "base-version": version}
@@ -145,16 +136,19 @@ def train(msg: Message, context: Context) -> Message:
     adapter = result.update.adapter
     content = RecordDict({"arrays": model_record(adapter, result.head, A=policy.upload_A, B=policy.upload_B),
                           "metrics": MetricRecord(metrics)})
-    if policy.local_B:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
+    if policy.private_factors:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
         content["eval-B"] = model_record(adapter, {}, A=False)
     return Message(content, reply_to=msg)
 
 
 def _deltas(content: RecordDict) -> dict[int, dict[str, Tensor]] | None:
-    """The frozen-weight merges this client has not made: FedEx-LoRA's dense ones or FLoRA's stacked factors."""
+    """The frozen-weight merges this client has not made, in round order: dense deltas and stacked factors."""
+    deltas: dict[int, dict[str, Tensor]] = {}
     if "base-factors" in content:
-        return record_to_stacked_deltas(content["base-factors"])
-    return record_to_deltas(content["base-delta"]) if "base-delta" in content else None
+        deltas |= record_to_stacked_deltas(content["base-factors"])
+    if "base-delta" in content:
+        deltas |= record_to_deltas(content["base-delta"])
+    return dict(sorted(deltas.items())) or None
 
 
 def _global_init(initial: Adapter, seed: int) -> Adapter:
@@ -168,8 +162,8 @@ def _global_init(initial: Adapter, seed: int) -> Adapter:
     return {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in reinitialised(like, seed).items()}
 
 
-def _own_factors(initial: Adapter, local_B: dict[str, Tensor] | None) -> Adapter:
-    """What this client has of each factor without the server: the init, with its own B if it keeps one."""
+def _own_factors(adapter: Adapter, local_B: dict[str, Tensor] | None) -> Adapter:
+    """``adapter`` with the client's own private B where it keeps one."""
     if local_B is None:
-        return initial
-    return {m: LoraPair(A=p.A, B=local_B[m]) for m, p in initial.items()}
+        return adapter
+    return {m: LoraPair(A=p.A, B=local_B[m]) for m, p in adapter.items()}

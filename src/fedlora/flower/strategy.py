@@ -1,22 +1,20 @@
-"""``FedLoraStrategy``: Flower's FedAvg with the LoRA tensors aggregated by ``fedlora.aggregation``.
+"""``FedLoraStrategy``: Flower's FedAvg as a thin translation of :class:`fedlora.rounds.Server`.
 
-Round ``t`` mirrors :func:`fedlora.simulation.run` step by step: the clients are the local
-engine's ``sample_clients(config, t)`` (partition ids, mapped to SuperNodes by one QUERY
-message per new node), replies are sorted by partition id (the engine's order, so float sums
-match), ``aggregate(method, previous global, updates)`` produces the next adapter, the head is
-FedAvg-ed with example weights, and a ``base_delta`` is kept as round ``t``'s delta, sent to
-every later-sampled client that has not merged it yet (clients report their base version):
-FedEx-LoRA's dense (d, k) residual, FLoRA's stacked factors.
+The round itself is the server's (the same object the local engine loops over): ``configure_train``
+turns :meth:`Server.plan` into one TRAIN message per planned client, ``aggregate_train`` turns the
+replies into :class:`~fedlora.client.ClientResult` s and hands them to :meth:`Server.finish`, which
+aggregates, merges, evaluates, records and checkpoints. What is left here is Flower's part:
 
-Messages carry only the LoRA factors the method's ``TrainingPolicy`` says travel (FFA-LoRA: B;
-FedSA-LoRA: A, plus the clients' B as ``"eval-B"``, see :mod:`fedlora.flower.wire`); the strategy
-rebuilds every reply's full adapter from the stashed global model, and measures each round's
-array payloads both ways (``WireBytes``, written to ``metrics.jsonl`` as ``wire_*_bytes_*``).
+* which SuperNode is which client (one QUERY per new node: its ``partition-id``);
+* what each node still lacks: frozen-weight merges it has not made (clients report the rounds they
+  have merged as ``base-version``), and, for methods with private factors, its own factors when
+  it does not hold them (a node new to the run, e.g. after ``resume``);
+* failed or silent nodes (logged with their node id and recorded in ``failed_nodes``; the round
+  aggregates what arrived) and the array bytes measured on the wire both ways (``wire_*``).
 
-Flower's ``aggregate_train`` is not given the previous global adapter; like Flower's own
-FedOpt we stash it in ``configure_train``. Failed or missing replies are logged with their
-node id and the round aggregates what arrived; with fewer than ``min_train_nodes`` replies the
-round is skipped and the global state stays as it was.
+Messages carry only the factors the method's ``TrainingPolicy`` says travel (:mod:`fedlora.flower.wire`).
+Flower numbers its rounds from 1 in every ``flwr run``; after a resume the server's rounds go on
+from the checkpoint (``round = server_round + rounds already done``).
 """
 
 from __future__ import annotations
@@ -30,40 +28,34 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
-from torch import Tensor
 
-from fedlora.aggregation import Adapter, ClientUpdate, LoraPair, get_method
-from fedlora.client import ClientResult, derived_seed
-from fedlora.config import RunConfig
-from fedlora.flower.wire import (WireBytes, content_bytes, deltas_record, model_record, record_to_model, select_factors,
-                                 stacked_record)
-from fedlora.server import server_step
-from fedlora.simulation import HEAD_ROUND_SEED, sample_clients
+from fedlora.aggregation import ClientUpdate
+from fedlora.client import ClientResult
+from fedlora.flower.config import FlowerOptions
+from fedlora.flower.wire import WireBytes, content_bytes, deltas_record, model_record, record_to_model, stacked_record
+from fedlora.rounds import BaseMerge, RoundPlan, Server
 
 
 class FedLoraStrategy(FedAvg):
-    def __init__(self, config: RunConfig, *, min_train_nodes: int = 1, min_available_nodes: int = 0,
-                 connect_timeout: float = 600.0) -> None:
+    def __init__(self, server: Server, options: FlowerOptions) -> None:
+        config = server.config
         super().__init__(
             fraction_train=config.fraction,
-            fraction_evaluate=0.0,  # the ServerApp evaluates centrally, as the local engine does
-            min_train_nodes=min_train_nodes,
-            min_available_nodes=min_available_nodes or config.clients,
+            fraction_evaluate=0.0,  # the server evaluates centrally (Server.finish), as the local engine does
+            min_train_nodes=options.min_train_nodes,
+            min_available_nodes=options.min_available_nodes or config.clients,
         )
-        self.config = config
-        self.connect_timeout = connect_timeout  # how long round 1 waits for min_available_nodes SuperNodes
-        self.spec = get_method(config.method)
+        self.server = server
+        self.policy = server.spec.policy
+        self.offset = server.state.round  # rounds completed before this Flower run (resume)
+        self.connect_timeout = options.round_timeout  # how long round 1 waits for min_available_nodes SuperNodes
         self.partition_of: dict[int, int] = {}  # node id -> partition id
-        self.base_version: dict[int, int] = {}  # node id -> rounds of base_delta merged there
-        self.base_deltas: dict[int, dict[str, Tensor]] = {}  # round -> {module: (d, k)}
-        self.stacked: dict[int, dict[str, LoraPair]] = {}  # FLoRA: round -> {module: (A_stack, B_stack)}, float32
-        self.init_seed = -1  # FLoRA: seed of the global adapter's re-init (-1: the initial adapter)
-        self.current: ArrayRecord | None = None  # the global model sent this round (FedOpt's trick)
+        self.base_version: dict[int, int] = {}  # node id -> last round whose merge the node has made
+        self.holds_private: set[int] = set()  # nodes that keep their own private factors (they have trained)
+        self.plan: RoundPlan | None = None
         self.sent: list[Message] = []  # this round's train messages, to name nodes that failed
-        self.sent_bytes = WireBytes()  # what this round's train messages carry
-        self.holds_local_B: set[int] = set()  # FedSA-LoRA: nodes that have trained, so keep their own B
-        self.aggregated = False  # some round changed the global model (its B is no longer the clients' init)
-        self.last_round: dict[str, Any] | None = None  # what the ServerApp needs for metrics.jsonl
+        self.sent_bytes = WireBytes()
+        self.started = time.perf_counter()
 
     # -- sampling ---------------------------------------------------------------------------
     def _map_partitions(self, grid: Grid, timeout: float) -> None:
@@ -87,100 +79,64 @@ class FedLoraStrategy(FedAvg):
         log(INFO, "partition of each node: %s", self.partition_of)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.current = arrays
+        self.started = time.perf_counter()
         self._map_partitions(grid, timeout=self.connect_timeout)
+        self.plan = plan = self.server.plan(server_round + self.offset)
         live = set(grid.get_node_ids())
         node_for = {p: n for n, p in self.partition_of.items() if n in live}
-        sampled = sample_clients(self.config, server_round)
-        missing = [p for p in sampled if p not in node_for]
+        missing = [p for p in plan.clients if p not in node_for]
         if missing:
-            log(WARNING, "round %d: partitions %s have no connected SuperNode; training without them", server_round, missing)
-        every = self.config.eval_local_every
-        local_eval = every > 0 and (server_round % every == 0 or server_round == self.config.rounds)
-        messages = []
-        for partition in (p for p in sampled if p in node_for):
-            node = node_for[partition]
-            have = self.base_version.get(node, 0)
-            content = RecordDict({
-                "arrays": self._download(arrays, node),
-                "config": ConfigRecord({"server-round": server_round, "local-eval": local_eval, "partition-id": partition,
-                                        "init-seed": self.init_seed}),
-            })
-            # FedEx-LoRA / FLoRA: the merges this client has not made yet, in round order
-            if self.spec.policy.download_stacked and (pending := {r: f for r, f in self.stacked.items() if r > have}):
-                content["base-factors"] = stacked_record(pending)
-            elif pending := {r: d for r, d in self.base_deltas.items() if r > have}:
-                content["base-delta"] = deltas_record(pending)
-            messages.append(Message(content, node, MessageType.TRAIN))
+            log(WARNING, "round %d: partitions %s have no connected SuperNode; training without them", plan.round, missing)
+        messages = [Message(self._content(plan, partition, node_for[partition]), node_for[partition], MessageType.TRAIN)
+                    for partition in plan.clients if partition in node_for]
         self.sent = messages
         self.sent_bytes = sum((content_bytes(m.content) for m in messages), WireBytes())
-        log(INFO, "configure_train: round %d, partitions %s", server_round, [p for p in sampled if p in node_for])
+        log(INFO, "configure_train: round %d, partitions %s", plan.round, [p for p in plan.clients if p in node_for])
         return messages
 
-    def _download(self, arrays: ArrayRecord, node: int) -> ArrayRecord:
-        """The global model with only the factors that travel down to ``node``.
-
-        Down travels what goes up (``round_bytes``' convention). FFA-LoRA's frozen A is the
-        seed-determined init every client builds itself, and so is FLoRA's re-initialised global
-        adapter (its merges travel as stacked factors instead). FedSA-LoRA's B is the client's own, but a
-        client without one starts from the server's B (as in the local engine): that B is sent
-        once the global B has left the init every client has.
-        """
-        policy = self.spec.policy
-        if policy.download_stacked:  # FLoRA: the global adapter is a re-init the client draws from init-seed
-            return select_factors(arrays, A=False, B=False)
-        catch_up_B = policy.local_B and self.aggregated and node not in self.holds_local_B
-        return select_factors(arrays, A=policy.upload_A, B=policy.upload_B or catch_up_B)
+    def _content(self, plan: RoundPlan, partition: int, node: int) -> RecordDict:
+        """One client's download: the factors that travel, its missing merges, and the round's config."""
+        client_id = self.server.federation.clients[partition].client_id
+        adapter, head = self.server.client_start(client_id)
+        # Down travels what goes up (round_bytes' convention). A factor that does not travel the
+        # client builds itself: FFA-LoRA's frozen A is the seeded init, a stacking method's global
+        # adapter is the re-init drawn from init-seed, private factors are the client's own.
+        send_private = node not in self.holds_private and self.server.sends_private(client_id)
+        factors = not self.policy.download_stacked
+        content = RecordDict({
+            "arrays": model_record(adapter, head, A=factors and self.policy.upload_A,
+                                   B=factors and (self.policy.upload_B or send_private)),
+            "config": ConfigRecord({"server-round": plan.round, "local-eval": plan.local_eval, "partition-id": partition,
+                                    "init-seed": self.server.state.init_seed}),
+        })
+        content.update(_merge_records(self.server.pending_merges(self.base_version.get(node, 0))))
+        return content
 
     # -- aggregation ------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self.plan is not None, "configure_train plans the round before its replies arrive"
         replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        failed_nodes = self._log_failures(server_round, valid, failed)
+        failed_nodes = self._log_failures(self.plan.round, valid, failed)
         if len(valid) < self.min_train_nodes:
-            log(WARNING, "round %d: %d replies < min-train-nodes=%d; global model unchanged", server_round, len(valid), self.min_train_nodes)
-            self.last_round = None
-            return None, None
-        assert self.current is not None, "configure_train stashes the global model before aggregation"
+            log(WARNING, "round %d: %d replies < min-train-nodes=%d; the round is skipped", self.plan.round, len(valid),
+                self.min_train_nodes)
+            valid = []
         valid.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))  # the local engine's order
-        global_adapter, _ = record_to_model(self.current)
-        results = [self._result(m, global_adapter) for m in valid]
+        results = [self._result(m) for m in valid]
         for msg in valid:
             self.base_version[msg.metadata.src_node_id] = int(msg.content["metrics"]["base-version"])
-            if self.spec.policy.local_B:  # the client stored its B in its state before replying
-                self.holds_local_B.add(msg.metadata.src_node_id)
+            if self.policy.private_factors:  # the client stored its own factors before replying
+                self.holds_private.add(msg.metadata.src_node_id)
         received = sum((content_bytes(m.content) for m in valid), WireBytes())
-
-        start = time.perf_counter()
-        options = dict(self.config.method_options)
-        if self.config.method == "flora":  # the engine's server-side seed for the LoRA re-init
-            options["seed"] = derived_seed(self.config.seed, server_round, HEAD_ROUND_SEED + 1)
-        agg, head = server_step(self.config.method, global_adapter, results, min_clients=self.config.min_clients, **options)
-        server_seconds = time.perf_counter() - start
-        if head is None:
-            log(WARNING, "round %d skipped: rejected %s; global model unchanged", server_round, agg.metrics["rejected"])
-            self.last_round = None
-            return None, None
-        if agg.base_delta:
-            self.base_deltas[server_round] = agg.base_delta
-        if "stacked" in agg.extras:  # FLoRA: what its clients download instead of the dense base_delta
-            self.stacked[server_round] = {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in agg.extras["stacked"].items()}
-            self.init_seed = options["seed"]
-        self.aggregated = True
-
         wire = self.sent_bytes.as_record("down") | received.as_record("up")
-        self.last_round = {"round": server_round, "results": results, "metrics": agg.metrics, "failed_nodes": failed_nodes,
-                           "server_seconds": server_seconds, "head": head, "wire": wire}
-        metrics = MetricRecord({
-            "num-clients": len(results),
-            "train-loss": float(sum(r.loss for r in results) / len(results)),
-            "divergence": float(agg.metrics["divergence"]),
-            "bytes-up": int(agg.metrics["bytes_up"]),
-            "bytes-down": int(agg.metrics["bytes_down"]),
-        })
-        return model_record(agg.adapter, head), metrics
+        record = self.server.finish(self.plan, results, self.started, extra={"failed_nodes": failed_nodes, **wire})
+        log(INFO, "round %d: main metric %.4f, divergence %.4g", record["round"], record["global_metric"], record["divergence"])
+        metrics = MetricRecord({"num-clients": len(results), "global-metric": float(record["global_metric"]),
+                                "divergence": float(record["divergence"]), "skipped": int(record["skipped"])})
+        return model_record(self.server.state.adapter, self.server.state.head), metrics
 
-    def _log_failures(self, server_round: int, valid: list[Message], failed: list[Message]) -> list[dict[str, Any]]:
+    def _log_failures(self, round_: int, valid: list[Message], failed: list[Message]) -> list[dict[str, Any]]:
         """Name every node whose update is missing (error replies and silence alike); also returned
         as ``[{node, partition, reason}]`` for the round's ``metrics.jsonl`` record."""
         failures: list[dict[str, Any]] = []
@@ -191,27 +147,40 @@ class FedLoraStrategy(FedAvg):
         for msg in failed:
             node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
-            log(WARNING, "round %d: node %d (partition %s) failed: %s", server_round, node, self.partition_of.get(node), msg.error.reason)
+            log(WARNING, "round %d: node %d (partition %s) failed: %s", round_, node, self.partition_of.get(node), msg.error.reason)
             failures.append({"node": int(node), "partition": self.partition_of.get(node), "reason": str(msg.error.reason)})
         answered |= {m.metadata.src_node_id for m in valid}
         for node in sorted(set(dst.values()) - answered):
-            log(WARNING, "round %d: node %d (partition %s) sent no reply within round-timeout", server_round, node, self.partition_of.get(node))
+            log(WARNING, "round %d: node %d (partition %s) sent no reply within round-timeout", round_, node, self.partition_of.get(node))
             failures.append({"node": int(node), "partition": self.partition_of.get(node), "reason": "no reply within round-timeout"})
         return failures
 
-    def _result(self, msg: Message, global_adapter: Adapter) -> ClientResult:
-        # Factors that did not travel are the global ones (FFA-LoRA's frozen A is identical
-        # everywhere); FedSA-LoRA's B comes in "eval-B", for the server's evaluation-only mean.
-        own = global_adapter
-        if "eval-B" in msg.content:
-            own, _ = record_to_model(msg.content["eval-B"], missing_from=global_adapter)
-        adapter, head = record_to_model(msg.content["arrays"], missing_from=own)
+    def _result(self, msg: Message) -> ClientResult:
         m = msg.content["metrics"]
+        client_id = self.server.federation.clients[int(m["partition-id"])].client_id
+        # Factors that did not travel are the ones the client started from (FFA-LoRA's frozen A);
+        # private ones come in "eval-B", for the server's evaluation-only global model.
+        own, _ = self.server.client_start(client_id)
+        if "eval-B" in msg.content:
+            own, _ = record_to_model(msg.content["eval-B"], missing_from=own)
+        adapter, head = record_to_model(msg.content["arrays"], missing_from=own)
         local = {k.removeprefix("local."): float(v) for k, v in m.items() if k.startswith("local.")} or None
-        partition = int(m["partition-id"])
-        update = ClientUpdate(adapter=adapter, num_examples=int(m["num-examples"]), client_id=f"client-{partition}")
+        update = ClientUpdate(adapter=adapter, num_examples=int(m["num-examples"]), client_id=client_id)
         return ClientResult(update=update, head=head, loss=float(m["train-loss"]), local_metrics=local)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> fedlora: method %s, %d clients, %d rounds", self.config.method, self.config.clients, self.config.rounds)
+        config = self.server.config
+        log(INFO, "\t├──> fedlora: method %s, %d clients, %d rounds", config.method, config.clients, config.rounds)
         super().summary()
+
+
+def _merge_records(pending: dict[int, BaseMerge]) -> dict[str, ArrayRecord]:
+    """Missed merges as records: stacked factors where the method sends those, dense deltas otherwise."""
+    stacked = {r: m.stacked for r, m in pending.items() if m.stacked is not None}
+    dense = {r: m.delta for r, m in pending.items() if m.stacked is None}
+    records = {}
+    if stacked:
+        records["base-factors"] = stacked_record(stacked)
+    if dense:
+        records["base-delta"] = deltas_record(dense)
+    return records

@@ -1,0 +1,45 @@
+"""One line of ``metrics.jsonl``: what a round did, written identically by both engines.
+
+Fields: round, clients, global metrics (and ``global_metric``, the task's main one), local
+(personalised) metrics per client and their mean, train loss, the aggregation's divergence and
+its Eckart–Young bound, solve/server seconds, LoRA and total bytes up/down (the classifier head
+travels both ways), rejected clients with reasons, and whether the round was skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.client import ClientResult
+
+
+def round_record(
+    round_: int, results: list[ClientResult], agg_metrics: dict[str, Any], global_metrics: dict[str, float],
+    server_seconds: float, head: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """One line of metrics.jsonl; the Flower ServerApp writes the same fields."""
+    locals_ = {r.update.client_id: r.local_metrics["main"] for r in results if r.local_metrics is not None}
+    head_bytes = sum(t.numel() for t in head.values()) * 4 * len(results)  # the head travels both ways (FedAvg)
+    return {
+        "round": round_,
+        "clients": [r.update.client_id for r in results],
+        "global": global_metrics,
+        "global_metric": global_metrics["main"],
+        "local_metric_mean": float(np.mean(list(locals_.values()))) if locals_ else None,
+        "local_metric": locals_ or None,
+        "train_loss": float(np.mean([r.loss for r in results])) if results else None,
+        "divergence": agg_metrics["divergence"],
+        "eckart_young_bound": agg_metrics["eckart_young_bound"],
+        "solve_seconds": agg_metrics["solve_seconds"],
+        "server_seconds": server_seconds,
+        "bytes_up": agg_metrics["bytes_up"] + head_bytes,
+        "bytes_down": agg_metrics["bytes_down"] + head_bytes,
+        "lora_bytes_up": agg_metrics["bytes_up"],
+        "lora_bytes_down": agg_metrics["bytes_down"],
+        "rejected": agg_metrics["rejected"],
+        "skipped": agg_metrics["skipped"],
+        **({"objective": agg_metrics["objective"], "objective_fedit": agg_metrics["objective_fedit"]} if "objective" in agg_metrics else {}),
+    }

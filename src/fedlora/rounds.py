@@ -1,0 +1,217 @@
+"""The federated round protocol, written once and free of Flower.
+
+Both engines are loops over :class:`Server`: the local engine (:mod:`fedlora.simulation`) trains
+the planned clients in-process; the Flower strategy (:mod:`fedlora.flower.strategy`) only
+translates the plan into messages and the replies back into :class:`ClientResult` s. Round t:
+
+1. :meth:`Server.plan`: which clients train (seeded sampling), whether they evaluate locally,
+   and the method's options for this round (a fresh server seed when the method declares one);
+2. :meth:`Server.client_start`: the adapter and head a client starts from: the global ones, with
+   the factors the method keeps private (FedSA-LoRA's B) taken from that client's own state;
+3. :meth:`Server.finish`: aggregate (:func:`fedlora.server.server_step`), keep each client's
+   private factors, merge ``base_delta`` into the frozen weights, evaluate the global model, append
+   the round's record, and checkpoint atomically (the checkpoint is the source of truth for
+   ``--resume``; ``metrics.jsonl`` is rewritten from it);
+4. :meth:`Server.save_final`: the PEFT adapter (swapped in atomically) and the plots.
+
+Nothing here names a method: what differs between methods is read from their
+:class:`~fedlora.aggregation.TrainingPolicy`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec, get_method
+from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
+from fedlora.client import ClientResult, derived_seed, evaluate_on, train_client
+from fedlora.config import RunConfig
+from fedlora.failpoints import failpoint
+from fedlora.federation import ClientData, Federation
+from fedlora.peft_bridge import (get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta,
+                                 merged_base_weights, restore_base_weights, save_adapter, set_adapter, set_head)
+from fedlora.records import round_record
+from fedlora.server import server_step
+
+log = logging.getLogger(__name__)
+SERVER_SEED = 1_000_003  # separates the server's own seeds (client sampling, method seeds) from clients'
+
+
+def sample_clients(config: RunConfig, round_: int) -> list[int]:
+    """The clients (partition indices, sorted) that train in ``round_``: all, or a seeded sample."""
+    if config.num_sampled >= config.clients:
+        return list(range(config.clients))
+    rng = np.random.default_rng(derived_seed(config.seed, round_, SERVER_SEED))
+    return sorted(rng.choice(config.clients, size=config.num_sampled, replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int
+    clients: tuple[int, ...]  # partition indices, in the order updates are aggregated
+    local_eval: bool  # clients evaluate on their local test split after training
+    options: dict[str, Any]  # the method's options for this round (with its server seed, if any)
+
+
+def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: Any, tokenizer: Any,
+                  config: RunConfig, plan: RoundPlan, start: tuple[Adapter, dict[str, Tensor]]) -> ClientResult:
+    """Client ``index``'s round of ``plan`` from ``start`` (adapter, head); both engines' clients call this."""
+    adapter, head = start
+    return train_client(
+        model, client_id=client.client_id, train=client.train, local_test=client.local_test if plan.local_eval else None,
+        task=task, tokenizer=tokenizer, global_adapter=adapter, global_head=head, local_B=None,
+        policy=get_method(config.method).policy, steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
+        seed=derived_seed(config.seed, plan.round, index),
+    )
+
+
+@dataclass(frozen=True)
+class BaseMerge:
+    """One round's change of the frozen weights, as clients that have not merged it yet download it."""
+
+    delta: dict[str, Tensor]  # product space, {module: (d, k)}
+    stacked: dict[str, LoraPair] | None  # the same as stacked factors (FLoRA), when the method sends those
+
+
+class Server:
+    """The server side of a run: its state, its model, and the round protocol around them."""
+
+    def __init__(self, config: RunConfig, model: torch.nn.Module, tokenizer: Any, federation: Federation,
+                 state: ServerState, *, keep_merges: bool = False) -> None:
+        self.config, self.model, self.tokenizer, self.federation, self.state = config, model, tokenizer, federation, state
+        self.spec: MethodSpec = get_method(config.method)
+        self.out = Path(config.out)
+        # Engines whose clients hold their own frozen weights (Flower) need every merge a client
+        # has missed; the local engine shares one model, so it keeps none.
+        self.merges: dict[int, BaseMerge] | None = {} if keep_merges else None
+
+    @classmethod
+    def open(cls, config: RunConfig, model: torch.nn.Module, tokenizer: Any, federation: Federation, *,
+             resume: bool = False, keep_merges: bool = False) -> Server:
+        """Start a run in ``config.out`` (writing config.json and a round-0 checkpoint) or resume it."""
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            state = load_state(out)
+            pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in lora_layers(model).items()}
+            restore_base_weights(model, state.base_weights)
+            server = cls(config, model, tokenizer, federation, state, keep_merges=keep_merges)
+            server._catch_up_merge(pristine)
+            log.info("resuming %s after round %d", out, state.round)
+        else:
+            state = ServerState(round=0, adapter=get_adapter(model), head=get_head(model))
+            server = cls(config, model, tokenizer, federation, state, keep_merges=keep_merges)
+            atomic_write_text(out / "config.json", config.to_json())
+            save_state(state, out)  # round 0: a crash in the first round can resume too
+        server._write_metrics()
+        return server
+
+    def _catch_up_merge(self, pristine: dict[str, Tensor]) -> None:
+        """After a resume, one merge that brings an untouched client to the checkpoint's frozen weights."""
+        if self.merges is None or not self.state.base_weights:
+            return
+        delta = {m: (w.float() - pristine[m].float()) / lora_scaling(self.model, m)  # (d, k), product space
+                 for m, w in self.state.base_weights.items()}
+        self.merges[self.state.round] = BaseMerge(delta=delta, stacked=None)
+
+    # -- the round ----------------------------------------------------------------------------
+    def remaining_rounds(self) -> range:
+        return range(self.state.round + 1, self.config.rounds + 1)
+
+    def plan(self, round_: int) -> RoundPlan:
+        every = self.config.eval_local_every
+        options = dict(self.config.method_options)
+        if self.spec.policy.server_seed:
+            options["seed"] = derived_seed(self.config.seed, round_, SERVER_SEED + 1)
+        return RoundPlan(round_, tuple(sample_clients(self.config, round_)),
+                         local_eval=every > 0 and (round_ % every == 0 or round_ == self.config.rounds), options=options)
+
+    def client_start(self, client_id: str) -> tuple[Adapter, dict[str, Tensor]]:
+        """The adapter and head ``client_id`` starts its round from (its private factors included)."""
+        private = self.state.local_B.get(client_id)
+        if private is None:
+            return self.state.adapter, self.state.head
+        return {m: LoraPair(A=p.A, B=private[m]) for m, p in self.state.adapter.items()}, self.state.head
+
+    def sends_private(self, client_id: str) -> bool:
+        """Whether a client that does not hold its private factors must download them: it has its own
+        on the server (a resumed run), or the global ones have left the init every client draws itself."""
+        aggregated = any(not r.get("skipped") for r in self.state.history)
+        return bool(self.spec.policy.private_factors) and (client_id in self.state.local_B or aggregated)
+
+    def finish(self, plan: RoundPlan, results: list[ClientResult], started: float,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Aggregate, merge, evaluate, record and checkpoint round ``plan.round``; returns its record."""
+        server_start = time.perf_counter()
+        agg, head = server_step(self.config.method, self.state.adapter, results, min_clients=self.config.min_clients,
+                                **plan.options)
+        failpoint("aggregate", plan.round)
+        if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
+            for r in results:
+                self.state.local_B[r.update.client_id] = {m: p.B for m, p in r.update.adapter.items()}
+        if head is not None:  # None: too few valid updates, the round is skipped and nothing changes
+            self._apply(plan, agg, head)
+        server_seconds = time.perf_counter() - server_start
+
+        set_adapter(self.model, self.state.adapter)
+        set_head(self.model, self.state.head)
+        global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer)
+        record = round_record(plan.round, results, agg.metrics, global_metrics, server_seconds, self.state.head)
+        record.update(extra or {})
+        record["wall_seconds"] = time.perf_counter() - started
+        self.state.round = plan.round
+        self.state.history.append(record)
+        self.state.base_weights = merged_base_weights(self.model)
+        save_state(self.state, self.out)
+        self._write_metrics()
+        return record
+
+    def _apply(self, plan: RoundPlan, agg: AggregationResult, head: dict[str, Tensor]) -> None:
+        if agg.base_delta:
+            merge_base_delta(self.model, agg.base_delta)
+            if self.merges is not None:
+                stacked = agg.extras.get("stacked")
+                self.merges[plan.round] = BaseMerge(
+                    delta=agg.base_delta,
+                    stacked={m: p.to(torch.float32) for m, p in stacked.items()} if stacked else None)
+        if self.spec.policy.server_seed:
+            self.state.init_seed = int(plan.options["seed"])
+        self.state.adapter, self.state.head = agg.adapter, head
+
+    def pending_merges(self, version: int) -> dict[int, BaseMerge]:
+        """The merges a client that has merged up to round ``version`` still needs, in round order."""
+        return {r: m for r, m in sorted((self.merges or {}).items()) if r > version}
+
+    # -- outputs ------------------------------------------------------------------------------
+    def _write_metrics(self) -> None:
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history))
+
+    def save_final(self) -> None:
+        """The final global model as a PEFT adapter (built aside, swapped in whole), and the plots."""
+        set_adapter(self.model, self.state.adapter)
+        set_head(self.model, self.state.head)
+        target = self.out / "adapter"
+        scratch, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+        for leftover in (scratch, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        save_adapter(self.model, scratch)
+        if target.exists():
+            target.rename(old)
+        scratch.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
+        if self.state.history:
+            from fedlora.reporting import plot_run  # matplotlib only when a run finishes
+
+            plot_run(self.out)
