@@ -247,7 +247,7 @@ def test_every_device_gives_the_cpu_result(clients, device, method, options):
         if path.startswith(("adapter", "base_delta")):
             assert tensor.dtype == reference_tensor.dtype, path
         torch.testing.assert_close(
-            tensor.cpu().to(reference_tensor.dtype), reference_tensor, rtol=1e-4, atol=1e-6, msg=lambda m: f"{path}: {m}"
+            tensor.cpu().to(reference_tensor.dtype), reference_tensor, rtol=1e-4, atol=1e-6, msg=lambda m, path=path: f"{path}: {m}"
         )
     if method == "flora":  # the re-initialised adapter is drawn on the CPU: bit-identical everywhere
         assert all(torch.equal(result.adapter[m].A.cpu(), reference.adapter[m].A) for m in SHAPES)

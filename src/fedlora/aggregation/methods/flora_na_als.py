@@ -19,6 +19,7 @@ Modules with equal shapes are solved as one batch (leading dimension M).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -160,7 +161,7 @@ def _step_all(
     if not shared:
         return [x + _min_norm_solve(K, rhs) for x, (K, rhs, _, _) in zip(xs, systems)], quadratics
     # Shared scope: the model's objective is the sum of the modules', so their normal equations add.
-    K_sum = sum(K.sum(0) for K, _, _, _ in systems)
-    rhs_sum = sum(rhs.sum(0) for _, rhs, _, _ in systems)
+    K_sum = cast(Tensor, sum(K.sum(0) for K, _, _, _ in systems))  # cast: sum() of tensors types as Tensor | 0
+    rhs_sum = cast(Tensor, sum(rhs.sum(0) for _, rhs, _, _ in systems))
     delta = _min_norm_solve(K_sum, rhs_sum)  # (U,)
     return [x + delta for x in xs], quadratics
