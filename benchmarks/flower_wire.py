@@ -28,6 +28,8 @@ from typing import Any
 from fedlora.aggregation import get_method
 from fedlora.aggregation.communication import FLOAT32_BYTES, round_bytes
 from fedlora.bench.comm import checkpoint_modules, shape_adapter
+from fedlora.config import RunConfig
+from fedlora.flower.config import run_config_overrides
 from fedlora.flower.local import simulation_superlink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +41,8 @@ FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"
 
 
 def run_config(method: str, data_dir: Path, out: Path) -> str:
-    """``flwr run --run-config`` overrides (the ``fedlora run`` option names, dashed)."""
-    options = {**RUN, "method": method, "data_dir": str(data_dir), "out": str(out)}
-    return " ".join(f"{k.replace('_', '-')}={v!r}" if isinstance(v, str) else f"{k.replace('_', '-')}={v}"
-                    for k, v in options.items())
+    """``flwr run --run-config`` overrides, spelled from RunConfig's own declarations."""
+    return run_config_overrides(RunConfig(**RUN, method=method, data_dir=str(data_dir), out=str(out)))
 
 
 def flower_run(method: str, data_dir: Path, out: Path, env: dict[str, str], timeout: float) -> None:

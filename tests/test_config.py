@@ -105,7 +105,7 @@ def test_data_cache_key_follows_the_data_fields_only():
 
 @pytest.mark.parametrize("options,needle", [
     ({"solver": "bogus"}, "solver='bogus' is invalid: use one of als, adamw"),
-    ({"steps": -1}, "steps=-1 is invalid: must be >= 1"),
+    ({"steps": -1}, "steps=-1 is invalid: must be >= 0"),
     ({"max_sweeps": "abc"}, "max_sweeps='abc' is invalid: expected a number"),
     ({"lr": float("inf")}, "must be finite"),
     ({"nope": 1}, "has no option nope"),

@@ -31,7 +31,7 @@ from fedlora.flower.local import (  # noqa: E402
     write_connection,
 )
 
-from test_flower_simulation import GLUE, REPO, TINY, assert_same_history, flower_overrides, records  # noqa: E402
+from test_flower_simulation import GLUE, REPO, TINY_SST2, assert_same_history, flower_overrides, records  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,7 +72,7 @@ def test_tls_deployment_two_rounds_survives_a_killed_supernode(tmp_path):
     """TLS + SuperNode authentication: round 1 equals the local engine's; SuperNode 1 is SIGKILLed
     at the start of round 2, which then completes with client 0 alone; the global state and the
     PEFT adapter are written."""
-    config = RunConfig(method="fedex-lora", out=str(tmp_path / "local"), **TINY)  # base_delta travels too
+    config = RunConfig(method="fedex-lora", out=str(tmp_path / "local"), **TINY_SST2)  # base_delta travels too
     flower = config.replace(out=str(tmp_path / "flower"))
     with tls_deployment(tmp_path / "deploy") as (procs, env, node_ids):
         submit(procs, env, flower, extra="min-train-nodes=1")

@@ -27,12 +27,12 @@ from fedlora.flower.local import simulation_superlink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"real GLUE files expected at {GLUE}"),
-]
-TINY = dict(task="sst2", data_dir=str(GLUE), rounds=2, clients=2, alpha=0.5, local_steps=2, batch_size=4, lr=1e-3,
+pytestmark = [pytest.mark.slow]
+# The built-in `toy` task: the same engines and messages as a GLUE task, without tokenising 67k rows
+# in every process; the real-data Flower path is tests/test_flower_deployment.py (SST-2).
+TINY = dict(task="toy", rounds=2, clients=2, alpha=0.5, local_steps=2, batch_size=4, lr=1e-3,
             max_length=32, eval_local_every=1, max_eval_examples=32, max_local_eval_examples=8, seed=0)
+TINY_SST2 = TINY | dict(task="sst2", data_dir=str(GLUE))
 
 
 def flower_overrides(config: RunConfig, **flower) -> str:
@@ -44,16 +44,16 @@ def records(out: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_history(flower: list[dict], local: list[dict]) -> None:
+def assert_same_history(flower: list[dict], local: list[dict], rel: float = 1e-5) -> None:
     """Keys both engines write are equal (the local engine has no ``wire_*`` keys: it sends no messages)."""
     assert [r["round"] for r in flower] == [r["round"] for r in local]
     for f, l in zip(flower, local):
         assert f["clients"] == l["clients"]
         assert f["global_metric"] == pytest.approx(l["global_metric"], abs=1e-6)
         assert f["global"] == pytest.approx(l["global"], abs=1e-6)
-        assert f["train_loss"] == pytest.approx(l["train_loss"], rel=1e-5)
-        assert f["divergence"] == pytest.approx(l["divergence"], rel=1e-4, abs=1e-12)
-        assert f["eckart_young_bound"] == pytest.approx(l["eckart_young_bound"], rel=1e-4, abs=1e-12)
+        assert f["train_loss"] == pytest.approx(l["train_loss"], rel=rel)
+        assert f["divergence"] == pytest.approx(l["divergence"], rel=max(rel, 1e-4), abs=1e-12)
+        assert f["eckart_young_bound"] == pytest.approx(l["eckart_young_bound"], rel=max(rel, 1e-4), abs=1e-12)
         for key in ("bytes_up", "bytes_down", "lora_bytes_up", "lora_bytes_down"):
             assert f[key] == l[key], key
         assert f["local_metric"] == pytest.approx(l["local_metric"], abs=1e-6)
@@ -113,6 +113,34 @@ def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method)
 
     assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
     assert_wire_matches_formula(method, records(out), out / "adapter")
+
+
+@pytest.mark.parametrize("method", ["fedex-lora", "fedsa-lora"])
+def test_flower_resume_continues_the_run(sim_superlink, tmp_path, method):
+    """A ServerApp that stops after round 1 (a crash, or a shorter run) and is started again with
+    resume=true ends like an uninterrupted run: the new SuperNodes (a new run has fresh node state)
+    catch up on the frozen-weight merges (FedEx-LoRA) and get their own private B back (FedSA-LoRA)
+    from the server's checkpoint."""
+    procs, env = sim_superlink
+    config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = simulation.run(config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    flower = config.replace(out=str(tmp_path / "flower"))
+    federation = "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"
+    for rounds, resume in ((1, False), (2, True)):
+        overrides = flower_overrides(flower.replace(rounds=rounds), resume=resume)
+        run = subprocess.run(["flwr", "run", str(REPO), "sim", "--stream", "--run-config", overrides,
+                              "--federation-config", federation], env=env, capture_output=True, text=True, timeout=480)
+        assert len(records(flower.out)) == rounds, run.stdout[-4000:] + run.stderr[-4000:]
+    history = records(flower.out)
+    # After the resume the catch-up merge is the checkpoint's merged weights as one delta: equal to
+    # the replayed merges up to float32 rounding, hence approx where the frozen weights changed.
+    assert_same_history(history, local, rel=1e-3 if method == "fedex-lora" else 1e-5)
+    assert_same_adapter(Path(flower.out) / "adapter", Path(config.out) / "adapter")
 
 
 def client_sizes(adapter: Path) -> tuple[int, int]:

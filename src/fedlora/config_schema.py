@@ -108,7 +108,8 @@ def flag(name: str) -> str:
 
 
 def default_of(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    factory: Any = f.default_factory
+    return factory() if f.default is dataclasses.MISSING else f.default
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Mapping[str, Any] | None = None) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec, get_method
@@ -45,6 +46,15 @@ from fedlora.server import server_step
 
 log = logging.getLogger(__name__)
 SERVER_SEED = 1_000_003  # separates the server's own seeds (client sampling, method seeds) from clients'
+
+
+def frozen_weights(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A copy of every LoRA-adapted module's frozen weight W0, (d, k)."""
+    weights: dict[str, Tensor] = {}
+    for module, layer in lora_layers(model).items():
+        base: Any = layer.get_base_layer()  # PEFT's LoraLayer; typed as a plain Module upstream
+        weights[module] = base.weight.detach().clone()
+    return weights
 
 
 def sample_clients(config: RunConfig, round_: int) -> list[int]:
@@ -86,7 +96,7 @@ class BaseMerge:
 class Server:
     """The server side of a run: its state, its model, and the round protocol around them."""
 
-    def __init__(self, config: RunConfig, model: torch.nn.Module, tokenizer: Any, federation: Federation,
+    def __init__(self, config: RunConfig, model: PeftModel, tokenizer: Any, federation: Federation,
                  state: ServerState, *, keep_merges: bool = False) -> None:
         self.config, self.model, self.tokenizer, self.federation, self.state = config, model, tokenizer, federation, state
         self.spec: MethodSpec = get_method(config.method)
@@ -96,14 +106,14 @@ class Server:
         self.merges: dict[int, BaseMerge] | None = {} if keep_merges else None
 
     @classmethod
-    def open(cls, config: RunConfig, model: torch.nn.Module, tokenizer: Any, federation: Federation, *,
+    def open(cls, config: RunConfig, model: PeftModel, tokenizer: Any, federation: Federation, *,
              resume: bool = False, keep_merges: bool = False) -> Server:
         """Start a run in ``config.out`` (writing config.json and a round-0 checkpoint) or resume it."""
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             state = load_state(out)
-            pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in lora_layers(model).items()}
+            pristine = frozen_weights(model)  # before the checkpoint's merged weights replace them
             restore_base_weights(model, state.base_weights)
             server = cls(config, model, tokenizer, federation, state, keep_merges=keep_merges)
             server._catch_up_merge(pristine)

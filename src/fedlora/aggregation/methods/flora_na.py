@@ -54,9 +54,9 @@ def flora_na(
     weighting: str = "examples",
     solver: Literal["als", "adamw"] = "als",
     scope: Literal["per-module", "global"] = "per-module",
-    max_sweeps: Annotated[int, AtLeast(1)] = 100,
+    max_sweeps: Annotated[int, AtLeast(0)] = 100,  # 0: no sweep, p = q = 1 (FedIT)
     tol: Annotated[float, AtLeast(0)] = 1e-10,
-    steps: Annotated[int, AtLeast(1)] = 200,
+    steps: Annotated[int, AtLeast(0)] = 200,  # 0: no step, p = q = 1 (FedIT)
     lr: Annotated[float, GreaterThan(0)] = 1e-2,
 ) -> AggregationResult:
     if solver not in SOLVERS:
