@@ -15,17 +15,18 @@ option or a changed partitioner never reads stale data. Location: ``$FEDLORA_CAC
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import os
+import pkgutil
 import shutil
 import uuid
 from pathlib import Path
+from types import ModuleType
 
 import datasets
 from transformers import PreTrainedTokenizerBase
-
-import sys
 
 import fedlora.data
 import fedlora.federation
@@ -48,10 +49,21 @@ def federation_key(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str
     fields = {name: getattr(config, name) for name in data_fields(RunConfig)}
     data_dir = resolve_data_dir(config.data_dir)
     fields |= {"data_dir": str(data_dir) if data_dir else None, "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer)}
-    code_modules = sorted(name for name in sys.modules
-                          if name == "fedlora.federation" or name.startswith(("fedlora.data.", "fedlora.tasks.")))
-    code = "".join(inspect.getsource(sys.modules[name]) for name in code_modules)
+    code = "".join(inspect.getsource(module) for module in _data_code())
     return hashlib.sha256((json.dumps(fields, sort_keys=True, default=str) + code).encode()).hexdigest()[:20]
+
+
+def _data_code() -> list[ModuleType]:
+    """Every module whose code decides what a client holds: the federation, the data and task packages.
+
+    Listed from the packages themselves (not from what happens to be imported), so the ServerApp and
+    every ClientApp compute the same key.
+    """
+    modules = [fedlora.federation]
+    for package in (fedlora.data, fedlora.tasks):
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            modules.append(importlib.import_module(f"{package.__name__}.{info.name}"))
+    return modules
 
 
 def client_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase, partition: int) -> tuple[TaskSpec, ClientData]:
