@@ -6,7 +6,6 @@ The command line reads top to bottom: parse â†’ build a RunConfig (validated) â†
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
@@ -50,15 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    _quiet_libraries()
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "compare":
+            _quiet_libraries()
             return _compare(args.runs, args.out)
         if args.command == "demo":
             return _demo(args)
         if args.command == "bench":
+            _quiet_libraries()
             from fedlora.bench import run_from_args
 
             return run_from_args(args, argv)
@@ -80,14 +80,14 @@ def _quiet_libraries() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedlora.simulation import run
-
     if args.resume:
         config = RunConfig.from_json((Path(args.resume) / "config.json").read_text()).replace(out=args.resume)
-        history = run(config, resume=True)
     else:
-        config = config_from_args(args)
-        history = run(config)
+        config = config_from_args(args)  # every option checked here, before anything heavy is imported
+    _quiet_libraries()
+    from fedlora.simulation import run
+
+    history = run(config, resume=bool(args.resume))
     last = history[-1]
     print(f"{config.method} on {config.task}: final {last['global']} after {last['round']} rounds -> {config.out}")
     return 0
@@ -117,6 +117,7 @@ def _demo(args: argparse.Namespace) -> int:
         )
         for method in args.methods
     ]
+    _quiet_libraries()
     for config in configs:
         print(f"== {config.method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}")
         run(config)

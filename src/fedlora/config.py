@@ -38,10 +38,22 @@ def parse_optional_str(text: str) -> str | None:
     return text or None
 
 
+def _task_names() -> list[str]:
+    from fedlora.tasks import available_tasks
+
+    return available_tasks()
+
+
+def _method_names() -> list[str]:
+    from fedlora.aggregation import available_methods
+
+    return available_methods()
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # -- data: what each client holds (data=True: part of the tokenised-data cache key)
-    task: str = option("sst2", "data", "task name (see `fedlora.tasks.available_tasks()`)", data=True)
+    task: str = option("sst2", "data", lambda: f"task: {', '.join(_task_names())}", data=True)
     data_dir: str | None = option(None, "data", "local data folder (GLUE layout for GLUE tasks); unset: "
                                   "$FEDLORA_DATA_DIR, else the Hugging Face hub", parse=parse_optional_str, data=True)
     max_length: int = option(64, "data", "tokens per example (longer ones are truncated)", data=True)
@@ -57,9 +69,9 @@ class RunConfig:
     batch_size: int = option(32, "training", "examples per step")
     lr: float = option(5e-3, "training", "AdamW learning rate on LoRA and head (fresh optimizer each round)")
     # -- federation
-    method: str = option("flora-na", "federation", "aggregation method (see `fedlora.aggregation.available_methods()`)")
-    method_options: dict[str, Any] = option({}, "federation", "method option, repeatable, e.g. solver=adamw",
-                                            pairs=True)
+    method: str = option("flora-na", "federation", lambda: f"aggregation method: {', '.join(_method_names())}")
+    method_options: dict[str, Any] = option({}, "federation", "method option, repeatable, e.g. solver=adamw "
+                                            "(each method's options: README, Methods)", pairs=True)
     rounds: int = option(20, "federation", "federated rounds")
     clients: int = option(10, "federation", "number of clients", data=True)
     alpha: float | None = option(0.5, "federation", "Dirichlet concentration over the task's partition key "

@@ -28,7 +28,7 @@ SECTIONS = ("data", "model", "training", "federation", "evaluation", "runtime", 
 def option(
     default: Any,
     section: str,
-    help: str,
+    help: str | Callable[[], str],
     *,
     parse: Callable[[str], Any] | None = None,
     show: Callable[[Any], str] | None = None,
@@ -40,6 +40,7 @@ def option(
 ) -> Any:
     """A dataclass field with the metadata the derivations read.
 
+    ``help``: one line, or a function giving it (for lists read from a registry when help is shown).
     ``parse``: text → value (default: the field's type from its default: int, float, str).
     ``show``: value → text, the inverse of ``parse`` (for ``--run-config`` and the TOML table).
     ``many``: a tuple of strings (``--target-modules query value``; ``"query value"`` on Flower).
@@ -123,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Mapping[
         group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
         default = (defaults or {}).get(f.name, default_of(f))
         shown = show_value(f, default)
-        help_text = f"{meta['help']} (default: {shown if shown != '' else 'unset'})"
+        text = meta["help"]() if callable(meta["help"]) else meta["help"]
+        help_text = f"{text} (default: {shown if shown != '' else 'unset'})"
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "metavar": meta["metavar"]}
         if meta["many"]:
             group.add_argument(f"--{flag(f.name)}", nargs="+", default=default, **kwargs)
