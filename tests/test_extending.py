@@ -46,3 +46,33 @@ def test_a_new_methods_options_are_checked_from_its_signature(median_method):
     assert RunConfig(method="median", method_options={"min_clients_for_median": "5"}).method_options == {"min_clients_for_median": 5}
     with pytest.raises(ConfigError, match="min_clients_for_median=0 is invalid: must be >= 1"):
         RunConfig(method="median", method_options={"min_clients_for_median": 0})
+
+
+@pytest.fixture(scope="module")
+def reviews_task():
+    from fedlora.tasks import base as task_registry
+
+    module = importlib.import_module("examples.custom_task")
+    yield module
+    task_registry._REGISTRY.pop("reviews", None)  # noqa: SLF001
+
+
+@pytest.mark.slow
+def test_a_new_task_is_one_decorated_class_and_runs_end_to_end(reviews_task, tmp_path):
+    import json
+
+    from fedlora import simulation
+
+    words = {0: ["dull", "awful", "boring", "bad"], 1: ["great", "lovely", "superb", "good"]}
+    for split, n in (("train", 24), ("test", 8)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"a {words[i % 2][i % 4]} film", "label": i % 2}) + "\n")
+    config = RunConfig(task="reviews", data_dir=str(tmp_path), method="fedit", rounds=1, clients=2, local_steps=2,
+                       batch_size=4, max_length=16, eval_local_every=0, out=str(tmp_path / "run"))
+    history = simulation.run(config, progress=False)
+    assert history[-1]["round"] == 1 and 0.0 <= history[-1]["global_metric"] <= 1.0
+    assert history[-1]["clients"] == ["client-0", "client-1"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="--task"):
+        RunConfig(task="reviewz")
