@@ -62,21 +62,27 @@ def write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize(("alias", "name"), [("sst2", "sst2"), ("SST-2", "sst2"), ("sst-2", "sst2"),
                                              ("STS-B", "stsb"), ("CoLA", "cola"), ("glue/mnli", "mnli")])
 def test_task_aliases_resolve_to_canonical_spec(alias: str, name: str) -> None:
-    assert get_task(alias) is fd.TASKS[name]
+    assert fd.get_spec(alias) is fd.TASKS[name]
+    assert get_task(alias).spec is fd.TASKS[name] and get_task(alias) is get_task(name)  # the registry's task
 
 
 def test_task_specs_follow_hub_conventions() -> None:
     assert get_task("stsb").num_labels == 1 and get_task("stsb").metric == "pearson"
     assert get_task("cola").metric == "matthews_correlation"
-    assert get_task("mnli").eval_split == "validation_matched" and get_task("mnli").num_labels == 3
+    assert get_task("mnli").spec.eval_split == "validation_matched" and get_task("mnli").num_labels == 3
     assert get_task("qnli").text_fields == ("question", "sentence")
     assert all(len(s.label_names) == s.num_labels for s in fd.TASKS.values() if s.num_labels > 1)
 
 
 def test_unknown_task_error_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="Unknown GLUE task 'imdb'") as err:
-        get_task("imdb")
+        fd.get_spec("imdb")
     assert all(name in str(err.value) for name in fd.TASKS)
+    with pytest.raises(ValueError, match="Unknown task 'imdb'") as err:
+        get_task("imdb")
+    assert all(name in str(err.value) for name in [*fd.TASKS, "toy"])
+    with pytest.raises(ValueError, match="Unknown GLUE task 'toy'"):  # a task, but not a GLUE one
+        load_glue("toy", GLUE_DIR)
 
 
 # --- loading the real offline files ----------------------------------------------------------------
@@ -248,6 +254,21 @@ def test_partition_real_rte_and_binned_stsb() -> None:
     parts = partition(stsb, 4, 0.5, seed=0)
     assert sum(map(len, parts)) == 5_749
     assert isinstance(parts[0][0]["label"], float)  # binning is for partitioning only
+
+
+def test_partition_skews_over_the_given_keys_not_the_labels() -> None:
+    train = synthetic((300, 300))
+    keys = (np.arange(600) % 3).astype(np.int64)  # a key unrelated to the label
+    relabelled = train.remove_columns("label").add_column("label", keys)
+    by_keys = partition(train, 5, 0.3, seed=2, keys=keys)
+    assert ids(by_keys) == ids(partition(relabelled, 5, 0.3, seed=2))
+    assert ids(by_keys) != ids(partition(train, 5, 0.3, seed=2))
+    with pytest.raises(ValueError, match="integer array of shape"):
+        partition(train, 5, 0.3, seed=2, keys=keys[:-1])
+    keyless = train.remove_columns("label")  # e.g. a generation task: IID only
+    assert sorted(i for p in ids(partition(keyless, 5, None, seed=2)) for i in p) == list(range(600))
+    with pytest.raises(ValueError, match="needs partition keys"):
+        partition(keyless, 5, 0.3, seed=2)
 
 
 def test_partition_rejects_impossible_requests() -> None:

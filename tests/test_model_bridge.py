@@ -298,3 +298,17 @@ def test_train_loss_decreases(model_path: str) -> None:
     preds, labels = evaluate(model, [batch], num_labels=2)
     assert preds.shape == (8, 2) and labels.shape == (8,)
     assert (preds.argmax(1) == labels).mean() == 1.0
+
+
+def test_everything_leaving_the_model_is_a_cpu_float32_copy_whatever_its_dtype() -> None:
+    model = tiny_peft().to(torch.float64)  # stands in for any non-float32 model or device
+    adapter, head = pb.get_adapter(model), pb.get_head(model)
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for p in adapter.values() for t in (p.A, p.B))
+    assert all(t.dtype == torch.float32 for t in head.values())
+    new = random_adapter(model, seed=4)  # float32 in, stored as the parameter's float64
+    pb.set_adapter(model, new)
+    layer = pb.lora_layers(model)["proj"]
+    assert layer.lora_A["default"].weight.dtype == torch.float64
+    assert torch.equal(pb.get_adapter(model)["proj"].A, new["proj"].A)
+    pb.merge_base_delta(model, {"proj": torch.ones(5, 7)})
+    assert pb.merged_base_weights(model)["proj"].dtype == torch.float32

@@ -3,6 +3,7 @@
 Shared by the local simulation engine and the Flower ClientApp, so both train identically.
 Batches for (round, client) are drawn from a generator seeded by (seed, round, client): a
 resumed run, or a client on another machine, sees exactly the same examples in the same order.
+What a batch holds and how the model is scored is the task's business (:mod:`fedlora.tasks`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import datasets
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fedlora.aggregation import Adapter, ClientUpdate, LoraPair, TrainingPolicy
-from fedlora.data import compute_metrics
-from fedlora.data.tasks import TaskSpec
 from fedlora.peft_bridge import get_adapter, get_head, set_adapter, set_head
-from fedlora.training import evaluate, train_local
+from fedlora.runtime import Runtime, runtime_of
+from fedlora.tasks import Collate, Task
+from fedlora.training import train_local
 
 
 def derived_seed(seed: int, round_: int, client: int) -> int:
@@ -29,26 +30,25 @@ def derived_seed(seed: int, round_: int, client: int) -> int:
 
 
 def round_batches(
-    data: datasets.Dataset, steps: int, batch_size: int, seed: int, tokenizer: PreTrainedTokenizerBase
+    data: datasets.Dataset, steps: int, batch_size: int, seed: int, collate: Collate
 ) -> Iterator[dict[str, Tensor]]:
-    """``steps`` padded batches sampled without replacement (cycling if the client is small)."""
+    """``steps`` batches of ``batch_size`` rows sampled without replacement (cycling if the client is
+    small), each made by the task's ``collate``."""
     generator = torch.Generator().manual_seed(seed)
     needed = steps * batch_size
     order = torch.cat([torch.randperm(len(data), generator=generator) for _ in range(-(-needed // len(data)))])
-    collate = DataCollatorWithPadding(tokenizer)
     for step in range(steps):
-        rows = data[order[step * batch_size : (step + 1) * batch_size].tolist()]
-        yield collate([{k: rows[k][i] for k in rows} for i in range(len(rows["labels"]))])
+        index = order[step * batch_size : (step + 1) * batch_size].tolist()
+        rows = data[index]  # {column: values of the selected rows}
+        yield collate([{k: rows[k][i] for k in rows} for i in range(len(index))])
 
 
-def eval_loader(data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int = 128):
-    collate = DataCollatorWithPadding(tokenizer)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
-
-
-def evaluate_on(model: nn.Module, data: datasets.Dataset, task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-    preds, labels = evaluate(model, eval_loader(data, tokenizer), task.num_labels)
-    return compute_metrics(task, preds, labels)
+def evaluate_on(
+    model: nn.Module, data: datasets.Dataset, task: Task, tokenizer: PreTrainedTokenizerBase,
+    runtime: Runtime | None = None,
+) -> dict[str, float]:
+    """The task's metrics on encoded ``data`` (``"main"`` included); ``runtime`` defaults to the model's."""
+    return task.evaluate(model, data, tokenizer, runtime or runtime_of(model))
 
 
 @dataclass
@@ -65,7 +65,7 @@ def train_client(
     client_id: str,
     train: datasets.Dataset,
     local_test: datasets.Dataset | None,
-    task: TaskSpec,
+    task: Task,
     tokenizer: PreTrainedTokenizerBase,
     global_adapter: Adapter,
     global_head: dict[str, Tensor],
@@ -75,15 +75,24 @@ def train_client(
     batch_size: int,
     lr: float,
     seed: int,
+    runtime: Runtime | None = None,
 ) -> ClientResult:
-    """Load the global state (with the client's own B under FedSA-LoRA), train, and report."""
+    """Load the global state (with the client's own B under FedSA-LoRA), train, and report.
+
+    ``runtime`` (device, precision) defaults to the one :func:`fedlora.model.build_model` attached
+    to the model. The update and head come back as CPU float32 tensors.
+    """
+    runtime = runtime or runtime_of(model)
     start = global_adapter
     if policy.local_B and local_B is not None:
         start = {m: LoraPair(A=p.A, B=local_B[m]) for m, p in global_adapter.items()}
     set_adapter(model, start)
     set_head(model, global_head)
-    stats = train_local(model, round_batches(train, steps, batch_size, seed, tokenizer), steps, lr, policy, seed)
-    local_metrics = evaluate_on(model, local_test, task, tokenizer) if local_test is not None and len(local_test) else None
+    batches = round_batches(train, steps, batch_size, seed, task.collate(tokenizer))
+    stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime)
+    local_metrics = None
+    if local_test is not None and len(local_test):
+        local_metrics = evaluate_on(model, local_test, task, tokenizer, runtime)
     update = ClientUpdate(adapter=get_adapter(model), num_examples=len(train), client_id=client_id)
     return ClientResult(update=update, head=get_head(model), loss=float(stats["loss"]), local_metrics=local_metrics)
 
@@ -91,4 +100,3 @@ def train_client(
 def average_heads(heads: list[dict[str, Tensor]], weights: Tensor) -> dict[str, Tensor]:
     """FedAvg of the classifier heads, Σ_u w_u head_u."""
     return {k: sum(float(w) * h[k] for w, h in zip(weights, heads)) for k in heads[0]}
-

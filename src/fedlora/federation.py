@@ -1,8 +1,9 @@
-"""Build the federation from a config: the task's data split into clients, tokenised once.
+"""Build the federation from a config: the task's data split into clients, encoded once.
 
-Client u gets a Dirichlet(α) (or IID) share of the task's training set; 20% of it (by default)
-is held out as u's local test split for personalised accuracy, and the task's dev set is the
-global test set. Everything is a function of ``config.seed``.
+Client u gets a Dirichlet(α) share of the task's training set, skewed over the task's partition
+key (GLUE: the labels), or an IID share; 20% of it (by default) is held out as u's local test
+split for personalised metrics, and the task's test split is the global test set. Everything is
+a function of ``config.seed``; what the rows are and how they are encoded is the task's business.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.config import RunConfig
-from fedlora.data import get_task, label_histogram, load_glue, partition, split_local, tokenize
-from fedlora.data.tasks import TaskSpec
+from fedlora.data.partitioning import partition, split_local
+from fedlora.tasks import Task, get_task
 
 
 @dataclass(frozen=True)
 class ClientData:
     client_id: str
-    train: datasets.Dataset  # tokenised, torch format
-    local_test: datasets.Dataset  # tokenised, capped at config.max_local_eval_examples
+    train: datasets.Dataset  # encoded by the task, torch format
+    local_test: datasets.Dataset  # encoded, capped at config.max_local_eval_examples
 
     @property
     def num_examples(self) -> int:
@@ -31,16 +32,33 @@ class ClientData:
 
 @dataclass(frozen=True)
 class Federation:
-    task: TaskSpec
+    task: Task
     clients: list[ClientData]
-    test: datasets.Dataset  # the global test set (the task's dev split), tokenised
-    histogram: str  # per-client label counts, for the log
+    test: datasets.Dataset  # the global test set (the task's test split), encoded
+    histogram: str  # per-client sizes and partition-key counts, for the log
 
 
 def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Federation:
+    """Load, split, cap and encode ``config.task``'s data for ``config.clients`` clients.
+
+    Reads ``task, data_dir, clients, alpha, seed, max_length, local_test_fraction,
+    max_local_eval_examples, max_eval_examples``.
+
+    Raises:
+        ValueError: the task's data lacks a train or test split, or a Dirichlet split (``alpha``) was
+            asked of a task without a partition key.
+    """
     task = get_task(config.task)
-    raw = load_glue(task, config.data_dir)
-    parts = partition(raw["train"], config.clients, config.alpha, seed=config.seed)
+    raw = task.load(config.data_dir)
+    missing = sorted({"train", "test"} - set(raw))
+    if missing:
+        raise ValueError(f"task {task.name!r} loaded splits {sorted(raw)}; it must provide train and test "
+                         f"(missing {missing})")
+    keys = task.partition_key(raw["train"])
+    if keys is None and config.alpha is not None:
+        raise ValueError(f"task {task.name!r} has no partition key, so it cannot be split with Dirichlet "
+                         f"alpha={config.alpha}; use --alpha iid")
+    parts = partition(raw["train"], config.clients, config.alpha, seed=config.seed, keys=keys)
     clients = []
     for index, part in enumerate(parts):
         local_train, local_test = split_local(part, config.local_test_fraction, seed=config.seed + index)
@@ -48,17 +66,17 @@ def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> F
         clients.append(
             ClientData(
                 client_id=f"client-{index}",
-                train=tokenize(local_train, tokenizer, task, config.max_length),
-                local_test=tokenize(local_test, tokenizer, task, config.max_length),
+                train=task.encode(local_train, tokenizer, config.max_length),
+                local_test=task.encode(local_test, tokenizer, config.max_length),
             )
         )
     test = raw["test"]
     if config.max_eval_examples is not None and len(test) > config.max_eval_examples:
-        # A seeded subsample keeps the label mix of the dev set (its first rows need not).
+        # A seeded subsample keeps the label mix of the test set (its first rows need not).
         test = test.shuffle(seed=config.seed).select(range(config.max_eval_examples))
     return Federation(
         task=task,
         clients=clients,
-        test=tokenize(test, tokenizer, task, config.max_length),
-        histogram=label_histogram(parts, max(task.num_labels, 2) if not task.is_regression else 5),
+        test=task.encode(test, tokenizer, config.max_length),
+        histogram=task.partition_table(parts),
     )

@@ -1,6 +1,8 @@
-"""Load a sequence-classification backbone wrapped with a PEFT LoRA adapter.
+"""Build the run's model: :func:`build_model` (any task), and the sequence-classification loader.
 
-Every client and the server call :func:`load_model` with the same arguments, so the frozen
+:func:`build_model` asks the config's task for its model (:meth:`fedlora.tasks.Task.build_model`)
+and places it on the configured device (:mod:`fedlora.runtime`). :func:`load_model` is the loader
+the classification tasks use. Every client and the server build with the same arguments, so the frozen
 backbone, the initial LoRA factors and the initial classifier head are identical everywhere
 (they are a function of ``seed`` only). Conversions between the PEFT model and fedlora's
 ``{module: LoraPair}`` live in :mod:`fedlora.peft_bridge`, not here.
@@ -15,11 +17,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
+
+from fedlora.runtime import attach_runtime, resolve_runtime
+
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
 
 
 def default_model_path() -> str:
@@ -126,3 +134,24 @@ def load_model(
             ) from exc
     peft_model.eval()
     return peft_model, tokenizer
+
+
+def build_model(config: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The config's task's model with LoRA, on ``config.device`` (parameters float32 at every precision).
+
+    Uses ``task``, ``model``, ``rank``, ``lora_alpha``, ``target_modules``, ``seed``, ``device`` and
+    ``precision``. The model is initialised on the CPU (so it is the same on every device) and then
+    moved; the resolved :class:`~fedlora.runtime.Runtime` is attached to it, and training and
+    evaluation use it unless given another.
+
+    Raises:
+        ValueError: unknown task, or a device/precision this machine cannot run.
+    """
+    from fedlora.tasks import get_task  # local import: the classification task imports this module
+
+    runtime = resolve_runtime(config.device, config.precision)  # before minutes of loading
+    model, tokenizer = get_task(config.task).build_model(
+        config.model, config.rank, config.lora_alpha, list(config.target_modules), config.seed
+    )
+    attach_runtime(model, runtime)
+    return model, tokenizer

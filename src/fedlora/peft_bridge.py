@@ -10,6 +10,12 @@ Head: under ``task_type=SEQ_CLS`` PEFT wraps the classifier in a ``ModulesToSave
 trainable copy ``classifier.modules_to_save.default`` is what :func:`get_head` reads (keys like
 ``"classifier.weight"``) and what PEFT saves with the adapter.
 
+Devices and dtypes: everything that leaves the model (:func:`get_adapter`, :func:`get_head`,
+:func:`merged_base_weights`) is a CPU float32 copy, whatever device the model is on and whatever
+autocast precision it trains in; everything that enters it (:func:`set_adapter`, :func:`set_head`,
+:func:`restore_base_weights`) is copied onto the parameter's own device and dtype. Frozen-weight
+merges are computed in float32.
+
 Merged base weights: :func:`merge_base_delta` changes frozen weights, which a PEFT adapter file
 cannot carry. :func:`save_adapter` therefore also writes the modified weights verbatim
 (``base_weights.safetensors``; verbatim rather than a delta so reloading is bit-exact) plus
@@ -82,20 +88,26 @@ def _check_modules(what: str, given: set[str], expected: set[str]) -> None:
         )
 
 
+def _export(t: Tensor) -> Tensor:
+    """A CPU float32 copy (never a view of a live parameter)."""
+    return t.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
 def get_adapter(model: nn.Module) -> Adapter:
-    """The model's LoRA factors as ``{module: LoraPair(A (r, k), B (d, r))}``, float32 clones."""
+    """The model's LoRA factors as ``{module: LoraPair(A (r, k), B (d, r))}``, CPU float32 clones."""
     adapter = active_adapter_name(model)
     return {
         name: LoraPair(
-            A=layer.lora_A[adapter].weight.detach().to(torch.float32, copy=True),  # (r, k)
-            B=layer.lora_B[adapter].weight.detach().to(torch.float32, copy=True),  # (d, r)
+            A=_export(layer.lora_A[adapter].weight),  # (r, k)
+            B=_export(layer.lora_B[adapter].weight),  # (d, r)
         )
         for name, layer in lora_layers(model).items()
     }
 
 
 def set_adapter(model: nn.Module, adapter: Adapter) -> None:
-    """Copy ``adapter`` into the model in place; every LoRA module must be given, with equal shapes."""
+    """Copy ``adapter`` into the model in place (onto its device and dtype); every LoRA module must be
+    given, with equal shapes."""
     name_ = active_adapter_name(model)
     layers = lora_layers(model)
     _check_modules("adapter", set(adapter), set(layers))
@@ -126,12 +138,12 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def get_head(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable non-LoRA parameters (the classifier head), e.g. ``{"classifier.weight": (C, h)}``."""
-    return {k: p.detach().to(torch.float32, copy=True) for k, p in head_parameters(model).items()}
+    """Trainable non-LoRA parameters (the classifier head), e.g. ``{"classifier.weight": (C, h)}``, CPU float32."""
+    return {k: _export(p) for k, p in head_parameters(model).items()}
 
 
 def set_head(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Copy a :func:`get_head` dict into the model in place (same keys, same shapes)."""
+    """Copy a :func:`get_head` dict into the model in place (same keys, same shapes; onto its device and dtype)."""
     params = head_parameters(model)
     if set(state) != set(params):
         raise KeyError(f"head keys {sorted(state)} do not match the model's head {sorted(params)}")
@@ -152,7 +164,11 @@ def lora_scaling(model: nn.Module, module: str) -> float:
 
 
 def merge_base_delta(model: nn.Module, base_delta: dict[str, Tensor]) -> None:
-    """``W0 += s · delta`` for each module's frozen weight; ``delta`` is product-space, (d, k) = (out, in)."""
+    """``W0 += s · delta`` for each module's frozen weight; ``delta`` is product-space, (d, k) = (out, in).
+
+    The sum is formed in float32 (on the weight's device) and then stored in the weight's dtype,
+    which fedlora keeps float32 at every precision: merged deltas are never rounded to bf16/fp16.
+    """
     layers = lora_layers(model)
     unknown = sorted(set(base_delta) - set(layers))
     if unknown:
@@ -172,19 +188,22 @@ def merge_base_delta(model: nn.Module, base_delta: dict[str, Tensor]) -> None:
             update = lora_scaling(model, name) * delta.detach().to(torch.float32)  # (d, k)
             if layer.fan_in_fan_out:  # GPT-2 Conv1D stores W as (in, out)
                 update = update.T
-            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+            merged_w = weight.to(torch.float32)  # weight itself when it is float32 (always, in fedlora)
+            merged_w.add_(update.to(weight.device))
+            if merged_w is not weight:
+                weight.copy_(merged_w)
             merged.add(name)
     setattr(model, _MERGED_ATTR, merged)
 
 
 def merged_base_weights(model: nn.Module) -> dict[str, Tensor]:
-    """The frozen weights changed by :func:`merge_base_delta` so far, ``{module: W0}`` (clones)."""
+    """The frozen weights changed by :func:`merge_base_delta` so far, ``{module: W0 (d, k)}``, CPU float32 copies."""
     layers = lora_layers(model)
-    return {m: layers[m].get_base_layer().weight.detach().clone() for m in sorted(getattr(model, _MERGED_ATTR, set()))}
+    return {m: _export(layers[m].get_base_layer().weight) for m in sorted(getattr(model, _MERGED_ATTR, set()))}
 
 
 def restore_base_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    """Put back frozen weights saved by :func:`merged_base_weights` (checkpoint resume)."""
+    """Put back frozen weights saved by :func:`merged_base_weights` (checkpoint resume), onto the model's device."""
     layers = lora_layers(model)
     _check_modules("base weights", set(weights), set(weights) & set(layers))
     with torch.no_grad():

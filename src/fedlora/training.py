@@ -1,6 +1,9 @@
-"""Local training and evaluation of a PEFT LoRA classification model.
+"""Local training of a PEFT LoRA model, and the logits loop that classification tasks score.
 
-Thread count is the caller's business (``torch.set_num_threads``); nothing here changes it.
+Training is task-agnostic: a batch is whatever the task's collate made, and ``model(**batch).loss``
+is the objective. Both loops run on ``runtime.device`` under ``runtime.autocast()`` (fp16 with a
+loss scaler); parameters stay float32 (:mod:`fedlora.runtime`). Thread count is the caller's
+business (``torch.set_num_threads``); nothing here changes it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,7 @@ from torch import Tensor, nn
 
 from fedlora.aggregation.types import TrainingPolicy
 from fedlora.peft_bridge import active_adapter_name, head_parameters, lora_layers
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+from fedlora.runtime import Runtime, runtime_of
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
@@ -48,19 +48,24 @@ def train_local(
     policy: TrainingPolicy,
     seed: int,
     weight_decay: float = 0.0,
+    runtime: Runtime | None = None,
 ) -> dict[str, float | int]:
     """Train ``steps`` batches with a fresh AdamW; return ``{"loss", "steps", "examples"}``.
+
+    ``runtime``: device and precision (default: :func:`fedlora.runtime.runtime_of` the model);
+    batches are moved to the device, forward and loss run under its autocast.
 
     ``lora_A`` is frozen when ``policy.train_A`` is False and ``lora_B`` when ``policy.train_B``
     is False; frozen tensors are left out of the optimizer so they stay bit-identical (AdamW's
     weight decay would otherwise still move them). ``requires_grad`` flags are restored after.
-    Each batch is a dict of model inputs including ``labels``. Deterministic given ``seed``.
+    Each batch is a dict of model inputs whose forward returns a loss. Deterministic given ``seed``.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     wanted = _policy_grad_flags(model, policy)
     previous = {p: p.requires_grad for p in wanted}
-    device = next(model.parameters()).device
+    runtime = runtime or runtime_of(model)
+    scaler = runtime.grad_scaler()
     losses: list[float] = []
     examples = 0
     try:
@@ -81,13 +86,19 @@ def train_local(
                 raise ValueError(
                     f"batch iterator ran out after {step} of {steps} steps; pass a cycling iterator"
                 ) from None
-            batch = _to_device(batch, device)
-            loss = model(**batch).loss
+            batch = runtime.to_device(batch)
+            with runtime.autocast():
+                loss = model(**batch).loss
             if loss is None:
                 raise ValueError("model returned no loss; the batch must contain 'labels'")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:  # fp16: scale the loss so small gradients survive, skip steps that overflowed
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             losses.append(float(loss.detach()))
             examples += _batch_size(batch)
     finally:
@@ -99,14 +110,15 @@ def train_local(
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable[dict[str, Any]], num_labels: int
+    model: nn.Module, loader: Iterable[dict[str, Any]], num_labels: int, runtime: Runtime | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over ``loader``.
+    """Logits and labels over ``loader`` (a classification model: its output has ``.logits``).
 
     Returns ``(predictions, labels)``: predictions are (n, num_labels) float32 logits for
-    classification and (n,) for regression (``num_labels == 1``); labels are (n,).
+    classification and (n,) for regression (``num_labels == 1``); labels are (n,). ``runtime``
+    defaults to :func:`fedlora.runtime.runtime_of` the model.
     """
-    device = next(model.parameters()).device
+    runtime = runtime or runtime_of(model)
     was_training = model.training
     model.eval()
     preds: list[np.ndarray] = []
@@ -117,7 +129,8 @@ def evaluate(
             y = batch.pop("labels", batch.pop("label", None))
             if y is None:
                 raise KeyError(f"evaluation batch needs 'labels' (keys: {sorted(batch)})")
-            logits = model(**_to_device(batch, device)).logits  # (b, num_labels)
+            with runtime.autocast():
+                logits = model(**runtime.to_device(batch)).logits  # (b, num_labels)
             if logits.shape[-1] != num_labels:
                 raise ValueError(f"model outputs {logits.shape[-1]} logits but num_labels={num_labels}")
             preds.append(logits.float().cpu().numpy())

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 
 from fedlora.data.glue_files import find_layout, read_file
-from fedlora.data.tasks import TaskSpec, get_task
+from fedlora.data.tasks import TaskSpec, get_spec
 
 DATA_DIR_ENV = "FEDLORA_DATA_DIR"
 HUB_DATASET = "nyu-mll/glue"
@@ -44,7 +44,7 @@ def load_glue(task: str | TaskSpec, data_dir: str | Path | None = None) -> datas
         ValueError: unknown task, or a malformed file (the message gives file and line).
         FileNotFoundError: the directory or a needed file is missing (the message gives the path).
     """
-    spec = get_task(task)
+    spec = get_spec(task)
     root = resolve_data_dir(data_dir)
     if root is None:
         return _load_from_hub(spec)

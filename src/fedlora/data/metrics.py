@@ -8,7 +8,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from fedlora.data.tasks import TaskSpec, get_task
+from fedlora.data.tasks import TaskSpec, get_spec
 
 
 def compute_metrics(task: str | TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -26,7 +26,7 @@ def compute_metrics(task: str | TaskSpec, predictions: np.ndarray, labels: np.nd
         the task's headline metric. A correlation with constant predictions or labels is undefined;
         it is reported as 0.0 (no linear association), like scikit-learn's MCC convention.
     """
-    spec = get_task(task)
+    spec = get_spec(task)
     preds = np.asarray(predictions)
     y = np.asarray(labels).reshape(-1)
     if spec.is_regression:

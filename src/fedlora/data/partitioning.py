@@ -32,11 +32,14 @@ def partition(
     alpha: float | None,
     seed: int,
     min_partition_size: int = 2,
+    keys: np.ndarray | None = None,
 ) -> list[datasets.Dataset]:
     """Split ``train`` into ``num_clients`` disjoint partitions that together cover every row.
 
+    ``keys`` (n,) are the integer keys the Dirichlet skew is drawn over (a task's
+    ``partition_key``); None: the ``label`` column (:func:`partition_labels`), if there is one.
     ``alpha=None`` gives IID shards (rows shuffled with ``seed``, then flwr's ``IidPartitioner``).
-    Otherwise flwr's ``DirichletPartitioner`` draws each label's client proportions from
+    Otherwise flwr's ``DirichletPartitioner`` draws each key's client proportions from
     Dirichlet(alpha); smaller alpha = more skew. It is run with ``self_balancing=False`` (its
     self-balancing renormalisation divides by zero when tiny alphas yield exact-zero proportions)
     and makes up to 11 draws to meet ``min_partition_size``. Small alphas on binary tasks fail that
@@ -57,9 +60,18 @@ def partition(
             f"Cannot give {num_clients} clients at least {max(min_partition_size, 1)} rows each "
             f"from {n} rows; use fewer clients or a smaller min_partition_size."
         )
-    # Partition a small (row id, label) table, not the text: cheaper, and the row ids let us
+    if keys is None:
+        if alpha is not None and "label" not in train.column_names:
+            raise ValueError(f"a Dirichlet split needs partition keys or a 'label' column; the data has "
+                             f"{train.column_names}.")
+        # IID shards ignore the keys: a keyless data set gets a constant one.
+        keys = partition_labels(train) if "label" in train.column_names else np.zeros(n, dtype=np.int64)
+    keys = np.asarray(keys)
+    if keys.shape != (n,) or not np.issubdtype(keys.dtype, np.integer):
+        raise ValueError(f"partition keys must be an integer array of shape ({n},), got {keys.dtype} {keys.shape}.")
+    # Partition a small (row id, key) table, not the text: cheaper, and the row ids let us
     # rebalance and then select from the original dataset with all its columns.
-    table = datasets.Dataset.from_dict({"row": np.arange(n), "label": partition_labels(train)})
+    table = datasets.Dataset.from_dict({"row": np.arange(n), "label": keys})
     if alpha is None:
         rows = _iid_rows(table, num_clients, seed)
     else:

@@ -1,8 +1,15 @@
-"""GLUE task registry: which text columns, how many labels and which metric each task uses."""
+"""GLUE task specs: which text columns, how many labels and which metric each GLUE task uses.
+
+These are the static facts the GLUE readers, tokeniser and metrics need. The engine-facing task
+objects (load, partition, encode, evaluate, build the model) live in :mod:`fedlora.tasks`; its
+GLUE implementation (:mod:`fedlora.tasks.glue`) wraps one :class:`TaskSpec` per task.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from fedlora.tasks.base import normalise_name
 
 
 @dataclass(frozen=True)
@@ -66,22 +73,20 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def _normalise(name: str) -> str:
-    """Fold the spellings people use ("SST-2", "sts_b", "glue/cola") onto the canonical key."""
-    key = name.strip().lower()
-    key = key.removeprefix("glue/").removeprefix("nyu-mll/glue/")
-    return "".join(ch for ch in key if ch.isalnum())
+def get_spec(name: str | TaskSpec | object) -> TaskSpec:
+    """Return the :class:`TaskSpec` for a GLUE task name (case-insensitive; "SST-2", "sst-2", "sst2").
 
-
-def get_task(name: str | TaskSpec) -> TaskSpec:
-    """Return the :class:`TaskSpec` for ``name`` (case-insensitive; "SST-2", "sst-2", "sst2" all work).
+    Also accepts a spec (returned as is) or an object carrying one as ``.spec`` (the GLUE
+    :class:`fedlora.tasks.glue.GlueTask`), so the GLUE helpers take whatever the caller holds.
 
     Raises:
         ValueError: unknown task; the message lists the valid names.
     """
     if isinstance(name, TaskSpec):
         return name
-    spec = TASKS.get(_normalise(str(name)))
+    if isinstance(getattr(name, "spec", None), TaskSpec):
+        return name.spec  # type: ignore[attr-defined]
+    spec = TASKS.get(normalise_name(str(name)))
     if spec is None:
         valid = ", ".join(sorted(TASKS))
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Tokenise GLUE datasets and wrap them in deterministic, dynamically padded DataLoaders."""
+"""Tokenise text-classification datasets (GLUE and the like) and wrap them in deterministic, dynamically padded DataLoaders."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from fedlora.data.tasks import TaskSpec, get_task
+from fedlora.data.tasks import TaskSpec, get_spec
 
 # make_loader's public signature has no tokenizer, yet padding needs one. tokenize() therefore tags
 # its output's DatasetInfo.description (which select/shuffle/train_test_split copy along) with a key
@@ -22,31 +22,48 @@ _TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 def tokenize(
     ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, task: str | TaskSpec, max_length: int
 ) -> datasets.Dataset:
-    """Encode the task's text field(s) (as a pair when there are two) and keep only model inputs.
+    """Encode a GLUE task's text field(s) (as a pair when there are two) and keep only model inputs.
 
     Returns a torch-formatted dataset with ``input_ids``, ``attention_mask``, ``token_type_ids``
     (if the tokenizer produces them) and ``labels`` (int64, or float32 for STS-B). Sequences are
     truncated to ``max_length`` but not padded: :func:`make_loader` pads per batch.
     """
-    spec = get_task(task)
-    missing = [c for c in (*spec.text_fields, "label") if c not in ds.column_names]
+    spec = get_spec(task)
+    return encode_text(ds, tokenizer, spec.text_fields, max_length, name=spec.name, regression=spec.is_regression)
+
+
+def encode_text(
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_fields: tuple[str, ...],
+    max_length: int,
+    *,
+    name: str,
+    regression: bool = False,
+) -> datasets.Dataset:
+    """:func:`tokenize` for any text (pair) classification dataset with columns ``text_fields`` and ``label``.
+
+    ``name`` labels the progress bar and enters the cache fingerprint; ``regression`` casts the
+    labels to float32 (else they stay integer class ids).
+    """
+    missing = [c for c in (*text_fields, "label") if c not in ds.column_names]
     if missing:
-        raise ValueError(f"Dataset for {spec.name!r} lacks columns {missing}; it has {ds.column_names}.")
+        raise ValueError(f"Dataset for {name!r} lacks columns {missing}; it has {ds.column_names}.")
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        enc = tokenizer(*(batch[f] for f in spec.text_fields), truncation=True, max_length=max_length)
+        enc = tokenizer(*(batch[f] for f in text_fields), truncation=True, max_length=max_length)
         enc["labels"] = batch["label"]
         return dict(enc)
 
     # datasets would otherwise fingerprint `encode` by dill-pickling the whole tokenizer on every call:
     # 0.3-0.5 s per split, most of a run's start-up. A hash of what determines the output is enough.
     fingerprint = hashlib.sha256(
-        "|".join(map(str, (ds._fingerprint, spec.name, type(tokenizer).__name__, tokenizer.name_or_path,
+        "|".join(map(str, (ds._fingerprint, name, *text_fields, type(tokenizer).__name__, tokenizer.name_or_path,
                            len(tokenizer), max_length))).encode()
     ).hexdigest()[:32]
-    out = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {spec.name}",
+    out = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {name}",
                  new_fingerprint=fingerprint)
-    if spec.is_regression:
+    if regression:
         out = out.cast_column("labels", datasets.Value("float32"))
     key = f"{type(tokenizer).__name__}@{id(tokenizer):x}"
     _TOKENIZERS[key] = tokenizer
@@ -87,7 +104,7 @@ def _tokenizer_of(tokenized: datasets.Dataset) -> PreTrainedTokenizerBase:
     tokenizer = _TOKENIZERS.get(description.removeprefix(_TAG)) if description.startswith(_TAG) else None
     if tokenizer is None:
         raise ValueError(
-            "make_loader needs the tokenizer for padding: build the dataset with fedlora.data.tokenize "
+            "make_loader needs the tokenizer for padding: build the dataset with fedlora.data.tokenize (or encode_text) "
             "in this process, or pass tokenizer=... explicitly."
         )
     return tokenizer

@@ -1,0 +1,83 @@
+"""Sequence classification (and regression): an encoder, a LoRA adapter and a new head scored on logits.
+
+GLUE and ``toy`` are subclasses: a subclass names its ``text_fields``, ``num_labels`` and
+``metric`` and implements :meth:`~fedlora.tasks.base.Task.load` and :meth:`score`; encoding,
+padding, the model (``AutoModelForSequenceClassification`` + PEFT ``SEQ_CLS``) and the prediction
+loop are shared here. Rows need the ``text_fields`` columns and a ``label`` column (class id, or a
+float score when ``num_labels == 1``).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from fedlora.data.partitioning import partition_labels
+from fedlora.data.tokenization import encode_text
+from fedlora.model import default_model_path, load_model
+from fedlora.runtime import Runtime
+from fedlora.tasks.base import Collate, Task
+from fedlora.training import evaluate as predict
+
+
+class SequenceClassificationTask(Task):
+    """Text (or text-pair) classification with ``num_labels`` classes; ``num_labels == 1`` is regression.
+
+    Attributes:
+        text_fields: the text column(s) fed to the tokenizer, in order (two are encoded as a pair).
+        num_labels: classes of the head; 1 = one regression output trained with MSE.
+        eval_batch_size: rows per evaluation batch (memory only: results do not depend on it).
+    """
+
+    text_fields: tuple[str, ...] = ("sentence",)
+    num_labels: int = 2
+    eval_batch_size: int = 128
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    @abstractmethod
+    def score(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Metrics from logits ``(n, num_labels)`` (``(n,)`` for regression) and labels ``(n,)``,
+        including ``"main"`` (the value of ``self.metric``)."""
+
+    def partition_key(self, train: datasets.Dataset) -> np.ndarray:
+        """Class ids, or regression scores binned to integers (:func:`fedlora.data.partitioning.partition_labels`)."""
+        return partition_labels(train)
+
+    def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
+        """``input_ids``, ``attention_mask`` (, ``token_type_ids``) and ``labels``; truncated, not padded."""
+        return encode_text(ds, tokenizer, self.text_fields, max_length, name=self.name, regression=self.is_regression)
+
+    def collate(self, tokenizer: PreTrainedTokenizerBase) -> Collate:
+        return DataCollatorWithPadding(tokenizer)  # pads each batch to its longest row
+
+    def build_model(
+        self, model: str | None, rank: int, lora_alpha: float, target_modules: Sequence[str], seed: int
+    ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+        """``model`` (default: the bundled all-MiniLM-L6-v2) + LoRA + a ``num_labels`` head, seeded."""
+        return load_model(model or default_model_path(), self.num_labels, rank, lora_alpha, list(target_modules),
+                          seed=seed)
+
+    def evaluate(
+        self, model: nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, runtime: Runtime
+    ) -> dict[str, float]:
+        """Logits over ``data`` in order (no shuffling), then :meth:`score`."""
+        loader = DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate(tokenizer))
+        predictions, labels = predict(model, loader, self.num_labels, runtime)
+        return self.score(predictions, labels)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose argmax over logits ``(n, C)`` equals the label ``(n,)``."""
+    if predictions.ndim != 2 or len(predictions) != len(labels) or len(labels) == 0:
+        raise ValueError(f"predictions {predictions.shape} do not fit labels {labels.shape}; expected (n, C), n > 0")
+    return float(np.mean(predictions.argmax(axis=1) == np.asarray(labels).astype(np.int64)))

@@ -1,0 +1,46 @@
+"""GLUE as tasks: one :class:`GlueTask` per :class:`~fedlora.data.TaskSpec` (sst2, mrpc, ..., stsb).
+
+Everything is delegated to :mod:`fedlora.data`, exactly as the engine did before tasks existed:
+:func:`~fedlora.data.load_glue` (local GLUE files or the hub), the encoding of
+:func:`~fedlora.data.tokenize` (through the shared :func:`~fedlora.data.encode_text`), label
+partitioning and :func:`~fedlora.data.compute_metrics`. Same rows, same partitions, same metrics,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from fedlora.data.loading import load_glue
+from fedlora.data.metrics import compute_metrics
+from fedlora.data.tasks import TASKS, TaskSpec
+from fedlora.tasks.base import register_task
+from fedlora.tasks.classification import SequenceClassificationTask
+
+
+class GlueTask(SequenceClassificationTask):
+    """A GLUE task; ``spec`` holds its static facts (text fields, labels, metric, dev split)."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.text_fields = spec.text_fields
+        self.num_labels = spec.num_labels
+        self.metric = spec.metric
+
+    def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
+        """Train split and labelled dev split (as ``test``); see :func:`fedlora.data.load_glue`."""
+        return load_glue(self.spec, data_dir)
+
+    def score(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Accuracy (+ F1 for MRPC/QQP, MCC for CoLA), Pearson/Spearman for STS-B; see compute_metrics."""
+        return compute_metrics(self.spec, predictions, labels)
+
+    def __repr__(self) -> str:
+        return f"GlueTask({self.spec.name!r})"
+
+
+for _spec in TASKS.values():
+    register_task(_spec.name, spec=_spec)(GlueTask)
