@@ -62,7 +62,7 @@ def plot_runs(paths: list[str | Path], out: Path, prefix: str = "") -> list[Path
 
 
 def _metric_name(config: dict[str, Any]) -> str:
-    from fedlora.data import get_task
+    from fedlora.tasks import get_task
 
     return get_task(config.get("task", "sst2")).metric
 

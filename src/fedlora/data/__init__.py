@@ -8,12 +8,29 @@ implementation built on these modules; ``get_task`` here is that registry's look
 :class:`fedlora.tasks.Task`, whose GLUE ones carry their :class:`TaskSpec` as ``.spec``).
 """
 
-from fedlora.data.loading import DATA_DIR_ENV, load_glue
-from fedlora.data.metrics import compute_metrics
-from fedlora.data.partitioning import label_histogram, partition, split_local
-from fedlora.data.tasks import TASKS, TaskSpec, get_spec
-from fedlora.data.tokenization import encode_text, make_loader, tokenize
-from fedlora.tasks.base import get_task
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Loaded on first use (PEP 562): the config looks task names up through fedlora.tasks, which
+# imports fedlora.data.tasks; that must not pull in datasets, transformers and scikit-learn.
+_HOME = {
+    "DATA_DIR_ENV": "loading", "load_glue": "loading", "compute_metrics": "metrics", "label_histogram": "partitioning",
+    "partition": "partitioning", "split_local": "partitioning", "TASKS": "tasks", "TaskSpec": "tasks",
+    "get_spec": "tasks", "encode_text": "tokenization", "make_loader": "tokenization", "tokenize": "tokenization",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "get_task":
+        from fedlora.tasks.base import get_task
+
+        return get_task
+    if name not in _HOME:
+        raise AttributeError(f"module 'fedlora.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fedlora.data.{_HOME[name]}"), name)
+
 
 __all__ = [
     "DATA_DIR_ENV",

@@ -31,11 +31,10 @@ from transformers import PreTrainedTokenizerBase
 import fedlora.data
 import fedlora.federation
 import fedlora.tasks
+from fedlora.tasks import Task, get_task
 from fedlora.config import RunConfig
 from fedlora.config_schema import data_fields
-from fedlora.data import get_task
 from fedlora.data.loading import resolve_data_dir
-from fedlora.data.tasks import TaskSpec
 from fedlora.federation import ClientData, Federation, build_federation
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
@@ -66,7 +65,7 @@ def _data_code() -> list[ModuleType]:
     return modules
 
 
-def client_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase, partition: int) -> tuple[TaskSpec, ClientData]:
+def client_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase, partition: int) -> tuple[Task, ClientData]:
     """Client ``partition``'s data, identical to ``build_federation(config, tokenizer).clients[partition]``."""
     root = cache_root() / federation_key(config, tokenizer)
     if not (root / "complete").exists():

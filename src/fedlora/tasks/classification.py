@@ -12,19 +12,19 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Sequence
 
-import datasets
-import numpy as np
-from peft import PeftModel
-from torch import nn
-from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
-from fedlora.data.partitioning import partition_labels
-from fedlora.data.tokenization import encode_text
-from fedlora.model import default_model_path, load_model
-from fedlora.runtime import Runtime
+import numpy as np
+
 from fedlora.tasks.base import Collate, Task
-from fedlora.training import evaluate as predict
+
+if TYPE_CHECKING:  # the heavy libraries load when a task is used, not when its name is looked up
+    import datasets
+    from peft import PeftModel
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from fedlora.runtime import Runtime
 
 
 class SequenceClassificationTask(Task):
@@ -51,19 +51,27 @@ class SequenceClassificationTask(Task):
 
     def partition_key(self, train: datasets.Dataset) -> np.ndarray:
         """Class ids, or regression scores binned to integers (:func:`fedlora.data.partitioning.partition_labels`)."""
+        from fedlora.data.partitioning import partition_labels
+
         return partition_labels(train)
 
     def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
         """``input_ids``, ``attention_mask`` (, ``token_type_ids``) and ``labels``; truncated, not padded."""
+        from fedlora.data.tokenization import encode_text
+
         return encode_text(ds, tokenizer, self.text_fields, max_length, name=self.name, regression=self.is_regression)
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Collate:
+        from transformers import DataCollatorWithPadding
+
         return DataCollatorWithPadding(tokenizer)  # pads each batch to its longest row
 
     def build_model(
         self, model: str | None, rank: int, lora_alpha: float, target_modules: Sequence[str], seed: int
     ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
         """``model`` (default: the bundled all-MiniLM-L6-v2) + LoRA + a ``num_labels`` head, seeded."""
+        from fedlora.model import default_model_path, load_model
+
         return load_model(model or default_model_path(), self.num_labels, rank, lora_alpha, list(target_modules),
                           seed=seed)
 
@@ -71,6 +79,10 @@ class SequenceClassificationTask(Task):
         self, model: nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, runtime: Runtime
     ) -> dict[str, float]:
         """Logits over ``data`` in order (no shuffling), then :meth:`score`."""
+        from torch.utils.data import DataLoader
+
+        from fedlora.training import evaluate as predict
+
         loader = DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate(tokenizer))
         predictions, labels = predict(model, loader, self.num_labels, runtime)
         return self.score(predictions, labels)

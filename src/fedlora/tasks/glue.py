@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fedlora.data.loading import load_glue
-from fedlora.data.metrics import compute_metrics
 from fedlora.data.tasks import TASKS, TaskSpec
 from fedlora.tasks.base import register_task
 from fedlora.tasks.classification import SequenceClassificationTask
+
+if TYPE_CHECKING:
+    import datasets
 
 
 class GlueTask(SequenceClassificationTask):
@@ -32,10 +34,14 @@ class GlueTask(SequenceClassificationTask):
 
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         """Train split and labelled dev split (as ``test``); see :func:`fedlora.data.load_glue`."""
+        from fedlora.data.loading import load_glue  # datasets loads when data does, not at name lookup
+
         return load_glue(self.spec, data_dir)
 
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Accuracy (+ F1 for MRPC/QQP, MCC for CoLA), Pearson/Spearman for STS-B; see compute_metrics."""
+        from fedlora.data.metrics import compute_metrics
+
         return compute_metrics(self.spec, predictions, labels)
 
     def __repr__(self) -> str:

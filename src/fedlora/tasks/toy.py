@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from fedlora.tasks.base import register_task
 from fedlora.tasks.classification import SequenceClassificationTask, accuracy
+
+if TYPE_CHECKING:
+    import datasets
 
 GENERATOR_SEED = 20_250_101
 NUM_TRAIN, NUM_TEST = 256, 64  # both even: half of each split per label
@@ -60,6 +64,8 @@ class ToyTask(SequenceClassificationTask):
 
     def load(self, data_dir: str | Path | None = None) -> datasets.DatasetDict:
         """The fixed train/test splits; ``data_dir`` is ignored (the data is generated)."""
+        import datasets
+
         rng = np.random.default_rng(GENERATOR_SEED)
         train = generate(NUM_TRAIN // 2, rng, exclude=set())
         test = generate(NUM_TEST // 2, rng, exclude=set(train[0]))
