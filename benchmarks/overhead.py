@@ -31,7 +31,8 @@ Micro-timings of every candidate overhead (adapter swap, requires_grad flips, se
 construction, row fetch, collation, ...) bound what the code paths can differ by.
 
 ``--try-fixes`` also times proposed replacements monkeypatched into fedlora (``round_batches_fast``;
-with ``--engine-clients``, also ``evaluate_on_sorted``) and checks they give identical batches/metrics.
+with ``--engine-clients``, also the evaluation over length-sorted rows, ``sorted_evaluation``) and
+checks they give identical batches / metrics.
 Also importable: ``main(argv)``.
 """
 
@@ -77,9 +78,8 @@ GOAL = 1.05
 # functions (pstats regex over "file:line(function)") that could make fedlora slower than the plain loop
 _CANDIDATES = (r"round_batches|data_collator.py.*__call__|arrow_dataset.py.*__getitem__|_getitem|"
                r"(set|get)_(adapter|head)|lora_layers|head_parameters|_policy_grad_flags|requires_grad_|manual_seed|"
-               r"optimizer.py.*__init__|adamw.py.*__init__|_to_device|_batch_size|zero_grad|train_local|train_client|"
-               r"plain_round|module.py.*\(train\)|run_backward|optimizer.py.*wrapper|_single_tensor_adamw|"
-               r"\(forward\)|item|__float__")
+               r"optimizer.py.*__init__|adamw.py.*__init__|to_device|_batch_size|zero_grad|train_local|train_client|"
+               r"plain_round|module.py.*\(train\)|autocast|grad_scaler|runtime_of|item|__float__")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -233,56 +233,81 @@ def _record_losses(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _patched(module: Any, name: str, value: Any):
-    old = getattr(module, name)
-    setattr(module, name, value)
+def _patched(owner: Any, name: str, value: Any):
+    """Temporarily replace ``owner.name`` (a module global, or an instance's method)."""
+    own = name in getattr(owner, "__dict__", {})
+    old = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(module, name, old)
+        if own:
+            setattr(owner, name, old)
+        else:
+            delattr(owner, name)
+
+
+def _patched_all(owners: list[Any], name: str, wrap: Callable[[Any], Any]) -> contextlib.ExitStack:
+    """Patch ``name`` in every owner that has it (the engine's functions move between modules)."""
+    stack = contextlib.ExitStack()
+    for owner in owners:
+        if hasattr(owner, name):
+            stack.enter_context(_patched(owner, name, wrap(getattr(owner, name))))
+    return stack
+
+
+def _collate_arg(make_batches: Callable[..., Any], task: Any, tokenizer: Any) -> Any:
+    """What ``round_batches`` takes as its 5th argument: a tokenizer (older fedlora) or the task's collate."""
+    params = list(inspect.signature(make_batches).parameters)
+    if len(params) >= 5 and params[4] == "collate":
+        return task.collate(tokenizer)
+    return tokenizer
 
 
 def _fmt_s(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.2f}"
 
 
-def round_batches_fast(data: Any, steps: int, batch_size: int, seed: int, tokenizer: Any):
+def round_batches_fast(data: Any, steps: int, batch_size: int, seed: int, collate: Any):
     """Proposed ``fedlora.client.round_batches``: identical batches, one Arrow fetch of plain lists.
 
     The current version indexes the torch-formatted dataset once per batch, which converts every row
     to tensors, then hands the collator a list of per-row dicts of tensors. Fetching all rows of the
     round at once without the torch format, and padding the python lists, yields the same tensors.
+    ``collate`` is the collate function (or, as in older fedlora, the tokenizer to pad with).
     """
-    from transformers import DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+    if isinstance(collate, PreTrainedTokenizerBase):
+        collate = DataCollatorWithPadding(collate)
     generator = torch.Generator().manual_seed(seed)
     needed = steps * batch_size
     order = torch.cat([torch.randperm(len(data), generator=generator) for _ in range(-(-needed // len(data)))])
     rows = data.with_format(None)[order[:needed].tolist()]  # {column: list} for the whole round
-    collate = DataCollatorWithPadding(tokenizer)
     for step in range(steps):
         part = slice(step * batch_size, (step + 1) * batch_size)
         yield collate([dict(zip(rows, values)) for values in zip(*(rows[k][part] for k in rows))])
 
 
-def evaluate_on_sorted(model: torch.nn.Module, data: Any, task: Any, tokenizer: Any) -> dict[str, float]:
-    """Proposed ``fedlora.client.evaluate_on``: evaluate longest-first so each batch pads little.
-
-    ``eval_loader`` pads every 128-row batch to its longest row; on the SST-2 dev set that is 1.9x
-    the real tokens. Sorting by length (then restoring the order) gives the same logits up to float
-    round-off (~1e-7) and the same metrics.
-    """
+def by_length(data: Any) -> Any:
+    """``data`` reordered longest row first (a view: ``Dataset.select``)."""
     import numpy as np
 
-    from fedlora.data import compute_metrics
-    from fedlora.training import evaluate
-
     lengths = np.fromiter((len(ids) for ids in data.with_format(None)["input_ids"]), dtype=np.int64, count=len(data))
-    order = np.argsort(-lengths, kind="stable")
-    preds, labels = evaluate(model, fl_client.eval_loader(data.select(order), tokenizer), task.num_labels)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return compute_metrics(task, preds[inverse], labels[inverse])
+    return data.select(np.argsort(-lengths, kind="stable"))
+
+
+def sorted_evaluation(evaluate_on: Callable[..., Any]) -> Callable[..., Any]:
+    """Proposed evaluation: the same ``evaluate_on`` over the rows sorted by length.
+
+    The evaluation loader pads every 128-row batch to its longest row; on the SST-2 dev set that is
+    1.9x the real tokens. Longest-first batches pad little. Every GLUE metric (accuracy, F1, MCC,
+    Pearson, Spearman) is invariant to the order of the rows, and each row's logits do not depend on
+    its batch-mates beyond float round-off (~1e-7), so the metrics are the same.
+    """
+    def evaluate_on_sorted(model: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+        return evaluate_on(model, by_length(data), *args, **kwargs)
+    return evaluate_on_sorted
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -306,7 +331,7 @@ class Bench:
         config = _run_config(task="sst2", data_dir=args.data_dir, method="fedit", clients=args.clients, alpha=0.5,
                              local_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=LR,
                              rank=RANK, lora_alpha=LORA_ALPHA, seed=SEED)
-        phases = {"load_glue": 0.0, "tokenize": 0.0}
+        phases = {"load": 0.0, "encode": 0.0}
 
         def timing(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(*a: Any, **k: Any) -> Any:
@@ -317,19 +342,28 @@ class Bench:
                     phases[name] += time.perf_counter() - start
             return wrapper
 
-        with _patched(fl_federation, "load_glue", timing("load_glue", fl_federation.load_glue)), \
-                _patched(fl_federation, "tokenize", timing("tokenize", fl_federation.tokenize)):
+        with contextlib.ExitStack() as stack:
+            if hasattr(fl_federation, "load_glue"):  # fedlora before task objects
+                stack.enter_context(_patched(fl_federation, "load_glue", timing("load", fl_federation.load_glue)))
+                stack.enter_context(_patched(fl_federation, "tokenize", timing("encode", fl_federation.tokenize)))
+            else:  # the task object loads and encodes; patch the registered instance's methods
+                from fedlora.tasks import get_task
+
+                task = get_task("sst2")
+                stack.enter_context(_patched(task, "load", timing("load", task.load)))
+                stack.enter_context(_patched(task, "encode", timing("encode", task.encode)))
             dt, self.federation = _timed(lambda: fl_federation.build_federation(config, self.tokenizer))
         self.startup.append((f"federation build, `build_federation` ({args.clients} clients, α=0.5)", dt,
-                             f"load_glue {phases['load_glue']:.2f} s + tokenise {phases['tokenize']:.2f} s "
-                             f"+ partition/split {dt - phases['load_glue'] - phases['tokenize']:.2f} s"))
+                             f"load {phases['load']:.2f} s + tokenise {phases['encode']:.2f} s "
+                             f"+ partition/split {dt - phases['load'] - phases['encode']:.2f} s"))
 
         client = self.federation.clients[args.client]
         self.client = client
         self.seed = derived_seed(SEED, 1, args.client)  # round 1 of client `args.client`
         self.policy = _policy()
+        self.collate = _collate_arg(round_batches, self.federation.task, self.tokenizer)
         dt, self.batches = _timed(lambda: list(round_batches(client.train, args.steps, args.batch_size, self.seed,
-                                                             self.tokenizer)))
+                                                             self.collate)))
         self.startup.append((f"pre-build {args.steps} batches (`round_batches`, first call)", dt, "not per round"))
 
         # Both models start every timed round from the same state: fedlora's initial global adapter + head.
@@ -366,11 +400,11 @@ class Bench:
         return float(_call(train_client, **kwargs).loss)
 
     def run_pipeline(self) -> float:
-        list(round_batches(self.client.train, self.args.steps, self.args.batch_size, self.seed, self.tokenizer))
+        list(round_batches(self.client.train, self.args.steps, self.args.batch_size, self.seed, self.collate))
         return float("nan")
 
     def run_pipeline_fast(self) -> float:
-        list(round_batches_fast(self.client.train, self.args.steps, self.args.batch_size, self.seed, self.tokenizer))
+        list(round_batches_fast(self.client.train, self.args.steps, self.args.batch_size, self.seed, self.collate))
         return float("nan")
 
     def run_train_client_fast(self) -> float:
@@ -409,7 +443,7 @@ class Bench:
                 a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
                 for a, b in zip(built, self.batches))
 
-        args = (self.client.train, self.args.steps, self.args.batch_size, self.seed, self.tokenizer)
+        args = (self.client.train, self.args.steps, self.args.batch_size, self.seed, self.collate)
         same_batches = same(list(round_batches(*args)))
         same_fast = same(list(round_batches_fast(*args)))
         loss_diff = max(abs(a - b) for a, b in zip(plain_losses, fed_losses))
@@ -540,66 +574,65 @@ class Bench:
         return out.getvalue()
 
 
-def engine_rounds(args: argparse.Namespace, fixes: bool = False) -> list[dict[str, float]]:
+def engine_rounds(args: argparse.Namespace, fixes: bool = False) -> list[dict[str, Any]]:
     """Two rounds of the real local engine (``fedlora.simulation.run``), wall time split by phase.
 
     Round 2 is the last round, so it also runs the clients' local (personalised) evaluation, as every
-    ``eval_local_every``-th round does (default 5).
+    ``eval_local_every``-th round does (default 5). ``fixes``: with ``round_batches_fast`` and the
+    length-sorted evaluation patched in.
     """
+    import importlib
+
     import fedlora.simulation as sim
 
+    owners: list[Any] = [sim]
+    with contextlib.suppress(ImportError):  # the round protocol moved to fedlora.rounds
+        owners.append(importlib.import_module("fedlora.rounds"))
     phases: dict[str, float] = {}
+    rounds: list[dict[str, Any]] = []
+    mark = [_busy_cpu_seconds(), time.process_time(), time.perf_counter()]
 
-    def timing(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def timing(name: str) -> Callable[[Any], Any]:
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*a: Any, **k: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+            return wrapper
+        return wrap
+
+    def global_eval(fn: Callable[..., Any]) -> Callable[..., Any]:  # the last phase of every round
+        timed = timing("global eval")(sorted_evaluation(fn) if fixes else fn)
+
         def wrapper(*a: Any, **k: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+            out = timed(*a, **k)
+            busy, cpu, now = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+            others = float("nan")
+            if busy is not None and mark[0] is not None:
+                others = max(0.0, (busy - mark[0]) - (cpu - mark[1])) / ((now - mark[2]) * (os.cpu_count() or 1))
+            mark[:] = [busy, cpu, now]
+            rounds.append({**phases, "others": others})
+            phases.clear()
+            return out
         return wrapper
 
-    def client_eval(*a: Any, **k: Any) -> Any:  # evaluate_on called from inside train_client
-        start = time.perf_counter()
-        try:
-            return original_client_eval(*a, **k)
-        finally:
-            phases["local eval (inside train_client)"] = phases.get("local eval (inside train_client)", 0.0) + \
-                time.perf_counter() - start
-
-    original_client_eval = evaluate_on_sorted if fixes else fl_client.evaluate_on
-    records: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as out:
         config = _run_config(task="sst2", data_dir=args.data_dir, method="fedit", rounds=2, clients=args.engine_clients,
                              alpha=0.5, local_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                              lr=LR, rank=RANK, lora_alpha=LORA_ALPHA, seed=SEED, out=out)
-        write_metrics = sim._write_metrics
-
-        mark = [_busy_cpu_seconds(), time.process_time(), time.perf_counter()]
-
-        def per_round(out_dir: Any, history: list[dict[str, Any]]) -> None:
-            write_metrics(out_dir, history)
-            busy, cpu, now = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
-            others = None
-            if busy is not None and mark[0] is not None:
-                others = max(0.0, (busy - mark[0]) - (cpu - mark[1])) / ((now - mark[2]) * (os.cpu_count() or 1))
-            mark[:] = [busy, cpu, now]
-            if history and (not records or records[-1]["round"] != history[-1]["round"]):
-                phases["others"] = others if others is not None else float("nan")
-                records.append({"round": history[-1]["round"], "wall": history[-1]["wall_seconds"], **phases,
-                                "fixes": fixes, "metric": history[-1]["global_metric"],
-                                "loss": history[-1]["train_loss"]})
-                phases.clear()
-
-        with _patched(sim, "train_client", timing("train_client", sim.train_client)), \
-                _patched(fl_client, "evaluate_on", client_eval), \
-                _patched(fl_client, "round_batches", round_batches_fast if fixes else fl_client.round_batches), \
-                _patched(sim, "evaluate_on", timing("global eval", evaluate_on_sorted if fixes else sim.evaluate_on)), \
-                _patched(sim, "server_step", timing("server_step", sim.server_step)), \
-                _patched(sim, "save_state", timing("save_state", sim.save_state)), \
-                _patched(sim, "_write_metrics", per_round):
-            sim.run(config, progress=False)
-    return records
+        local_eval = timing("local eval (inside train_client)")
+        with _patched_all(owners, "train_client", timing("train_client")), \
+                _patched_all(owners, "server_step", timing("server_step")), \
+                _patched_all(owners, "evaluate_on", global_eval), \
+                _patched(fl_client, "evaluate_on", local_eval(sorted_evaluation(fl_client.evaluate_on) if fixes
+                                                              else fl_client.evaluate_on)), \
+                _patched(fl_client, "round_batches", round_batches_fast if fixes else fl_client.round_batches):
+            mark[:] = [_busy_cpu_seconds(), time.process_time(), time.perf_counter()]
+            history = sim.run(config, progress=False)
+    return [{"round": h["round"], "wall": h["wall_seconds"], "fixes": fixes, "metric": h["global_metric"],
+             "loss": h["train_loss"], **r} for h, r in zip(history, rounds)]
 
 
 # ----------------------------------------------------------------------------- report
@@ -657,6 +690,11 @@ def render(args: argparse.Namespace, bench: Bench, check: dict[str, Any], sample
     ratio_steps, ratio_client = statistics.median(pairs[local_name]), statistics.median(pairs[client_pre])
     plain_walls = [s.wall for s in samples[plain_name]]
     spread = (max(plain_walls) - min(plain_walls)) / min(plain_walls)
+    control_name = next((n for n in names if n.startswith("control")), None)
+    control = "n/a"
+    if control_name and pairs.get(control_name):
+        cp = pairs[control_name]
+        control = f"{statistics.median(cp):.3f} [{min(cp):.3f}–{max(cp):.3f}]"
     extra = {kind: sum(per_call * per_round for _, per_call, per_round, k in micro if k == kind)
              for kind in ("local", "swap", "pipeline")}
     lines += [
@@ -664,8 +702,9 @@ def render(args: argparse.Namespace, bench: Bench, check: dict[str, Any], sample
         f"**fedlora / plain per client step (median of per-repeat paired ratios, identical pre-built batches): "
         f"{ratio_steps:.3f} for `train_local`, {ratio_client:.3f} for `train_client` incl. the adapter swap; goal "
         f"≤ {GOAL}: {'met' if max(ratio_steps, ratio_client) <= GOAL else 'NOT met'}.** "
-        f"The plain loop's own samples spread by {100 * spread:.1f}% (max/min − 1), so ratios within that of 1 are "
-        f"timing noise. Work that fedlora does and the plain loop does not, summed from the micro-timings below: "
+        f"Resolution: the plain loop's own samples spread by {100 * spread:.1f}% (max/min − 1), and the control "
+        f"(the plain loop's code on fedlora's model object) has a paired ratio of {control} where 1 is exact, so "
+        f"ratios that far from 1 are timing noise. Work that fedlora does and the plain loop does not, summed from the micro-timings below: "
         f"`train_local` {1000 * extra['local']:.1f} ms + adapter/head swap {1000 * extra['swap']:.1f} ms per round "
         f"= {100 * (extra['local'] + extra['swap']) / mins[plain_name]:.2f}% of the plain round; the batch pipeline "
         f"(a separate row above) adds {100 * mins[pipe] / mins[plain_name]:.2f}%.",
@@ -695,16 +734,17 @@ def render(args: argparse.Namespace, bench: Bench, check: dict[str, Any], sample
             "like every 5th round):",
             "",
             "| engine | round | wall s (`wall_seconds`) | train_client s | of which local eval s | global eval s "
-            "| server_step s | other s | save_state s (after `wall_seconds`) | train loss | global metric | others' CPU |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| server_step s | other s | train loss | global metric | others' CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in engine:
-            # wall_seconds stops before the checkpoint is written, so save_state is outside it
+            # "other": the rest of wall_seconds (adapter swap for evaluation, the record); the checkpoint
+            # is written after wall_seconds stops
             known = r.get("train_client", 0) + r.get("global eval", 0) + r.get("server_step", 0)
             lines.append(f"| {'proposed fixes' if r['fixes'] else 'as is'} | {r['round']} | {r['wall']:.2f} | "
                          f"{r.get('train_client', 0):.2f} | "
                          f"{r.get('local eval (inside train_client)', 0):.2f} | {r.get('global eval', 0):.2f} | "
-                         f"{r.get('server_step', 0):.3f} | {r['wall'] - known:.3f} | {r.get('save_state', 0):.3f} | "
+                         f"{r.get('server_step', 0):.3f} | {r['wall'] - known:.3f} | "
                          f"{r['loss']:.6f} | {r['metric']:.6f} | {100 * r['others']:.0f}% |")
         lines.append("")
         lines.append(f"For scale: {args.engine_clients} × the plain loop's minimum = "
