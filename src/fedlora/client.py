@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import numpy as np
@@ -45,10 +46,11 @@ def round_batches(
 
 def evaluate_on(
     model: nn.Module, data: datasets.Dataset, task: Task, tokenizer: PreTrainedTokenizerBase,
-    runtime: Runtime | None = None,
+    runtime: Runtime | None = None, samples: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """The task's metrics on encoded ``data`` (``"main"`` included); ``runtime`` defaults to the model's."""
-    return task.evaluate(model, data, tokenizer, runtime or runtime_of(model))
+    """The task's metrics on encoded ``data`` (``"main"`` included); ``runtime`` defaults to the model's.
+    A generative task appends what it generated to ``samples`` when given a list."""
+    return task.evaluate(model, data, tokenizer, runtime or runtime_of(model), samples)
 
 
 @dataclass
@@ -76,11 +78,13 @@ def train_client(
     lr: float,
     seed: int,
     runtime: Runtime | None = None,
+    grad_accum: int = 1,
 ) -> ClientResult:
     """Load the global state (with the client's own B under FedSA-LoRA), train, and report.
 
     ``runtime`` (device, precision) defaults to the one :func:`fedlora.model.build_model` attached
-    to the model. The update and head come back as CPU float32 tensors.
+    to the model. ``grad_accum``: micro-batches per step (:func:`fedlora.training.train_local`). The
+    update and head come back as CPU float32 tensors.
     """
     runtime = runtime or runtime_of(model)
     start = global_adapter
@@ -89,7 +93,8 @@ def train_client(
     set_adapter(model, start)
     set_head(model, global_head)
     batches = round_batches(train, steps, batch_size, seed, task.collate(tokenizer))
-    stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime)
+    stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime, micro_batches=grad_accum,
+                        loss_weight=task.loss_weight)
     local_metrics = None
     if local_test is not None and len(local_test):
         local_metrics = evaluate_on(model, local_test, task, tokenizer, runtime)

@@ -38,6 +38,16 @@ def parse_optional_str(text: str) -> str | None:
     return text or None
 
 
+def parse_modules(text: str) -> tuple[str, ...]:
+    """``"q_proj v_proj"`` or ``"q_proj,v_proj"`` → names; ``"auto"`` or ``""`` → () (PEFT's default)."""
+    names = tuple(text.replace(",", " ").split())
+    return () if names in ((), ("auto",)) else names
+
+
+def _show_auto(value: Any) -> Any:
+    return "auto" if value is None else value
+
+
 def _task_names() -> list[str]:
     from fedlora.tasks import available_tasks
 
@@ -56,18 +66,35 @@ class RunConfig:
     task: str = option("sst2", "data", lambda: f"task: {', '.join(_task_names())}", data=True)
     data_dir: str | None = option(None, "data", "local data folder (GLUE layout for GLUE tasks); unset: "
                                   "$FEDLORA_DATA_DIR, else the Hugging Face hub", parse=parse_optional_str, data=True)
-    max_length: int = option(64, "data", "tokens per example (longer ones are truncated)", data=True)
+    max_length: int | None = option(None, "data", "tokens per example, longer ones are truncated ('auto': the task's "
+                                    "default: 64 for GLUE, 512 for the LLM tasks)", parse=parse_optional_int,
+                                    show=_show_auto, data=True)
+    skew: str = option("auto", "data", "what --alpha skews: 'key' = the mix of the task's partition key (GLUE: "
+                       "labels; mathcode: domains), 'quantity' = client sizes (Dirichlet over clients, rows IID), "
+                       "'auto' = key if the task has one, else quantity", data=True)
+    prompt_field: str = option("", "data", "instruct task: the prompt column of your JSON lines (unset: auto-detect "
+                               "prompt/instruction/question/input)", data=True)
+    response_field: str = option("", "data", "instruct task: the response column (unset: auto-detect "
+                                 "response/output/answer/completion)", data=True)
     # -- model and LoRA
     model: str | None = option(None, "model", "hub id or local path; unset: the task's bundled default model",
                                parse=parse_optional_str)
     rank: int = option(8, "model", "LoRA rank r")
     lora_alpha: float = option(16.0, "model", "LoRA alpha (the update is scaled by alpha / r)")
-    target_modules: tuple[str, ...] = option(("query", "value"), "model", "names of the Linear layers LoRA adapts",
-                                             many=True, metavar="NAME")
+    target_modules: tuple[str, ...] = option((), "model", "names of the Linear layers LoRA adapts ('auto': PEFT's "
+                                             "default for the model type: query value on BERT, q_proj v_proj on "
+                                             "Llama/Qwen/Mistral)", many=True, metavar="NAME", parse=parse_modules,
+                                             show=lambda v: " ".join(v) or "auto")
+    load_in_4bit: bool = option(False, "model", "QLoRA: load the frozen base in 4 bit (CUDA + bitsandbytes only; "
+                                "methods that merge into the frozen weights are refused)")
     # -- training on each client, each round
     local_steps: int = option(10, "training", "optimizer steps per client per round")
     batch_size: int = option(32, "training", "examples per step")
     lr: float = option(5e-3, "training", "AdamW learning rate on LoRA and head (fresh optimizer each round)")
+    grad_accum: int = option(1, "training", "micro-batches per step: --batch-size rows are processed in this many "
+                             "pieces (same update, less memory)")
+    gradient_checkpointing: bool = option(False, "training", "recompute activations in the backward pass (less "
+                                          "memory, ~30% slower; models that support it)")
     # -- federation
     method: str = option("flora-na", "federation", lambda: f"aggregation method: {', '.join(_method_names())}")
     method_options: dict[str, Any] = option({}, "federation", "method option, repeatable, e.g. solver=adamw "
@@ -87,6 +114,13 @@ class RunConfig:
     max_eval_examples: int | None = option(None, "evaluation", "cap on the global test set ('all': no cap)",
                                            parse=parse_optional_int, show=lambda v: "all" if v is None else v)
     max_local_eval_examples: int = option(200, "evaluation", "cap on each client's local test split", data=True)
+    max_new_tokens: int = option(256, "evaluation", "LLM tasks: tokens generated per test prompt (greedy); 0: "
+                                 "teacher-forced loss only, no generation")
+    max_eval_generations: int | None = option(None, "evaluation", "LLM tasks: generate for at most this many of "
+                                              "the evaluated examples (the teacher-forced loss uses all; 'all': no cap)",
+                                              parse=parse_optional_int, show=lambda v: "all" if v is None else v)
+    exact_match: bool = option(False, "evaluation", "instruct task: also generate and score exact match against the "
+                               "response (gsm8k, mbpp and humaneval always generate)")
     # -- runtime
     device: str = option("auto", "runtime", "auto, cpu, cuda, cuda:N or mps (auto: cuda when available)")
     precision: str = option("fp32", "runtime", "fp32, bf16 or fp16: autocast for training and evaluation "
@@ -119,6 +153,7 @@ class RunConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SKEWS = ("auto", "key", "quantity")
 
 
 def _require(ok: bool, option: str, value: Any, accepted: str) -> None:
@@ -148,7 +183,9 @@ def _validate(c: RunConfig) -> None:
     except AggregationError as exc:
         raise ConfigError(f"--method-option: {exc}") from None
     object.__setattr__(c, "method_options", checked)  # typed values ("200" -> 200), still frozen afterwards
-    for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "rank", "min_clients"):
+    if isinstance(c.target_modules, (tuple, list)):
+        object.__setattr__(c, "target_modules", parse_modules(" ".join(map(str, c.target_modules))))
+    for name in ("rounds", "clients", "local_steps", "batch_size", "rank", "min_clients", "grad_accum"):
         value = getattr(c, name)
         _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
     _require(_is_int(c.seed), "seed", c.seed, "must be an integer")
@@ -159,7 +196,25 @@ def _validate(c: RunConfig) -> None:
     _require(_is_number(c.lr) and c.lr > 0, "lr", c.lr, "the learning rate must be a finite number > 0")
     _require(_is_number(c.lora_alpha) and c.lora_alpha > 0, "lora_alpha", c.lora_alpha,
              "must be a finite number > 0 (the LoRA scaling is lora_alpha / rank)")
-    _require(len(c.target_modules) > 0, "target_modules", c.target_modules, "name at least one Linear layer, e.g. query value")
+    _require(c.max_length is None or (_is_int(c.max_length) and c.max_length >= 8), "max_length", c.max_length,
+             "must be an integer >= 8 (or 'auto')")
+    _require(c.batch_size % c.grad_accum == 0, "grad_accum", c.grad_accum,
+             f"must divide --batch-size={c.batch_size} (each micro-batch holds batch_size / grad_accum rows)")
+    _require(c.skew in SKEWS, "skew", c.skew, f"use one of {', '.join(SKEWS)}")
+    _require(all(isinstance(m, str) and m for m in c.target_modules), "target_modules", c.target_modules,
+             "names of Linear layers, e.g. query value (or auto)")
+    _require(c.max_eval_generations is None or (_is_int(c.max_eval_generations) and c.max_eval_generations >= 1),
+             "max_eval_generations", c.max_eval_generations, "must be >= 1 (or 'all')")
+    _require(_is_int(c.max_new_tokens) and c.max_new_tokens >= 0, "max_new_tokens", c.max_new_tokens,
+             "must be an integer >= 0 (0: no generation)")
+    for name in ("gradient_checkpointing", "load_in_4bit", "exact_match"):
+        _require(isinstance(getattr(c, name), bool), name, getattr(c, name), "must be true or false")
+    if c.load_in_4bit and get_method(c.method).policy.merges_into_base:
+        _require(False, "load_in_4bit", c.load_in_4bit,
+                 f"--method {c.method} merges each round's residual into the frozen weights, which are 4-bit here "
+                 "and cannot take it; use a method that does not ("
+                 + ", ".join(m for m in available_methods() if not get_method(m).policy.merges_into_base)
+                 + ") or drop --load-in-4bit")
     _require(_is_int(c.eval_local_every) and c.eval_local_every >= 0, "eval_local_every", c.eval_local_every,
              "must be an integer >= 0 (0 disables local evaluation)")
     _require(_is_number(c.local_test_fraction) and 0 < c.local_test_fraction < 1, "local_test_fraction",

@@ -84,7 +84,8 @@ def read_text(f: dataclasses.Field, text: str) -> Any:
     """One field's value from its text form (a CLI word, a ``--run-config`` value)."""
     meta = f.metadata
     if meta["many"]:
-        return tuple(text.replace(",", " ").split())
+        names = tuple(text.replace(",", " ").split())
+        return meta["parse"](" ".join(names)) if meta["parse"] is not None else names
     if meta["pairs"]:
         return dict(parse_pair(t) for t in text.split())
     return _reader(f)(text)
@@ -133,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Mapping[
             kwargs["metavar"] = kwargs["metavar"] or "KEY=VALUE"
             group.add_argument(f"--{flag(f.name).removesuffix('s')}", action="append", type=_pair_arg,
                                default=None, **kwargs)
+        elif isinstance(default_of(f), bool):  # --flag alone means true; --flag false also reads
+            group.add_argument(f"--{flag(f.name)}", type=_arg(f), default=default, nargs="?", const=True, **kwargs)
         else:
             group.add_argument(f"--{flag(f.name)}", type=_arg(f), default=default, **kwargs)
 
@@ -167,7 +170,7 @@ def from_namespace(cls: type, args: argparse.Namespace) -> dict[str, Any]:
         if f.metadata["pairs"]:
             value = dict(value or [])
         elif f.metadata["many"]:
-            value = tuple(value)
+            value = read_text(f, " ".join(value))
         values[f.name] = value
     return values
 

@@ -1,7 +1,8 @@
 """Build the federation from a config: the task's data split into clients, encoded once.
 
 Client u gets a Dirichlet(α) share of the task's training set, skewed over the task's partition
-key (GLUE: the labels), or an IID share; 20% of it (by default) is held out as u's local test
+key (GLUE: the labels; ``mathcode``: the domain) or, with ``--skew quantity``, an IID sample whose
+size is skewed (client shares ~ Dirichlet(α)); or an IID share (``--alpha iid``); 20% of it (by default) is held out as u's local test
 split for personalised metrics, and the task's test split is the global test set. Everything is
 a function of ``config.seed``; what the rows are and how they are encoded is the task's business.
 """
@@ -14,8 +15,8 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.config import RunConfig
-from fedlora.data.partitioning import partition, split_local
-from fedlora.tasks import Task, get_task
+from fedlora.data.partitioning import partition, quantity_partition, split_local
+from fedlora.tasks import Task, task_for
 
 
 @dataclass(frozen=True)
@@ -41,24 +42,28 @@ class Federation:
 def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Federation:
     """Load, split, cap and encode ``config.task``'s data for ``config.clients`` clients.
 
-    Reads ``task, data_dir, clients, alpha, seed, max_length, local_test_fraction,
-    max_local_eval_examples, max_eval_examples``.
+    Reads ``task, data_dir, clients, alpha, skew, seed, max_length, local_test_fraction,
+    max_local_eval_examples, max_eval_examples`` (and the task's own settings, :meth:`Task.configure`).
 
     Raises:
         ValueError: the task's data lacks a train or test split, or a Dirichlet split (``alpha``) was
             asked of a task without a partition key.
     """
-    task = get_task(config.task)
+    task = task_for(config)
+    max_length = config.max_length or task.default_max_length
     raw = task.load(config.data_dir)
     missing = sorted({"train", "test"} - set(raw))
     if missing:
         raise ValueError(f"task {task.name!r} loaded splits {sorted(raw)}; it must provide train and test "
                          f"(missing {missing})")
-    keys = task.partition_key(raw["train"])
-    if keys is None and config.alpha is not None:
-        raise ValueError(f"task {task.name!r} has no partition key, so it cannot be split with Dirichlet "
-                         f"alpha={config.alpha}; use --alpha iid")
-    parts = partition(raw["train"], config.clients, config.alpha, seed=config.seed, keys=keys)
+    keys = task.partition_key(raw["train"]) if config.skew != "quantity" else None
+    if config.alpha is not None and (config.skew == "quantity" or (config.skew == "auto" and keys is None)):
+        parts = quantity_partition(raw["train"], config.clients, config.alpha, seed=config.seed)
+    else:
+        if keys is None and config.alpha is not None:
+            raise ValueError(f"task {task.name!r} has no partition key, so --alpha {config.alpha} cannot skew its "
+                             "mix; use --skew quantity (skewed client sizes) or --alpha iid")
+        parts = partition(raw["train"], config.clients, config.alpha, seed=config.seed, keys=keys)
     clients = []
     for index, part in enumerate(parts):
         local_train, local_test = split_local(part, config.local_test_fraction, seed=config.seed + index)
@@ -66,8 +71,8 @@ def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> F
         clients.append(
             ClientData(
                 client_id=f"client-{index}",
-                train=task.encode(local_train, tokenizer, config.max_length),
-                local_test=task.encode(local_test, tokenizer, config.max_length),
+                train=task.encode(local_train, tokenizer, max_length),
+                local_test=task.encode(local_test, tokenizer, max_length),
             )
         )
     test = raw["test"]
@@ -77,6 +82,6 @@ def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> F
     return Federation(
         task=task,
         clients=clients,
-        test=task.encode(test, tokenizer, config.max_length),
+        test=task.encode(test, tokenizer, max_length),
         histogram=task.partition_table(parts),
     )

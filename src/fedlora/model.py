@@ -101,7 +101,7 @@ def load_model(
     num_labels: int,
     rank: int,
     lora_alpha: float,
-    target_modules: list[str],
+    target_modules: list[str] | None,
     seed: int,
     lora_dropout: float = 0.0,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
@@ -112,8 +112,9 @@ def load_model(
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    if not target_modules:
-        raise ValueError("target_modules is empty; name the Linear layers to adapt, e.g. ['query', 'value']")
+    if target_modules is not None and not target_modules:
+        raise ValueError("target_modules is empty; name the Linear layers to adapt, e.g. ['query', 'value'], "
+                         "or pass None for PEFT's default for the model type")
     # fork_rng: seeding must fix the head and LoRA init without disturbing the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the newly initialised classifier head depends on this
@@ -122,7 +123,7 @@ def load_model(
             task_type=TaskType.SEQ_CLS,
             r=rank,
             lora_alpha=lora_alpha,
-            target_modules=list(target_modules),
+            target_modules=None if target_modules is None else list(target_modules),  # None: PEFT's default
             lora_dropout=lora_dropout,
         )
         torch.manual_seed(seed + 1)  # LoRA A init (kaiming); B starts at zero
@@ -147,10 +148,10 @@ def build_model(config: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     Raises:
         ValueError: unknown task, or a device/precision this machine cannot run.
     """
-    from fedlora.tasks import get_task  # local import: the classification task imports this module
+    from fedlora.tasks import task_for  # local import: the classification task imports this module
 
     runtime = resolve_runtime(config.device, config.precision)  # before minutes of loading
-    model, tokenizer = get_task(config.task).build_model(
+    model, tokenizer = task_for(config).build_model(
         config.model, config.rank, config.lora_alpha, list(config.target_modules), config.seed
     )
     attach_runtime(model, runtime)

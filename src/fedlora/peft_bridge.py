@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -258,13 +259,28 @@ def save_adapter(model: PeftModel, path: str | Path) -> None:
     elif (path / BASE_WEIGHTS_FILE).exists():  # stale file from an earlier save into the same dir
         (path / BASE_WEIGHTS_FILE).unlink()
     config = model.get_base_model().config
+    peft_config = model.peft_config[active_adapter_name(model)]
     meta = {
-        "base_model": model.peft_config[active_adapter_name(model)].base_model_name_or_path,
+        "base_model": peft_config.base_model_name_or_path,
+        "task_type": str(getattr(peft_config.task_type, "value", peft_config.task_type)),  # SEQ_CLS or CAUSAL_LM
         "num_labels": int(config.num_labels),
         "problem_type": config.problem_type,
         "merged_modules": merged,
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _load_base_causal_lm(model: str) -> tuple[Any, PreTrainedTokenizerBase]:
+    """The plain causal LM (float32) and its tokenizer, for an adapter saved from an LLM task."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.model import _resolve
+
+    name, local_only = _resolve(model)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only, dtype=torch.float32), tokenizer
 
 
 def load_model_with_adapter(
@@ -282,7 +298,10 @@ def load_model_with_adapter(
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path / META_FILE} not found; was {path} written by fedlora.peft_bridge.save_adapter?")
     meta = json.loads((path / META_FILE).read_text())
-    base, tokenizer = load_base_model(model or meta["base_model"], meta["num_labels"], meta["problem_type"])
+    if meta.get("task_type") == "CAUSAL_LM":
+        base, tokenizer = _load_base_causal_lm(model or meta["base_model"])
+    else:
+        base, tokenizer = load_base_model(model or meta["base_model"], meta["num_labels"], meta["problem_type"])
     if meta["merged_modules"]:
         with torch.no_grad():
             for key, tensor in load_file(str(path / BASE_WEIGHTS_FILE)).items():

@@ -81,7 +81,7 @@ def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: 
         model, client_id=client.client_id, train=client.train, local_test=client.local_test if plan.local_eval else None,
         task=task, tokenizer=tokenizer, global_adapter=adapter, global_head=head, local_B=None,
         policy=get_method(config.method).policy, steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
-        seed=derived_seed(config.seed, plan.round, index),
+        seed=derived_seed(config.seed, plan.round, index), grad_accum=config.grad_accum,
     )
 
 
@@ -175,7 +175,13 @@ class Server:
 
         set_adapter(self.model, self.state.adapter)
         set_head(self.model, self.state.head)
-        global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer)
+        samples: list[dict[str, Any]] = []
+        global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer,
+                                     samples=samples)
+        if samples:  # what a generative task's model wrote, one JSON line per test prompt
+            (self.out / "generations").mkdir(exist_ok=True)
+            atomic_write_text(self.out / "generations" / f"round-{plan.round:03d}.jsonl",
+                              "".join(json.dumps(s) + "\n" for s in samples))
         record = round_record(plan.round, results, agg.metrics, global_metrics, server_seconds, self.state.head)
         record.update(extra or {})
         record["wall_seconds"] = time.perf_counter() - started

@@ -9,7 +9,7 @@ business (``torch.set_num_threads``); nothing here changes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,27 @@ def _batch_size(batch: dict[str, Any]) -> int:
         if isinstance(batch.get(key), Tensor):
             return int(batch[key].shape[0])
     raise KeyError(f"batch has neither 'labels' nor 'input_ids' tensors (keys: {sorted(batch)})")
+
+
+def split_batch(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
+    """``batch`` cut into ``pieces`` micro-batches along the rows, each trimmed of the padding columns
+    that only the rows of other pieces needed (right padding; left-padded batches are left as they are)."""
+    if pieces == 1:
+        return [batch]
+    rows = _batch_size(batch)
+    if pieces > rows:
+        raise ValueError(f"cannot split a batch of {rows} rows into {pieces} micro-batches; lower --grad-accum")
+    cut = [{k: v.tensor_split(pieces)[i] if isinstance(v, Tensor) else v for k, v in batch.items()}
+           for i in range(pieces)]
+    for piece in cut:
+        mask = piece.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            used = int(torch.nonzero(mask.any(0)).max()) + 1 if mask.any() else mask.shape[1]
+            length = mask.shape[1]
+            for k, v in piece.items():
+                if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == length:
+                    piece[k] = v[:, :used]
+    return cut
 
 
 def _policy_grad_flags(model: nn.Module, policy: TrainingPolicy) -> dict[nn.Parameter, bool]:
@@ -49,8 +70,15 @@ def train_local(
     seed: int,
     weight_decay: float = 0.0,
     runtime: Runtime | None = None,
+    micro_batches: int = 1,
+    loss_weight: Callable[[dict[str, Any]], int] | None = None,
 ) -> dict[str, float | int]:
     """Train ``steps`` batches with a fresh AdamW; return ``{"loss", "steps", "examples"}``.
+
+    Gradient accumulation: with ``micro_batches`` k > 1 each batch is processed as k pieces
+    (:func:`split_batch`) whose losses are weighted by ``loss_weight(piece) / Σ loss_weight`` (default:
+    rows; a causal LM: supervised tokens, :meth:`fedlora.tasks.Task.loss_weight`) before one optimizer
+    step, so the update equals the whole batch's up to float rounding, with 1/k of the activations.
 
     ``runtime``: device and precision (default: :func:`fedlora.runtime.runtime_of` the model);
     batches are moved to the device, forward and loss run under its autocast.
@@ -87,19 +115,27 @@ def train_local(
                     f"batch iterator ran out after {step} of {steps} steps; pass a cycling iterator"
                 ) from None
             batch = runtime.to_device(batch)
-            with runtime.autocast():
-                loss = model(**batch).loss
-            if loss is None:
-                raise ValueError("model returned no loss; the batch must contain 'labels'")
+            pieces = split_batch(batch, micro_batches)
+            weights = [float(loss_weight(p)) if loss_weight else float(_batch_size(p)) for p in pieces]
             optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for piece, weight in zip(pieces, weights):
+                share = weight / sum(weights) if len(pieces) > 1 else 1.0  # x * 1.0 == x: no accumulation, same bits
+                with runtime.autocast():
+                    loss = model(**piece).loss
+                if loss is None:
+                    raise ValueError("model returned no loss; the batch must contain 'labels'")
+                if scaler is None:
+                    (loss * share).backward()
+                else:  # fp16: scale the loss so small gradients survive
+                    scaler.scale(loss * share).backward()
+                step_loss += float(loss.detach()) * share
             if scaler is None:
-                loss.backward()
                 optimizer.step()
-            else:  # fp16: scale the loss so small gradients survive, skip steps that overflowed
-                scaler.scale(loss).backward()
+            else:  # skips the step if the fp16 gradients overflowed
                 scaler.step(optimizer)
                 scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(step_loss)
             examples += _batch_size(batch)
     finally:
         for p, flag in previous.items():

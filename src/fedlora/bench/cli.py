@@ -21,7 +21,7 @@ from typing import Any
 
 from fedlora.bench.presets import PRESETS, STEP_SECONDS, estimate_seconds, get_preset
 
-DEFAULT_DATA_DIR = Path("../shared/data/glue")
+DEFAULT_DATA_DIR = Path("../shared/data")  # the data root: GLUE in glue/, GSM8K in gsm8k/, ...
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -38,7 +38,7 @@ def _override(text: str) -> tuple[str, Any]:
 
 def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", choices=list(PRESETS), help="which grid (see docs/results.md)")
-    p.add_argument("--data-dir", default=None, help=f"GLUE directory; default {DEFAULT_DATA_DIR} if it exists, else $FEDLORA_DATA_DIR")
+    p.add_argument("--data-dir", default=None, help=f"data root (GLUE in glue/, gsm8k/, mbpp/) or a GLUE directory; default {DEFAULT_DATA_DIR} if it exists, else $FEDLORA_DATA_DIR")
     p.add_argument("--out", default=None, help="results directory (default results/<preset>)")
     p.add_argument("--tasks", nargs="+", default=None, help="restrict to these tasks")
     p.add_argument("--methods", nargs="+", default=None, help="restrict to these method labels (or their directory slugs)")

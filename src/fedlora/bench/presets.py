@@ -74,6 +74,19 @@ HEADLINE_BASE: dict[str, Any] = dict(
 ABLATION_BASE = {**HEADLINE_BASE}
 ABLATION_METHODS = (FEDIT, SVD, FLORA_NA)
 
+# The LLM half of the paper (issue 12) at CPU scale: SmolLM2-135M-Instruct, GSM8K and MBPP, every method
+# the paper compares, 3 seeds, 42 runs in <= 90 min on 2 cores (with --workers 2). Per run: 4 clients
+# (quantity skew, Dirichlet 1.0), 2 rounds x 2 local steps at batch 2 x <= 192 tokens; the global
+# teacher-forced loss on 48 test rows every round, greedy generation (96 new tokens) for 8 of them;
+# local evaluation at the last round on 4 rows per client. Exact match / pass@1 of a 135M model at
+# this size are near zero: the teacher-forced loss is the signal (docs/results.md).
+LLM_METHODS = tuple(v for v in ALL_METHODS if v.label != "flora-na (adamw)")
+LLM_BASE: dict[str, Any] = dict(
+    clients=4, alpha=1.0, rounds=2, local_steps=2, batch_size=2, max_length=192, lr=5e-4, rank=8, lora_alpha=16.0,
+    eval_local_every=2, max_eval_examples=48, max_eval_generations=8, max_new_tokens=96,
+    max_local_eval_examples=4,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -100,6 +113,12 @@ PRESETS: dict[str, Preset] = {
         Preset("ablation-rank", "LoRA rank r in {4, 8, 16} (lora_alpha = 2r, so the scaling stays 2)", ("sst2",),
                ABLATION_METHODS, (0, 1, 2), ABLATION_BASE,
                tuple(Setting(f"r={r}", {"rank": r, "lora_alpha": 2.0 * r}) for r in (4, 8, 16))),
+        Preset("llm", "decoder LLM (SmolLM2-135M-Instruct): GSM8K and MBPP, U=4, quantity skew, 7 methods, 3 seeds",
+               ("gsm8k", "mbpp"), LLM_METHODS, (0, 1, 2), LLM_BASE, budget_minutes=90),
+        Preset("llm-quick", "LLM smoke test: GSM8K, 2 clients, 1 round, 1 step, 2 generations", ("gsm8k",),
+               ABLATION_METHODS, (0,),
+               dict(LLM_BASE, clients=2, rounds=1, local_steps=1, eval_local_every=1, max_eval_examples=4,
+                    max_eval_generations=2, max_new_tokens=16, max_local_eval_examples=2)),
         # Communication: formulas at RoBERTa-large / LLaMA-2-7B shapes + one tiny real run per method.
         Preset("comm", "bytes per round: formulas at paper shapes, checked against tiny real runs", ("rte",),
                tuple(v for v in ALL_METHODS if v.label != "flora-na (adamw)"), (0,),
@@ -116,11 +135,44 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}") from None
 
 
+# SmolLM2-135M with LoRA on q/v, 2 threads of this CPU: training ~140 tokens/s, a forward pass ~3x
+# that, greedy decoding ~0.17 s per new token for a batch of 8 prompts; rows average ~0.8 of max_length.
+LLM_TRAIN_TOKENS_PER_S, LLM_FORWARD_TOKENS_PER_S, LLM_DECODE_STEP_S, LLM_FILL = 140.0, 420.0, 0.17, 0.8
+LLM_RUN_OVERHEAD_S = 12.0  # imports, cached model load, tokenising GSM8K
+
+
+def estimate_llm_seconds(config: RunConfig, step_seconds: float = STEP_SECONDS) -> float:
+    """Expected wall time of one LLM-task run: training tokens + teacher-forced rows + decode steps.
+
+    ``step_seconds`` scales the measured rates like the GLUE estimate does (a busy machine is slower).
+    """
+    slow = step_seconds / STEP_SECONDS
+    row = (config.max_length or 512) * LLM_FILL
+    train = config.rounds * config.num_sampled * config.local_steps * config.batch_size * row / LLM_TRAIN_TOKENS_PER_S
+
+    def evaluation(rows: int) -> float:
+        generated = min(rows, config.max_eval_generations or rows)
+        batches = -(-generated // 8)
+        return rows * row / LLM_FORWARD_TOKENS_PER_S + batches * config.max_new_tokens * LLM_DECODE_STEP_S
+
+    total = train + config.rounds * evaluation(config.max_eval_examples or 1000)
+    if config.eval_local_every > 0:
+        local_rounds = len({r for r in range(1, config.rounds + 1) if r % config.eval_local_every == 0 or r == config.rounds})
+        total += local_rounds * config.num_sampled * evaluation(config.max_local_eval_examples)
+    return slow * total + LLM_RUN_OVERHEAD_S
+
+
 def estimate_seconds(config: RunConfig, step_seconds: float = STEP_SECONDS) -> float:
     """Expected wall time of one run (idle machine): train + global/local evaluation + start-up."""
-    scale = config.batch_size * config.max_length / REFERENCE_TOKENS
+    from fedlora.tasks import get_task
+    from fedlora.tasks.causal_lm import CausalLMTask
+
+    if isinstance(get_task(config.task), CausalLMTask):
+        return estimate_llm_seconds(config, step_seconds)
+    max_length = config.max_length or get_task(config.task).default_max_length
+    scale = config.batch_size * max_length / REFERENCE_TOKENS
     train = config.rounds * config.num_sampled * config.local_steps * step_seconds * scale
-    forward_row = step_seconds * FORWARD_FRACTION / 32 * config.max_length / 64
+    forward_row = step_seconds * FORWARD_FRACTION / 32 * max_length / 64
     dev = DEV_ROWS.get(config.task, 1000)
     eval_rows = config.rounds * min(dev, config.max_eval_examples or dev)
     if config.eval_local_every > 0:

@@ -88,6 +88,8 @@ LAYOUTS: dict[str, tuple[str, tuple[Layout, ...]]] = {
 def find_layout(spec: TaskSpec, data_dir: Path) -> tuple[Path, Layout]:
     """Return the task folder and the first layout whose files all exist, else FileNotFoundError."""
     folder_name, layouts = LAYOUTS[spec.name]
+    if not (data_dir / folder_name).is_dir() and (data_dir / "glue" / folder_name).is_dir():
+        data_dir = data_dir / "glue"  # the data root (../shared/data) given: every task takes the same --data-dir
     folder = data_dir / folder_name
     if not data_dir.is_dir():
         raise FileNotFoundError(f"GLUE data directory {data_dir} does not exist. {FIX_HINT}")

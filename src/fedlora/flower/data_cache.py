@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 import fedlora.data
 import fedlora.federation
 import fedlora.tasks
-from fedlora.tasks import Task, get_task
+from fedlora.tasks import Task, task_for
 from fedlora.config import RunConfig
 from fedlora.config_schema import data_fields
 from fedlora.data.loading import resolve_data_dir
@@ -71,7 +71,7 @@ def client_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase, partition
     if not (root / "complete").exists():
         _save(build_federation(config, tokenizer).clients, root)
     client = f"client-{partition}"
-    return get_task(config.task), ClientData(
+    return task_for(config), ClientData(
         client_id=client,
         train=datasets.load_from_disk(str(root / client / "train")),
         local_test=datasets.load_from_disk(str(root / client / "local_test")),

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
     from transformers import PreTrainedTokenizerBase
 
+    from fedlora.config import RunConfig
     from fedlora.runtime import Runtime
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, "Tensor"]]
@@ -55,6 +56,28 @@ class Task(ABC):
 
     name: str = ""
     metric: str = ""
+    default_max_length: int = 64  # tokens per example when the run says --max-length auto
+
+    def configure(self, config: RunConfig) -> Task:
+        """This task with the run's task-specific settings applied (a configured copy; the registered
+        instance is never changed). Default: the task has none and returns itself.
+
+        Generative tasks take e.g. ``max_new_tokens`` and the instruct task its column names here, so
+        that the interface's other methods keep their short signatures.
+        """
+        return self
+
+    def loss_weight(self, batch: dict[str, Any]) -> int:
+        """How much ``batch`` counts in a step's mean loss: its rows (a causal LM: its supervised tokens).
+
+        Gradient accumulation weights each micro-batch's loss by this share, so that k micro-batches
+        give the update of one batch up to float rounding.
+        """
+        for key in ("labels", "input_ids"):
+            value = batch.get(key)
+            if value is not None and hasattr(value, "shape"):
+                return int(value.shape[0])
+        raise KeyError(f"batch has neither 'labels' nor 'input_ids' tensors (keys: {sorted(batch)})")
 
     @abstractmethod
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
@@ -91,11 +114,15 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(
-        self, model: nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, runtime: Runtime
+        self, model: nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, runtime: Runtime,
+        samples: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
         """Score ``model`` on encoded ``data``: ``{metric: value, ..., "main": value of self.metric}``.
 
-        Runs on ``runtime.device`` under ``runtime.autocast()``; leaves the model in its mode.
+        ``main`` is higher-is-better (the engine reports its best round). Runs on ``runtime.device``
+        under ``runtime.autocast()``; leaves the model in its mode. A generative task appends one dict
+        per scored example to ``samples`` when given one (prompt, reference, generation, correct): the
+        engine writes them to the run directory so a user can read what the model says.
         """
 
     def partition_table(self, parts: Sequence[datasets.Dataset]) -> str:
@@ -172,7 +199,14 @@ def available_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def task_for(config: RunConfig) -> Task:
+    """The run's task, configured with its task-specific settings (:meth:`Task.configure`)."""
+    return get_task(config.task).configure(config)
+
+
 def _load_builtin_tasks() -> None:
     # Importing the modules registers the built-in tasks (each decorator runs once).
     import fedlora.tasks.glue  # noqa: F401
+    import fedlora.tasks.instruct  # noqa: F401
+    import fedlora.tasks.llm  # noqa: F401
     import fedlora.tasks.toy  # noqa: F401

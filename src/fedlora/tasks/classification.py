@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -72,13 +71,14 @@ class SequenceClassificationTask(Task):
         """``model`` (default: the bundled all-MiniLM-L6-v2) + LoRA + a ``num_labels`` head, seeded."""
         from fedlora.model import default_model_path, load_model
 
-        return load_model(model or default_model_path(), self.num_labels, rank, lora_alpha, list(target_modules),
+        return load_model(model or default_model_path(), self.num_labels, rank, lora_alpha, list(target_modules) or None,
                           seed=seed)
 
     def evaluate(
-        self, model: nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, runtime: Runtime
+        self, model: nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, runtime: Runtime,
+        samples: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
-        """Logits over ``data`` in order (no shuffling), then :meth:`score`."""
+        """Logits over ``data`` in order (no shuffling), then :meth:`score` (``samples``: not used)."""
         from torch.utils.data import DataLoader
 
         from fedlora.training import evaluate as predict
