@@ -102,8 +102,8 @@ def test_a_task_registered_in_this_file_runs_end_to_end(tmp_path):
     for record in history:
         assert set(record["global"]) == {"hit_rate", "main"} and record["global_metric"] == record["global"]["hit_rate"]
         assert record["global_metric"] in {k / 6 for k in range(7)}  # 6 test rows
-    with pytest.raises(ValueError, match="--alpha iid"):  # no partition key: only IID splits
-        simulation.run(tiny(tmp_path / "skewed", "fedit", task="colours", alpha=0.5), progress=False)
+    with pytest.raises(ValueError, match="--alpha iid"):  # no partition key: no mix to skew
+        simulation.run(tiny(tmp_path / "skewed", "fedit", task="colours", alpha=0.5, skew="key"), progress=False)
 
 
 def test_same_seed_same_run_and_other_seed_differs(tmp_path):

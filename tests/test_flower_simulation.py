@@ -33,6 +33,10 @@ pytestmark = [pytest.mark.slow]
 TINY = dict(task="toy", rounds=2, clients=2, alpha=0.5, local_steps=2, batch_size=4, lr=1e-3,
             max_length=32, eval_local_every=1, max_eval_examples=32, max_local_eval_examples=8, seed=0)
 TINY_SST2 = TINY | dict(task="sst2", data_dir=str(GLUE))
+# A decoder LLM (the tiny GQA Llama of conftest.py) on MBPP: generation, the sandbox and the causal-LM
+# adapter through Flower's messages.
+TINY_MBPP = TINY | dict(task="mbpp", data_dir=str(GLUE.parent), max_length=96, max_eval_examples=4,
+                        max_eval_generations=2, max_new_tokens=6, max_local_eval_examples=2, batch_size=2)
 
 
 def flower_overrides(config: RunConfig, **flower) -> str:
@@ -113,6 +117,27 @@ def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method)
 
     assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
     assert_wire_matches_formula(method, records(out), out / "adapter")
+
+
+def test_flower_runs_an_llm_task_like_the_local_engine(sim_superlink, tmp_path, tiny_llama_path):
+    procs, env = sim_superlink
+    config = RunConfig(method="flora-na", model=tiny_llama_path, out=str(tmp_path / "local"), **TINY_MBPP)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = simulation.run(config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    flower = config.replace(out=str(tmp_path / "flower"))
+    run = subprocess.run(["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower),
+                          "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"],
+                         env=env, capture_output=True, text=True, timeout=480)
+    out = Path(flower.out)
+    assert (out / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
+    assert_same_history(records(out), local)
+    assert {"loss", "pass@1"} <= set(records(out)[-1]["global"])
+    assert (out / "generations" / "round-002.jsonl").read_text() == (Path(config.out) / "generations" / "round-002.jsonl").read_text()
+    assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
 
 
 @pytest.mark.parametrize("method", ["fedex-lora", "fedsa-lora"])

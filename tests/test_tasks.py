@@ -50,6 +50,7 @@ class Cfg:
     data_dir: str | None = None
     clients: int = 2
     alpha: float | None = 0.5
+    skew: str = "auto"
     seed: int = 0
     max_length: int = 32
     local_test_fraction: float = 0.2
@@ -91,16 +92,22 @@ def test_register_task_refuses_duplicates_bad_names_and_non_tasks() -> None:
     assert "notatask" not in available_tasks()
 
 
-def test_a_task_without_a_partition_key_splits_iid_only() -> None:
+def test_a_task_without_a_partition_key_has_its_client_sizes_skewed_not_its_mix() -> None:
     class Keyless(TwentyRows):
         def partition_key(self, train):
             return None
 
+        def encode(self, ds, tokenizer, max_length):
+            return ds
+
     keyless = Keyless()
     keyless.name = "keyless"
-    config = Cfg(task=keyless, clients=2)  # build_federation accepts a Task object as config.task
-    with pytest.raises(ValueError, match="--alpha iid"):
+    config = Cfg(task=keyless, clients=2, skew="key")  # build_federation accepts a Task object as config.task
+    with pytest.raises(ValueError, match="--skew quantity .* or --alpha iid"):
         build_federation(config, tokenizer=None)
+    federation = build_federation(Cfg(task=keyless, clients=2), tokenizer=None)  # skew auto: quantity
+    sizes = [len(c.train) + len(c.local_test) for c in federation.clients]
+    assert sum(sizes) == 16 and min(sizes) >= 2
     table = keyless.partition_table([keyless.load(None)["train"]])
     assert table.splitlines() == ["client   n", "     0  16"]
 

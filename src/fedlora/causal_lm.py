@@ -24,7 +24,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.model import _resolve
+from fedlora.model import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,9 @@ def load_causal_lm(
             raise ValueError("--load-in-4bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
                              f"this machine has {' and '.join(lacks)}")
     try:
-        name, local_only = _resolve(model)
+        name, local_only = resolve_model(model)
     except FileNotFoundError:
-        if os.path.exists(os.path.expanduser(model)):  # a file: _resolve's message says to pass the folder
+        if os.path.exists(os.path.expanduser(model)):  # a file: resolve_model's message says to pass the folder
             raise
         raise FileNotFoundError(f"model path {model!r} does not exist; pass an existing checkpoint folder (config.json + weights), "
                                 "a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or omit --model for the offline default "

@@ -30,8 +30,8 @@ def parse_alpha(text: str) -> float | None:
 
 
 def parse_optional_int(text: str) -> int | None:
-    """``""``, ``"0"`` or ``"all"`` → None (no cap), else the integer."""
-    return None if text.strip().lower() in ("", "0", "all", "none") else int(text)
+    """``""``, ``"0"``, ``"all"`` or ``"auto"`` → None (no cap / the task's default), else the integer."""
+    return None if text.strip().lower() in ("", "0", "all", "none", "auto") else int(text)
 
 
 def parse_optional_str(text: str) -> str | None:

