@@ -47,6 +47,23 @@ def test_run_summary_and_mean_std_over_seeds_on_hand_made_records():
     assert "| sst2 (accuracy) | svd | 1 | 0.5500 |" in table
 
 
+def test_llm_runs_get_loss_columns_and_paired_loss_differences_glue_runs_do_not():
+    def run(label: str, seed: int, loss: float) -> dict:
+        records = [{**record(1, 0.0, 0.0), "global": {"loss": loss + 0.1}, "local_loss_mean": loss + 0.2},
+                   {**record(2, 0.0, 0.0), "global": {"loss": loss}, "local_loss_mean": loss + 0.1}]
+        return {**stats.summarize_records(records), "task": "gsm8k", "label": label, "seed": seed}
+
+    runs = [run("fedit", 0, 1.30), run("fedit", 1, 1.20), run("flora-na", 0, 1.25), run("flora-na", 1, 1.21)]
+    assert runs[0]["final_loss"] == 1.30 and runs[0]["local_loss"] == pytest.approx(1.45)
+    table = stats.markdown_table(stats.aggregate_rows(runs), {"gsm8k": "exact_match"})
+    assert "final loss" in table and "1.2500 ± 0.0707" in table
+    paired = stats.paired_rows(runs)
+    assert paired[0]["d_final_loss"] == pytest.approx(-0.02) and paired[0]["loss_wins"] == 1  # lower on seed 0 only
+    assert "Δ final loss vs fedit" in stats.paired_table(paired, {"gsm8k": "exact_match"})
+    glue = [{**stats.summarize_records([record(1, 0.5)]), "task": "sst2", "label": "fedit", "seed": 0}]
+    assert "loss" not in stats.markdown_table(stats.aggregate_rows(glue), {"sst2": "accuracy"})
+
+
 def test_closed_form_bytes_equal_round_bytes_at_paper_shapes():
     rows = {(r["model"], r["method"]): r for r in comm.formula_rows(list(comm.CLOSED_FORM))}  # asserts inside
     fedit = rows[("RoBERTa-large", "fedit")]

@@ -1,7 +1,7 @@
 """One line of ``metrics.jsonl``: what a round did, written identically by both engines.
 
 Fields: round, clients, global metrics (and ``global_metric``, the task's main one), local
-(personalised) metrics per client and their mean, train loss, the aggregation's divergence and
+(personalised) metrics per client and their mean (and the mean local loss, for tasks that report one), train loss, the aggregation's divergence and
 its Eckart–Young bound, solve/server seconds, LoRA and total bytes up/down (the classifier head
 travels both ways), rejected clients with reasons, and whether the round was skipped.
 """
@@ -22,6 +22,8 @@ def round_record(
 ) -> dict[str, Any]:
     """One line of metrics.jsonl; the Flower ServerApp writes the same fields."""
     locals_ = {r.update.client_id: r.local_metrics["main"] for r in results if r.local_metrics is not None}
+    # LLM tasks: the teacher-forced loss on each client's held-out share (their main metric is near 0 on small models)
+    local_losses = [r.local_metrics["loss"] for r in results if r.local_metrics is not None and "loss" in r.local_metrics]
     head_bytes = sum(t.numel() for t in head.values()) * 4 * len(results)  # the head travels both ways (FedAvg)
     return {
         "round": round_,
@@ -30,6 +32,7 @@ def round_record(
         "global_metric": global_metrics["main"],
         "local_metric_mean": float(np.mean(list(locals_.values()))) if locals_ else None,
         "local_metric": locals_ or None,
+        "local_loss_mean": float(np.mean(local_losses)) if local_losses else None,
         "train_loss": float(np.mean([r.loss for r in results])) if results else None,
         "divergence": agg_metrics["divergence"],
         "eckart_young_bound": agg_metrics["eckart_young_bound"],

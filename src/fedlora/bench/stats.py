@@ -19,12 +19,15 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("best", "best", ".4f"),
     ("local", "local (mean)", ".4f"),
     ("gap", "local − global", "+.4f"),
+    ("final_loss", "final loss", ".4f"),
+    ("local_loss", "local loss", ".4f"),
     ("divergence", "mean divergence", ".4g"),
     ("bound", "mean SVD bound", ".4g"),
     ("mb_up", "MB up/round", ".3f"),
     ("mb_down", "MB down/round", ".3f"),
     ("server_s", "server s/round", ".3f"),
 )
+OPTIONAL = {"final_loss", "local_loss"}  # only tasks that report a loss (the LLM tasks) fill these
 
 
 def summarize_records(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -35,9 +38,13 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, float]:
     local_rounds = [r for r in records if r.get("local_metric_mean") is not None]
     local = statistics.fmean(r["local_metric_mean"] for r in local_rounds) if local_rounds else math.nan
     gap = statistics.fmean(r["local_metric_mean"] - r["global_metric"] for r in local_rounds) if local_rounds else math.nan
+    local_losses = [r["local_loss_mean"] for r in records if r.get("local_loss_mean") is not None]
     return {
         "rounds": len(records),
         "final": records[-1]["global_metric"],
+        # LLM tasks: teacher-forced loss (lower is better); nan for tasks that report none (GLUE)
+        "final_loss": float(records[-1].get("global", {}).get("loss", math.nan)),
+        "local_loss": statistics.fmean(local_losses) if local_losses else math.nan,
         "best": max(r["global_metric"] for r in records),
         "local": local,
         "gap": gap,
@@ -58,6 +65,8 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
         return math.nan, math.nan
     if len(values) == 1:
         return float(values[0]), math.nan
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan  # statistics.stdev cannot take a nan
     return statistics.fmean(values), statistics.stdev(values)
 
 
@@ -84,11 +93,13 @@ def _cell(mean: float, std: float, fmt: str, n: int) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], metric_names: dict[str, str]) -> str:
-    header = ["task (metric)", "method", "seeds"] + [title for _, title, _ in COLUMNS]
+    """Columns no run has a value for (the losses on GLUE) are left out."""
+    columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(not math.isnan(r[c[0]]) for r in rows)]
+    header = ["task (metric)", "method", "seeds"] + [title for _, title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"{row['task']} ({metric_names.get(row['task'], '?')})", row["label"], str(row["n"])]
-        cells += [_cell(row[k], row[f"{k}_std"], fmt, row["n"]) for k, _, fmt in COLUMNS]
+        cells += [_cell(row[k], row[f"{k}_std"], fmt, row["n"]) for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,10 +139,11 @@ def paired_rows(runs: list[dict[str, Any]], baseline: str = "fedit") -> list[dic
             groups.setdefault((run["task"], run["label"]), []).append((run, base))
     rows = []
     for (task, label), pairs in groups.items():
-        diff = {key: [r[key] - b[key] for r, b in pairs] for key in ("final", "best", "divergence")}
+        diff = {key: [r.get(key, math.nan) - b.get(key, math.nan) for r, b in pairs]
+                for key in ("final", "best", "divergence", "final_loss")}
         row: dict[str, Any] = {"task": task, "label": label, "n": len(pairs),
                                "wins": sum(d > 0 for d in diff["final"]), "ties": sum(d == 0 for d in diff["final"]),
-                               "losses": sum(d < 0 for d in diff["final"])}
+                               "losses": sum(d < 0 for d in diff["final"]), "loss_wins": sum(d < 0 for d in diff["final_loss"])}
         for key, values in diff.items():
             row[f"d_{key}"], row[f"d_{key}_std"] = mean_std(values)
         rows.append(row)
@@ -139,8 +151,10 @@ def paired_rows(runs: list[dict[str, Any]], baseline: str = "fedit") -> list[dic
 
 
 def paired_table(rows: list[dict[str, Any]], metric_names: dict[str, str], baseline: str = "fedit") -> str:
+    with_loss = any(not math.isnan(r["d_final_loss"]) for r in rows)  # LLM tasks: lower loss is better
     header = ["task (metric)", "method", "paired seeds", f"Δ final vs {baseline}", f"Δ best vs {baseline}",
               "wins / ties / losses (final)", f"Δ mean divergence vs {baseline}"]
+    header += [f"Δ final loss vs {baseline}", "lower loss (seeds)"] if with_loss else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"{row['task']} ({metric_names.get(row['task'], '?')})", row["label"], str(row["n"]),
@@ -148,6 +162,9 @@ def paired_table(rows: list[dict[str, Any]], metric_names: dict[str, str], basel
                  _cell(row["d_best"], row["d_best_std"], "+.4f", row["n"]),
                  f"{row['wins']} / {row['ties']} / {row['losses']}",
                  _cell(row["d_divergence"], row["d_divergence_std"], "+.4g", row["n"])]
+        if with_loss:
+            cells += [_cell(row["d_final_loss"], row["d_final_loss_std"], "+.4f", row["n"]),
+                      f"{row['loss_wins']} / {row['n']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
