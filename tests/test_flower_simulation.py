@@ -63,6 +63,16 @@ def assert_same_history(flower: list[dict], local: list[dict], rel: float = 1e-5
         assert f["local_metric"] == pytest.approx(l["local_metric"], abs=1e-6)
 
 
+def run_locally(config: RunConfig) -> list[dict]:
+    """The local engine on one thread, as in the Ray workers (1 CPU each): the same float summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return simulation.run(config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sim_superlink(tmp_path_factory):
     """A simulation-mode SuperLink on a free loopback port, and the `flwr` connection to it."""
@@ -99,12 +109,7 @@ def assert_wire_matches_formula(method: str, flower: list[dict], adapter: Path) 
 def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method):
     procs, env = sim_superlink
     config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the Ray workers (1 CPU each): the same float summation order
-    try:
-        local = simulation.run(config, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    local = run_locally(config)
 
     flower_config = config.replace(out=str(tmp_path / "flower"))
     cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower_config),
@@ -122,12 +127,7 @@ def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method)
 def test_flower_runs_an_llm_task_like_the_local_engine(sim_superlink, tmp_path, tiny_llama_path):
     procs, env = sim_superlink
     config = RunConfig(method="flora-na", model=tiny_llama_path, out=str(tmp_path / "local"), **TINY_MBPP)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = simulation.run(config, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    local = run_locally(config)
     flower = config.replace(out=str(tmp_path / "flower"))
     run = subprocess.run(["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower),
                           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"],
@@ -148,12 +148,7 @@ def test_flower_resume_continues_the_run(sim_superlink, tmp_path, method):
     from the server's checkpoint."""
     procs, env = sim_superlink
     config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = simulation.run(config, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    local = run_locally(config)
     flower = config.replace(out=str(tmp_path / "flower"))
     federation = "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"
     for rounds, resume in ((1, False), (2, True)):

@@ -227,3 +227,5 @@ def test_llm_options_are_validated_up_front() -> None:
     with pytest.raises(ConfigError, match="max-new-tokens"):
         RunConfig(max_new_tokens=-1)
     assert RunConfig(target_modules=("auto",)).target_modules == ()
+    with pytest.raises(ConfigError, match="decoder-LLM tasks only"):
+        RunConfig(task="sst2", load_in_4bit=True)

@@ -174,9 +174,14 @@ def _validate(c: RunConfig) -> None:
     from fedlora.tasks import available_tasks, get_task
 
     try:
-        get_task(c.task)
+        task = get_task(c.task)
     except (KeyError, ValueError):
         _require(False, "task", c.task, f"use one of {', '.join(available_tasks())}")
+    from fedlora.tasks.causal_lm import CausalLMTask  # light: numpy only
+
+    for name in ("load_in_4bit", "gradient_checkpointing"):
+        _require(not getattr(c, name) or isinstance(task, CausalLMTask), name, getattr(c, name),
+                 f"is implemented for the decoder-LLM tasks only, not {task.name!r}")
     _require(c.method in available_methods(), "method", c.method, f"use one of {', '.join(available_methods())}")
     try:
         checked = get_method(c.method).check_options(c.method_options)
