@@ -122,13 +122,13 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path, monkeypat
     calls = {"global": 0}
     real = get_task("toy").evaluate
 
-    def crash_in_round_two(model, data, tokenizer, runtime):
+    def crash_in_round_two(model, data, tokenizer, runtime, samples=None):
         # The 32-row global test set (local test splits hold 8): crash in round 2's global evaluation,
         # after aggregation and the frozen-weight merge, before the checkpoint.
         calls["global"] += len(data) == crashing.max_eval_examples
         if calls["global"] == 2:
             raise KeyboardInterrupt("simulated crash during round 2")
-        return real(model, data, tokenizer, runtime)
+        return real(model, data, tokenizer, runtime, samples)
 
     monkeypatch.setattr(get_task("toy"), "evaluate", crash_in_round_two)
     with pytest.raises(KeyboardInterrupt):
