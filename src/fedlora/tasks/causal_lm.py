@@ -251,9 +251,9 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The chat template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), if the vocabulary has one."""
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        index = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(index, int) and index != tokenizer.unk_token_id and index >= 0:
-            return index
-    return None
+    """The id of what closes an assistant turn in the chat template (``<|im_end|>``, ``<|eot_id|>``...), when it
+    is one token; generation stops there as well as at eos."""
+    from fedlora.causal_lm import end_of_turn
+
+    ids = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None
