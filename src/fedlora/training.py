@@ -36,8 +36,8 @@ def split_batch(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
     rows = _batch_size(batch)
     if pieces > rows:
         raise ValueError(f"cannot split a batch of {rows} rows into {pieces} micro-batches; lower --grad-accum")
-    cut = [{k: v.tensor_split(pieces)[i] if isinstance(v, Tensor) else v for k, v in batch.items()}
-           for i in range(pieces)]
+    parts = {k: v.tensor_split(pieces) for k, v in batch.items() if isinstance(v, Tensor)}  # each tensor split once
+    cut = [{k: parts[k][i] if k in parts else v for k, v in batch.items()} for i in range(pieces)]
     for piece in cut:
         mask = piece.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2:
