@@ -89,6 +89,9 @@ def aggregate(
     min_clients: int = 1,
     norm_bound: float | None = DEFAULT_NORM_BOUND,
     max_num_examples: int = MAX_NUM_EXAMPLES,
+    round_index: int = 1,
+    state: dict[str, Tensor] | None = None,
+    client_ranks: dict[str, int] | None = None,
     **options: Any,
 ) -> AggregationResult:
     """Aggregate one round of client updates into the next global adapter.
@@ -143,6 +146,7 @@ def aggregate(
             metrics={"method": method, "num_clients": len(updates), "skipped": True, "rejected": rejected,
                      "divergence": float("nan"), "eckart_young_bound": float("nan"), "solve_seconds": 0.0,
                      "bytes_up": 0, "bytes_down": 0},
+            state=dict(state or {}),
         )
 
     out_dtype = next(iter(global_adapter.values())).A.dtype
@@ -152,6 +156,8 @@ def aggregate(
     weights = client_weights(u64, weighting, device=server)
     if "authors" in spec.weightings:
         options["weighting"] = weighting
+    if spec.policy.stateful:
+        options["state"] = {k: v.to(device=server, dtype=SERVER_DTYPE) for k, v in (state or {}).items()}
 
     start = time.perf_counter()
     try:
@@ -167,7 +173,8 @@ def aggregate(
 
     # Divergence is always measured against the example-weighted T, whatever the method solved for.
     report = divergence_report(result.adapter, u64, client_weights(u64, "examples", device=server), result.base_delta)
-    bytes_up, bytes_down = round_bytes(spec.policy, global_adapter, len(u64))
+    ranks = None if client_ranks is None else [client_ranks.get(u.client_id, _rank(global_adapter)) for u in u64]
+    bytes_up, bytes_down = round_bytes(spec.policy.for_round(round_index), global_adapter, len(u64), ranks)
     metrics = {
         "method": method,
         "num_clients": len(u64),
@@ -186,4 +193,9 @@ def aggregate(
         base_delta={m: d.to(device=device, dtype=out_dtype) for m, d in result.base_delta.items()},
         metrics=metrics,
         extras=_to_device(result.extras, device),
+        state={k: v.to(device=device, dtype=torch.float32) for k, v in result.state.items()},
     )
+
+
+def _rank(adapter: Adapter) -> int:
+    return next(iter(adapter.values())).rank

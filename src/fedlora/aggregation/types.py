@@ -9,7 +9,7 @@ is merged into a frozen weight (see :func:`fedlora.peft_bridge.merge_base_delta`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -63,12 +63,15 @@ class AggregationResult:
     ``metrics``: at least ``divergence``, ``eckart_young_bound``, ``solve_seconds``,
     ``bytes_up`` and ``bytes_down`` (per round, all clients, float32 on the wire).
     ``extras``: method-specific details (FLoRA-NA's p, q, objective trace, ...).
+    ``state``: what a stateful method (``TrainingPolicy.stateful``) keeps on the server for the next
+    round, e.g. the error-feedback residual; the engines checkpoint it and pass it back as ``state``.
     """
 
     adapter: Adapter
     base_delta: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,14 @@ class TrainingPolicy:
     ``needs_individual_updates``: the server must see each client's factors (products B_u A_u,
     SVDs, coefficients per client); False when sums of uploads suffice, which is what secure
     aggregation (Flower's SecAgg+) can deliver.
+    ``download_full_adapter``: clients download both factors every round, whatever they upload: the
+    server changes a factor the clients do not upload (FedSVD's A), or the uploads alternate (RoLoRA).
+    ``alternate``: the trained (and uploaded) factor alternates by round: B in odd rounds (A frozen;
+    B starts at zero, so A's gradient would be zero), A in even rounds (B frozen). See :meth:`for_round`.
+    ``stateful``: the method keeps tensors on the server between rounds (``state`` in and out).
+    ``mixed_ranks``: clients may train lower ranks than the server's (zero-padded at the boundary,
+    :mod:`fedlora.aggregation.ranks`); False where a client-held or frozen factor would not survive
+    the mapping.
     """
 
     train_A: bool = True
@@ -99,6 +110,18 @@ class TrainingPolicy:
     download_stacked: bool = False
     server_seed: bool = False
     needs_individual_updates: bool = True
+    download_full_adapter: bool = False
+    alternate: bool = False
+    stateful: bool = False
+    mixed_ranks: bool = True
+
+    def for_round(self, round_: int) -> "TrainingPolicy":
+        """The policy of round ``round_`` (1-based): itself, or for an alternating method the half that trains."""
+        if not self.alternate:
+            return self
+        if round_ % 2 == 1:
+            return replace(self, train_A=False, upload_A=False, alternate=False)
+        return replace(self, train_B=False, upload_B=False, alternate=False)
 
     @property
     def download(self) -> str:
