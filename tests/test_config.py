@@ -15,7 +15,7 @@ from fedlora.config_schema import data_fields, flag
 from fedlora.flower.config import FLOWER_OUT, FlowerOptions, app_config_table, run_config_from_flower, run_config_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-NON_DEFAULT = dict(task="rte", max_length=40, rank=4, lora_alpha=8.0, target_modules=("query", "key", "value"),
+NON_DEFAULT = dict(task="rte", max_length=40, rank=4, lora_alpha=8.0, client_ranks=(2, 4, 3), rank_map="svd", target_modules=("query", "key", "value"),
                    local_steps=3, batch_size=5, lr=1e-3, method="flora-na",
                    method_options={"solver": "adamw", "steps": 7, "weighting": "authors"}, rounds=4, clients=3,
                    alpha=None, fraction=0.5, min_clients=2, seed=11, eval_local_every=2, local_test_fraction=0.3,
@@ -35,7 +35,7 @@ def as_cli(config: RunConfig) -> list[str]:
             for k, v in value.items():
                 argv += ["--method-option", f"{k}={v}"]
         elif f.metadata["many"]:
-            argv += [f"--{flag(f.name)}", *value]
+            argv += [f"--{flag(f.name)}", *map(str, value)]
         elif value is not None or f.metadata["show"]:  # unset without a spelling: leave the flag out
             shown = f.metadata["show"](value) if f.metadata["show"] else value
             argv += [f"--{flag(f.name)}", str(shown)]

@@ -2,7 +2,7 @@
 
 The checkpoint holds everything a round depends on: the global adapter and head, the frozen
 weights changed by merged ``base_delta`` (FedEx-LoRA, FLoRA), every FedSA-LoRA client's private
-B, and the metrics history (so ``metrics.jsonl`` can be rewritten exactly on resume). JSON
+B, a stateful method's server-side tensors (svd-ef's residual), and the metrics history (so ``metrics.jsonl`` can be rewritten exactly on resume). JSON
 fields live in the safetensors metadata. Writes go to a temporary file then ``os.replace``, so a
 crash leaves either the previous checkpoint or the new one, never half of one.
 """
@@ -34,6 +34,7 @@ class ServerState:
     local_B: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # client -> module -> (d, r)
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics record per round
     init_seed: int = -1  # seed of the last server-drawn adapter re-init (FLoRA); -1: the initial adapter
+    method_state: dict[str, Tensor] = field(default_factory=dict)  # a stateful method's tensors (svd-ef's residual)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -59,6 +60,7 @@ def save_state(state: ServerState, directory: Path) -> Path:
     tensors.update({f"base/{k}": v for k, v in state.base_weights.items()})
     for client, Bs in state.local_B.items():
         tensors.update({f"localB/{client}/{m}": B for m, B in Bs.items()})
+    tensors.update({f"method/{k}": v for k, v in state.method_state.items()})
     meta = {"round": state.round, "history": state.history, "init_seed": state.init_seed}
     path = directory / CHECKPOINT_FILE
     tmp = path.with_name(path.name + ".tmp")
@@ -92,6 +94,8 @@ def load_state(directory: Path) -> ServerState:
             state.head[rest] = value
         elif kind == "base":
             state.base_weights[rest] = value
+        elif kind == "method":
+            state.method_state[rest] = value
         elif kind == "localB":
             client, _, module = rest.partition("/")
             state.local_B.setdefault(client, {})[module] = value

@@ -44,6 +44,12 @@ def parse_modules(text: str) -> tuple[str, ...]:
     return () if names in ((), ("auto",)) else names
 
 
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """``"2 4 8"`` or ``"2,4,8"`` → (2, 4, 8); ``""`` or ``"none"`` → () (every client at --rank)."""
+    words = text.replace(",", " ").split()
+    return () if words in ([], ["none"]) else tuple(int(w) for w in words)
+
+
 def _show_auto(value: Any) -> Any:
     return "auto" if value is None else value
 
@@ -81,6 +87,13 @@ class RunConfig:
                                parse=parse_optional_str)
     rank: int = option(8, "model", "LoRA rank r")
     lora_alpha: float = option(16.0, "model", "LoRA alpha (the update is scaled by alpha / r)")
+    client_ranks: tuple[int, ...] = option((), "model", "per-client LoRA ranks <= --rank: one per client, or a list "
+                                           "each client's rank is drawn from (seeded); unset: every client trains "
+                                           "--rank", many=True, metavar="R", parse=lambda text: parse_ranks(text),
+                                           show=lambda v: " ".join(map(str, v)))
+    rank_map: str = option("truncate", "model", "how the server's rank-R adapter reaches a lower-rank client: "
+                           "'truncate' (HetLoRA: its first r components) or 'svd' (FlexLoRA: best rank-r "
+                           "approximation of the product)")
     target_modules: tuple[str, ...] = option((), "model", "names of the Linear layers LoRA adapts ('auto': PEFT's "
                                              "default for the model type: query value on BERT, q_proj v_proj on "
                                              "Llama/Qwen/Mistral)", many=True, metavar="NAME", parse=parse_modules,
@@ -188,6 +201,7 @@ def _validate(c: RunConfig) -> None:
     except AggregationError as exc:
         raise ConfigError(f"--method-option: {exc}") from None
     object.__setattr__(c, "method_options", checked)  # typed values ("200" -> 200), still frozen afterwards
+    _validate_ranks(c)
     if isinstance(c.target_modules, (tuple, list)):
         object.__setattr__(c, "target_modules", parse_modules(" ".join(map(str, c.target_modules))))
     for name in ("rounds", "clients", "local_steps", "batch_size", "rank", "min_clients", "grad_accum"):
@@ -236,6 +250,27 @@ def _validate(c: RunConfig) -> None:
     if c.model is not None and (c.model.startswith((".", "/", "~")) or Path(c.model).exists()):
         _require(Path(c.model).expanduser().is_dir(), "model", c.model,
                  "no such model directory; give a hub id or a local model folder")
+
+
+def _validate_ranks(c: RunConfig) -> None:
+    from fedlora.aggregation import get_method
+    from fedlora.aggregation.ranks import RANK_MAPS
+
+    if isinstance(c.client_ranks, list):
+        object.__setattr__(c, "client_ranks", tuple(c.client_ranks))
+    _require(isinstance(c.client_ranks, tuple) and all(_is_int(r) and 1 <= r <= c.rank for r in c.client_ranks)
+             if _is_int(c.rank) else True, "client_ranks", c.client_ranks,
+             f"each rank must be an integer in [1, --rank={c.rank}] (the server keeps the largest rank)")
+    _require(c.rank_map in RANK_MAPS, "rank_map", c.rank_map, f"use one of {', '.join(RANK_MAPS)}")
+    if not any(r != c.rank for r in c.client_ranks):
+        return
+    policy = get_method(c.method).policy
+    _require(policy.mixed_ranks, "client_ranks", c.client_ranks,
+             f"--method {c.method} does not support mixed client ranks; drop --client-ranks or use one of "
+             + ", ".join(m for m in _method_names() if get_method(m).policy.mixed_ranks))
+    _require(c.rank_map == "truncate" or (policy.train_A and not policy.private_factors), "rank_map", c.rank_map,
+             f"--method {c.method} keeps a frozen or client-held factor that an SVD re-factorisation would replace; "
+             "use --rank-map truncate")
 
 
 def _validate_device(device: str) -> None:

@@ -24,7 +24,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec, get_method
+from fedlora.aggregation.ranks import assign_ranks, is_mixed, pad, restrict, to_client
 from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
 from fedlora.client import ClientResult, derived_seed, evaluate_on, train_client
 from fedlora.config import RunConfig
@@ -80,7 +81,7 @@ def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: 
     return train_client(
         model, client_id=client.client_id, train=client.train, local_test=client.local_test if plan.local_eval else None,
         task=task, tokenizer=tokenizer, global_adapter=adapter, global_head=head, local_B=None,
-        policy=get_method(config.method).policy, steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
+        policy=get_method(config.method).policy.for_round(plan.round), steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         seed=derived_seed(config.seed, plan.round, index), grad_accum=config.grad_accum,
     )
 
@@ -104,6 +105,9 @@ class Server:
         # Engines whose clients hold their own frozen weights (Flower) need every merge a client
         # has missed; the local engine shares one model, so it keeps none.
         self.merges: dict[int, BaseMerge] | None = {} if keep_merges else None
+        ranks = assign_ranks(config.client_ranks, config.clients, config.rank, config.seed)
+        self.mixed_ranks = is_mixed(ranks, config.rank)
+        self.rank_of = {c.client_id: r for c, r in zip(federation.clients, ranks)}
 
     @classmethod
     def open(cls, config: RunConfig, model: PeftModel, tokenizer: Any, federation: Federation, *,
@@ -147,11 +151,26 @@ class Server:
                          local_eval=every > 0 and (round_ % every == 0 or round_ == self.config.rounds), options=options)
 
     def client_start(self, client_id: str) -> tuple[Adapter, dict[str, Tensor]]:
-        """The adapter and head ``client_id`` starts its round from (its private factors included)."""
+        """The adapter and head ``client_id`` starts its round from (its private factors included).
+
+        With mixed ranks: mapped to the client's rank (``--rank-map``) and zero-padded back to the
+        server's, the form a rank-r_u client trains in (:mod:`fedlora.aggregation.ranks`).
+        """
+        adapter = self.state.adapter
+        rank = self.rank_of.get(client_id, self.config.rank)
+        if rank < self.config.rank:
+            adapter = pad(to_client(adapter, rank, self.config.rank_map), self.config.rank)
         private = self.state.local_B.get(client_id)
-        if private is None:
-            return self.state.adapter, self.state.head
-        return {m: LoraPair(A=p.A, B=private[m]) for m, p in self.state.adapter.items()}, self.state.head
+        if private is not None:
+            adapter = {m: LoraPair(A=p.A, B=private[m]) for m, p in adapter.items()}
+        return adapter, self.state.head
+
+    def bounded(self, results: list[ClientResult]) -> list[ClientResult]:
+        """Each result with the components beyond its client's rank zeroed: a client changes only what it holds."""
+        if not self.mixed_ranks:
+            return results
+        return [replace(r, update=replace(r.update, adapter=restrict(r.update.adapter, self.rank_of[r.update.client_id])))
+                for r in results]
 
     def sends_private(self, client_id: str) -> bool:
         """Whether a client that does not hold its private factors must download them: it has its own
@@ -163,7 +182,10 @@ class Server:
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Aggregate, merge, evaluate, record and checkpoint round ``plan.round``; returns its record."""
         server_start = time.perf_counter()
+        results = self.bounded(results)
+        ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
         agg, head = server_step(self.config.method, self.state.adapter, results, min_clients=self.config.min_clients,
+                                round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
                                 **plan.options)
         failpoint("aggregate", plan.round)
         if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
@@ -202,6 +224,8 @@ class Server:
                     stacked={m: p.to(torch.float32) for m, p in stacked.items()} if stacked else None)
         if self.spec.policy.server_seed:
             self.state.init_seed = int(plan.options["seed"])
+        if self.spec.policy.stateful:
+            self.state.method_state = agg.state
         self.state.adapter, self.state.head = agg.adapter, head
 
     def pending_merges(self, version: int) -> dict[int, BaseMerge]:

@@ -5,8 +5,8 @@ are the single source of what a value may be:
 
 * ``Literal["als", "adamw"]``: one of these strings;
 * ``int`` / ``float``: a finite number (strings from a command line are converted; booleans are
-  refused for numbers), optionally bounded with ``Annotated[int, AtLeast(1)]`` or
-  ``Annotated[float, GreaterThan(0)]``;
+  refused for numbers), optionally bounded with ``Annotated[int, AtLeast(1)]``,
+  ``Annotated[float, GreaterThan(0)]`` or ``Annotated[float, AtLeast(0), AtMost(1)]``;
 * ``bool``: ``True``/``False`` (or the strings "true"/"false").
 
 :func:`check_options` is called both when a run's configuration is built (so
@@ -43,6 +43,16 @@ class GreaterThan:
 
     def check(self, value: float) -> str | None:
         return None if value > self.low else f"must be > {self.low:g}"
+
+
+@dataclass(frozen=True)
+class AtMost:
+    """Annotated bound: value <= ``high``."""
+
+    high: float
+
+    def check(self, value: float) -> str | None:
+        return None if value <= self.high else f"must be <= {self.high:g}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fedlora.aggregation import Adapter, LoraPair, get_method
 from fedlora.aggregation.api import SERVER_DTYPE
+from fedlora.aggregation.ranks import pad, truncate
 from fedlora.aggregation.methods.flora import reinitialised
 from fedlora.config import ConfigError, RunConfig
 from fedlora.federation import ClientData
@@ -115,15 +116,16 @@ def train(msg: Message, context: Context) -> Message:
     config, _ = run_config_from_flower(context.run_config)
     partition = _partition(context, config)
     proc = _process(config)
-    policy = get_method(config.method).policy
     settings = msg.content["config"]
+    policy = get_method(config.method).policy.for_round(int(settings["server-round"]))
     plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options={})
     version = _sync_base(proc, context.state, _deltas(msg.content))
+    rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
 
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
-    own = _own_factors(_global_init(proc.initial, int(settings["init-seed"])), local_B)
+    own = truncate(_own_factors(_global_init(proc.initial, int(settings["init-seed"])), local_B), rank)
     received, global_head = record_to_model(msg.content["arrays"], missing_from=own)
-    start = _own_factors(received, local_B)  # a private factor the client holds beats a copy from the server
+    start = pad(_own_factors(received, truncate_B(local_B, rank)), config.rank)  # a private factor held here wins
     if partition not in proc.clients:
         proc.clients[partition] = client_data(config, proc.tokenizer, partition)
     task, client = proc.clients[partition]
@@ -134,10 +136,11 @@ def train(msg: Message, context: Context) -> Message:
                "train-loss": result.loss, "base-version": version}
     metrics.update({f"local.{k}": float(v) for k, v in (result.local_metrics or {}).items()})
     adapter = result.update.adapter
-    content = RecordDict({"arrays": model_record(adapter, result.head, A=policy.upload_A, B=policy.upload_B),
+    sent = truncate(adapter, rank)
+    content = RecordDict({"arrays": model_record(sent, result.head, A=policy.upload_A, B=policy.upload_B),
                           "metrics": MetricRecord(metrics)})
     if policy.private_factors:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
-        content["eval-B"] = model_record(adapter, {}, A=False)
+        content["eval-B"] = model_record(sent, {}, A=False)
     return Message(content, reply_to=msg)
 
 
@@ -160,6 +163,11 @@ def _global_init(initial: Adapter, seed: int) -> Adapter:
         return initial
     like = {m: LoraPair(A=p.A.to(SERVER_DTYPE), B=p.B.to(SERVER_DTYPE)) for m, p in initial.items()}
     return {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in reinitialised(like, seed).items()}
+
+
+def truncate_B(local_B: dict[str, Tensor] | None, rank: int) -> dict[str, Tensor] | None:
+    """The client's private B (stored at the server's rank) cut to its own ``rank`` columns."""
+    return None if local_B is None else {m: B[:, :rank] for m, B in local_B.items()}
 
 
 def _own_factors(adapter: Adapter, local_B: dict[str, Tensor] | None) -> Adapter:

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedlora.aggregation import ClientUpdate
+from fedlora.aggregation.ranks import pad, truncate
 from fedlora.client import ClientResult
 from fedlora.flower.config import FlowerOptions
 from fedlora.flower.wire import WireBytes, content_bytes, deltas_record, model_record, record_to_model, stacked_record
@@ -46,7 +47,7 @@ class FedLoraStrategy(FedAvg):
             min_available_nodes=options.min_available_nodes or config.clients,
         )
         self.server = server
-        self.policy = server.spec.policy
+        self.policy = server.spec.policy  # the run's; a round's is self.policy.for_round(t) (RoLoRA alternates)
         self.offset = server.state.round  # rounds completed before this Flower run (resume)
         self.connect_timeout = options.round_timeout  # how long round 1 waits for min_available_nodes SuperNodes
         self.partition_of: dict[int, int] = {}  # node id -> partition id
@@ -98,16 +99,20 @@ class FedLoraStrategy(FedAvg):
         """One client's download: the factors that travel, its missing merges, and the round's config."""
         client_id = self.server.federation.clients[partition].client_id
         adapter, head = self.server.client_start(client_id)
-        # Down travels what goes up (round_bytes' convention). A factor that does not travel the
-        # client builds itself: FFA-LoRA's frozen A is the seeded init, a stacking method's global
-        # adapter is the re-init drawn from init-seed, private factors are the client's own.
+        rank = self.server.rank_of[client_id]
+        # Down travels what goes up (round_bytes' convention), or both factors where the policy says
+        # so (FedSVD, RoLoRA). A factor that does not travel the client builds itself: FFA-LoRA's
+        # frozen A is the seeded init, a stacking method's global adapter is the re-init drawn from
+        # init-seed, private factors are the client's own. Mixed ranks: only the client's r_u components.
+        policy = self.policy.for_round(plan.round)
         send_private = node not in self.holds_private and self.server.sends_private(client_id)
-        factors = not self.policy.download_stacked
+        factors = not policy.download_stacked
+        full = policy.download_full_adapter
         content = RecordDict({
-            "arrays": model_record(adapter, head, A=factors and self.policy.upload_A,
-                                   B=factors and (self.policy.upload_B or send_private)),
+            "arrays": model_record(truncate(adapter, rank), head, A=factors and (policy.upload_A or full),
+                                   B=factors and (policy.upload_B or full or send_private)),
             "config": ConfigRecord({"server-round": plan.round, "local-eval": plan.local_eval, "partition-id": partition,
-                                    "init-seed": self.server.state.init_seed}),
+                                    "init-seed": self.server.state.init_seed, "client-rank": rank}),
         })
         content.update(_merge_records(self.server.pending_merges(self.base_version.get(node, 0))))
         return content
@@ -161,9 +166,12 @@ class FedLoraStrategy(FedAvg):
         # Factors that did not travel are the ones the client started from (FFA-LoRA's frozen A);
         # private ones come in "eval-B", for the server's evaluation-only global model.
         own, _ = self.server.client_start(client_id)
+        rank = self.server.rank_of[client_id]
+        own = truncate(own, rank)  # what travels is the client's r_u components; padded back below
         if "eval-B" in msg.content:
             own, _ = record_to_model(msg.content["eval-B"], missing_from=own)
         adapter, head = record_to_model(msg.content["arrays"], missing_from=own)
+        adapter = pad(adapter, self.server.config.rank)
         local = {k.removeprefix("local."): float(v) for k, v in m.items() if k.startswith("local.")} or None
         update = ClientUpdate(adapter=adapter, num_examples=int(m["num-examples"]), client_id=client_id)
         return ClientResult(update=update, head=head, loss=float(m["train-loss"]), local_metrics=local)

@@ -27,7 +27,8 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 
 @register_method(
     "flora",
-    policy=TrainingPolicy(download_stacked=True, server_seed=True),
+    # Mixed ranks: the stacked download would carry every client's zero-padded blocks; not implemented.
+    policy=TrainingPolicy(download_stacked=True, server_seed=True, mixed_ranks=False),
     summary="stack factors, merge T into W0, re-initialise LoRA (Wang et al. 2024)",
 )
 def flora(
