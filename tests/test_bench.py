@@ -85,7 +85,8 @@ def test_slugs_and_selection():
 def test_quick_preset_end_to_end_then_rerun_skips_finished_runs(tmp_path, capsys):
     out = tmp_path / "quick"
     assert main(["bench", "--preset", "quick", "--data-dir", str(GLUE), "--out", str(out)]) == 0
-    for name in ("results.md", "results.csv", "runs.csv", "global_metric.png", "divergence.png", "local_vs_global.png"):
+    for name in ("results.md", "results.csv", "runs.csv", "global_metric.png", "divergence.png", "local_vs_global.png",
+                 "frontier.png"):
         assert (out / name).stat().st_size > 0, name
     preset = get_preset("quick")
     jobs = expand(preset, out, str(GLUE))

@@ -5,6 +5,8 @@ divergence.png      aggregation divergence vs round per method, dashed: that met
                     bound (the best any rank-r aggregate could do with the same client updates;
                     the paper's Figure 2 plus the oracle reviewers asked for)
 local_vs_global.png final global metric vs mean local metric per method (bars, error bars = std)
+frontier.png        accuracy per byte: final global metric (mean ± std over seeds) against the LoRA MB per
+                    round, up + down, all clients; one fixed colour and marker per method
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
         for ax, (task, labels) in zip(axes, grouped.items()):
             for label, seeds in labels.items():
                 rounds, mean, std = _curve(seeds, key)
-                (line,) = ax.plot(rounds, mean, marker="o", ms=3, label=label)
+                (line,) = ax.plot(rounds, mean, ms=4, label=label, **method_style(label))
                 ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
                 if key == "divergence":
                     _, bound, _ = _curve(seeds, "eckart_young_bound")
@@ -84,7 +86,44 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     written.append(_save(fig, out / "local_vs_global.png"))
+    written.append(plot_frontier(runs, out, metric_names))
     return written
+
+
+# A fixed style per method, so a method keeps its colour and marker in every plot.
+_COLOURS = plt.get_cmap("tab20").colors
+_MARKERS = "osD^v<>pXh*P8d"
+
+
+def method_style(label: str) -> dict[str, Any]:
+    """Colour and marker of a method label ("flora-na", "flora-na [alpha=0.1]" share them)."""
+    from fedlora.aggregation import available_methods
+
+    name = label.partition(" [")[0]
+    known = available_methods() + ["flora-na (adamw)"]
+    index = known.index(name) if name in known else sum(map(ord, name))
+    return {"color": _COLOURS[index % len(_COLOURS)], "marker": _MARKERS[index % len(_MARKERS)]}
+
+
+def plot_frontier(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str], title: str = "") -> Path:
+    """Final global metric against MB per round (up + down), one point per method, ± std over seeds."""
+    grouped = _by_task_label(runs)
+    fig, axes = _panels(len(grouped))
+    for ax, (task, labels) in zip(axes, grouped.items()):
+        for label, seeds in labels.items():
+            finals = [records[-1]["global_metric"] for records in seeds]
+            mb = [np.mean([r["lora_bytes_up"] + r["lora_bytes_down"] for r in records]) / 1e6 for records in seeds]
+            std = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
+            ax.errorbar(np.mean(mb), np.mean(finals), yerr=std, ls="none", capsize=3, ms=7,
+                        label=f"{label} (n={len(finals)})", **method_style(label))
+        ax.set_xscale("log")
+        ax.set_xlabel("LoRA MB per round, up + down, all clients (log)")
+        ax.set_ylabel(f"final global {metric_names.get(task, 'metric')} (± std over seeds)")
+        ax.set_title(f"{task}{': ' + title if title else ''}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return _save(fig, out / "frontier.png")
 
 
 def _last(records: list[dict[str, Any]], key: str) -> float | None:
