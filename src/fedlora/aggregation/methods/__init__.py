@@ -3,9 +3,13 @@
 from fedlora.aggregation.methods import (  # noqa: F401  (imported for registration)
     fedex_lora,
     fedit,
+    fedrot_lora,
     fedsa_lora,
+    fedsvd,
     ffa_lora,
     flora,
     flora_na,
+    rolora,
     svd,
+    svd_ef,
 )
