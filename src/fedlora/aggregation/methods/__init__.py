@@ -9,6 +9,7 @@ from fedlora.aggregation.methods import (  # noqa: F401  (imported for registrat
     ffa_lora,
     flora,
     flora_na,
+    flora_na_stable,
     rolora,
     svd,
     svd_ef,

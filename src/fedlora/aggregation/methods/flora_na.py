@@ -17,10 +17,29 @@ Options:
   weighting "examples" (default): w_u = n_u/Σn in the target, the objective and the broadcast.
           "uniform": 1/U everywhere. "authors": the authors' mix — target and objective uniform,
           broadcast data-size weighted (inconsistent when clients hold different amounts of data).
+  ridge   0 (default): the plain objective. > 0: the ALS minimises L(p, q) + λ(‖p − 1‖² + ‖q − 1‖²),
+          λ = ridge × the mean diagonal of the U×U normal matrices at p = q = 1 (dimensionless; see
+          flora_na_als). Every half-step stays an exact minimisation, so the result is still never
+          worse than FedIT in L, and ridge → ∞ gives p = q = 1 (FedIT). ALS only.
+  max_deviation  ∞ (default): no bound. Otherwise, if the solution has max|p − 1| or max|q − 1|
+          above it, the step from FedIT is scaled back along the segment (1, 1) → (p*, q*):
+          (p, q) = 1 + t (p* − 1, q* − 1), t on the grid t_max · {0, 0.1, …, 1} with t_max the
+          largest t within the bound; the t of lowest L is kept, and t = 0 (FedIT) is on the grid,
+          so L stays ≤ FedIT's. Per module in the per-module scope (modules within the bound keep
+          their solution), one t for the model in the global scope. ALS only.
+  align   "none" (default). "rotation": rotate each client's pair onto the global adapter first
+          (orthogonal Procrustes, :func:`fedlora.aggregation.methods.fedrot_lora.align_to_global`);
+          products and the target are unchanged, the starting point p = q = 1 becomes the aligned
+          FedIT average (FedRot-LoRA), and "never worse" holds against that.
+
+Metrics besides the objective: p_min, p_max, q_min, q_max, p_dev_max = max|p − 1|, q_dev_max,
+norm_A, norm_B (Frobenius norms of the broadcast factors, over all modules in quadrature) and
+norm_A_fedit, norm_B_fedit (the same for FedIT's plain average of the uploads, unaligned).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,6 +49,8 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation.methods.common import target_product
+from fedlora.aggregation.methods.fedit import fedit_average
+from fedlora.aggregation.methods.fedrot_lora import align_to_global
 from fedlora.aggregation.methods.flora_na_als import GramProblem, solve_als
 from fedlora.aggregation.options import AtLeast, GreaterThan
 from fedlora.aggregation.registry import register_method
@@ -39,6 +60,7 @@ SOLVERS = ("als", "adamw")
 # What the ALS keeps of each shape group for the broadcast: (module indices, E, F) as _stacked_bases builds them.
 Bases = list[tuple[list[int], Tensor, Tensor]]
 SCOPES = ("per-module", "global")
+STEP_BACK_GRID = 11  # t_max · {0, 0.1, …, 1} when max_deviation scales the step back
 
 
 @register_method(
@@ -58,23 +80,36 @@ def flora_na(
     tol: Annotated[float, AtLeast(0)] = 1e-10,
     steps: Annotated[int, AtLeast(0)] = 200,  # 0: no step, p = q = 1 (FedIT)
     lr: Annotated[float, GreaterThan(0)] = 1e-2,
+    ridge: Annotated[float, AtLeast(0)] = 0.0,  # 0: plain objective; → ∞: FedIT
+    max_deviation: Annotated[float, AtLeast(0)] = math.inf,  # bound on max|p − 1|, |q − 1|
+    align: Literal["none", "rotation"] = "none",
 ) -> AggregationResult:
     if solver not in SOLVERS:
         raise AggregationError(f"flora-na: unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if scope not in SCOPES:
         raise AggregationError(f"flora-na: unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+    if solver == "adamw" and (ridge > 0 or max_deviation < math.inf):
+        raise AggregationError("flora-na: ridge and max_deviation apply to solver='als' only")
     U = len(updates)
     solve_w = torch.full((U,), 1.0 / U, dtype=torch.float64, device=weights.device) if weighting == "authors" else weights
     modules = list(global_adapter)
     shared = scope == "global"
+    plain = updates
+    if align == "rotation":
+        updates = align_to_global(global_adapter, updates)
 
     start = time.perf_counter()
+    step_back = 1.0
     if solver == "als":
-        p, q, trace, groups = _als(global_adapter, updates, solve_w, modules, shared, max_sweeps, tol)
+        p, q, trace, penalised, groups, problems = _als(global_adapter, updates, solve_w, modules, shared, max_sweeps, tol, ridge)
+        objective = trace[-1]  # = min(trace) without ridge (L never increases); with ridge J never does
+        if max_deviation < math.inf:
+            p, q, objective, step_back = _step_back(problems, groups, p, q, shared, max_deviation, objective)
         seconds = time.perf_counter() - start
         adapter = _broadcast_from_bases(groups, modules, weights, p, q)
     else:
         p, q, trace = _adamw(global_adapter, updates, solve_w, modules, shared, steps, lr)
+        penalised, objective = trace, min(trace)
         seconds = time.perf_counter() - start
         adapter = _broadcast_from_deltas(global_adapter, updates, modules, weights, p, q)
     extras = {
@@ -82,16 +117,72 @@ def flora_na(
         "q": {m: q[i] for i, m in enumerate(modules)},
         "objective_trace": trace,
     }
+    if ridge > 0:
+        extras["penalised_trace"] = penalised
     metrics = {
         "objective_fedit": trace[0],
-        "objective": min(trace),
+        "objective": objective,
         "iterations": len(trace) - 1,
         "solver": solver,
         "scope": scope,
         "weighting": weighting,
         "solver_seconds": seconds,
+        "ridge": ridge,
+        "max_deviation": max_deviation if math.isfinite(max_deviation) else None,  # JSON has no inf
+        "align": align,
+        "step_back_t": step_back,
+        **_coefficient_metrics(p, q),
+        **_norm_metrics(adapter, "norm_A", "norm_B"),
+        **_norm_metrics(fedit_average(plain, weights), "norm_A_fedit", "norm_B_fedit"),
     }
     return AggregationResult(adapter=adapter, metrics=metrics, extras=extras)
+
+
+def _coefficient_metrics(p: Tensor, q: Tensor) -> dict[str, float]:
+    """Range of p, q (modules, U) and their largest distance from FedIT's 1, as Python floats."""
+    return {
+        "p_min": float(p.min()), "p_max": float(p.max()), "q_min": float(q.min()), "q_max": float(q.max()),
+        "p_dev_max": float((p - 1).abs().max()), "q_dev_max": float((q - 1).abs().max()),
+    }
+
+
+def _norm_metrics(adapter: Adapter, name_A: str, name_B: str) -> dict[str, float]:
+    """Frobenius norms of all A and of all B factors, summed over modules in quadrature."""
+    return {
+        name_A: float(sum(float((pair.A**2).sum()) for pair in adapter.values())) ** 0.5,
+        name_B: float(sum(float((pair.B**2).sum()) for pair in adapter.values())) ** 0.5,
+    }
+
+
+def _step_back(
+    problems: list[GramProblem], groups: Bases, p: Tensor, q: Tensor, shared: bool, max_deviation: float, objective: float
+) -> tuple[Tensor, Tensor, float, float]:
+    """(p, q) = 1 + t (p* − 1, q* − 1) with max|p − 1|, |q − 1| ≤ ``max_deviation``, t of least L on a grid from 0.
+
+    Returns the new p, q (modules, U), their L and the smallest t used (1.0: the bound did not bind,
+    nothing changes). Per module in the per-module scope, where modules within the bound keep their
+    solution; one t for the model in the global scope.
+    """
+    deviation = torch.maximum((p - 1).abs().amax(1), (q - 1).abs().amax(1))  # (modules,)
+    if shared:
+        deviation = deviation.max().expand_as(deviation)
+    if float(deviation.max()) <= max_deviation:
+        return p, q, objective, 1.0
+    t_max = torch.where(deviation > max_deviation, max_deviation / deviation, torch.ones_like(deviation))  # (modules,)
+    grid = torch.linspace(0, 1, STEP_BACK_GRID, dtype=p.dtype, device=p.device)  # (G,)
+    ts = t_max[:, None] * grid  # (modules, G)
+    losses = torch.empty_like(ts)  # L per module at each grid point
+    for (indices, _, _), problem in zip(groups, problems):
+        for g in range(STEP_BACK_GRID):
+            t = ts[indices, g][:, None]  # (M, 1)
+            losses[indices, g] = problem.objective(1 + t * (p[indices] - 1), 1 + t * (q[indices] - 1))
+    if shared:
+        best = losses.sum(0).argmin().expand(ts.shape[0])  # (modules,): one t for the model
+    else:  # modules already within the bound keep their solution (t = 1, the grid's last point)
+        best = torch.where(deviation > max_deviation, losses.argmin(1), torch.full_like(losses.argmin(1), STEP_BACK_GRID - 1))
+    t = ts.gather(1, best[:, None])  # (modules, 1)
+    new_objective = float(losses.gather(1, best[:, None]).sum())
+    return 1 + t * (p - 1), 1 + t * (q - 1), new_objective, float(t.min())
 
 
 def _broadcast_from_deltas(
@@ -157,7 +248,8 @@ def _als(
     shared: bool,
     max_sweeps: int,
     tol: float,
-) -> tuple[Tensor, Tensor, list[float], Bases]:
+    ridge: float = 0.0,
+) -> tuple[Tensor, Tensor, list[float], list[float], Bases, list[GramProblem]]:
     # Batch same-shape modules (all of a transformer's q/v projections, say) into one problem.
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, module in enumerate(modules):
@@ -168,12 +260,12 @@ def _als(
         E, F = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
         problems.append(GramProblem.from_stacked(E, F, w))
         bases.append((indices, E, F))
-    ps, qs, trace = solve_als(problems, shared, max_sweeps, tol)
+    solution = solve_als(problems, shared, max_sweeps, tol, ridge)
     p = torch.empty(len(modules), len(updates), dtype=torch.float64, device=w.device)
     q = torch.empty_like(p)
-    for indices, pg, qg in zip(groups.values(), ps, qs):
+    for indices, pg, qg in zip(groups.values(), solution.ps, solution.qs):
         p[indices], q[indices] = pg, qg
-    return p, q, trace, bases
+    return p, q, solution.trace, solution.penalised, bases, problems
 
 
 def _adamw(

@@ -14,6 +14,18 @@ is never worse than FedIT. Nothing of size d×k is ever formed: the Grams cost O
 once, each sweep O(U² r²) per module.
 
 Modules with equal shapes are solved as one batch (leading dimension M).
+
+Ridge (``ridge`` > 0, the stabilised variant): minimise instead
+    J(p, q) = L(p, q) + λ · (‖p − 1‖² + ‖q − 1‖²),
+which pulls the coefficients toward FedIT's p = q = 1. Each half-step is still an exact
+minimisation, now of J: (K + λI) δ = rhs − λ (x − 1) instead of K δ = rhs. So J never increases
+and L_final ≤ J_final ≤ J(1, 1) = L(1, 1): never worse than FedIT in L either. λ is fixed for the
+whole solve (so that all half-steps minimise one J): λ = ridge × κ with κ the mean diagonal of the
+two U×U normal matrices K_q, K_p at the start p = q = 1, i.e. the average curvature of L in one
+client's coefficient at FedIT. That makes ``ridge`` dimensionless: invariant under rescaling A or B
+(L and K scale alike) and under the number of clients (w_u ~ 1/U enters L and K alike); ridge = 1
+roughly halves the unpenalised step along a direction of average curvature. Per module (its own
+κ_m) in the per-module scope; one κ from the summed normal matrices in the global scope.
 """
 
 from __future__ import annotations
@@ -115,10 +127,53 @@ def _min_norm_solve(K: Tensor, rhs: Tensor) -> Tensor:
     return (torch.linalg.pinv(K, hermitian=True, rtol=1e-12) @ rhs[..., None])[..., 0]
 
 
+@dataclass(frozen=True)
+class Ridge:
+    """The penalty λ (‖p − 1‖² + ‖q − 1‖²), λ fixed for a whole solve.
+
+    ``strengths``: per group, λ per module (M,); in the shared scope every entry is the one λ and
+    the penalty counts the shared p, q once.
+    """
+
+    strengths: list[Tensor]
+    shared: bool
+
+    @staticmethod
+    def scaled(problems: list[GramProblem], shared: bool, ridge: float) -> "Ridge":
+        """λ = ridge × the mean diagonal of the normal matrices K_q, K_p at p = q = 1 (see the module docstring)."""
+        diagonals = []
+        for pr in problems:
+            ones = torch.ones(pr.GB.shape[0], pr.w.shape[0], dtype=pr.GB.dtype, device=pr.GB.device)
+            K_q = _normal_equations(pr, ones, ones, free_is_B=True)[0]  # (M, U, U)
+            K_p = _normal_equations(pr, ones, ones, free_is_B=False)[0]
+            diagonals.append((K_q.diagonal(dim1=1, dim2=2).mean(1) + K_p.diagonal(dim1=1, dim2=2).mean(1)) / 2)  # (M,)
+        if not shared:
+            return Ridge([ridge * kappa for kappa in diagonals], shared=False)
+        total = cast(Tensor, sum(d.sum() for d in diagonals))  # mean diagonal of the summed K: mean diag is linear
+        return Ridge([(ridge * total).expand(d.shape[0]) for d in diagonals], shared=True)
+
+    def penalty(self, ps: list[Tensor], qs: list[Tensor]) -> float:
+        if self.shared:
+            lam, p, q = self.strengths[0][0], ps[0][0], qs[0][0]
+            return float(lam * (((p - 1) ** 2).sum() + ((q - 1) ** 2).sum()))
+        return float(sum((lam * (((p - 1) ** 2).sum(1) + ((q - 1) ** 2).sum(1))).sum()
+                         for lam, p, q in zip(self.strengths, ps, qs)))
+
+
+@dataclass(frozen=True)
+class AlsSolution:
+    """p, q per group; ``trace``: L after each sweep (trace[0] is FedIT); ``penalised``: J likewise (= trace without ridge)."""
+
+    ps: list[Tensor]
+    qs: list[Tensor]
+    trace: list[float]
+    penalised: list[float]
+
+
 def solve_als(
-    problems: list[GramProblem], shared: bool, max_sweeps: int, tol: float
-) -> tuple[list[Tensor], list[Tensor], list[float]]:
-    """ALS from p = q = 1 over groups of same-shape modules; returns p, q per group and the L trace.
+    problems: list[GramProblem], shared: bool, max_sweeps: int, tol: float, ridge: float = 0.0
+) -> AlsSolution:
+    """ALS from p = q = 1 over groups of same-shape modules, minimising L (+ the ridge penalty if ``ridge`` > 0).
 
     With ``shared`` (scope="global") every group's p, q are the same vector, updated from the
     sum of all groups' quadratics.
@@ -128,11 +183,13 @@ def solve_als(
     ps = [torch.ones(pr.GB.shape[0], U, dtype=dtype, device=pr.GB.device) for pr in problems]
     qs = [torch.ones(pr.GB.shape[0], U, dtype=dtype, device=pr.GB.device) for pr in problems]
     target_sq = [pr.target_sq() for pr in problems]  # ‖T‖² per module, fixed
+    penalty = Ridge.scaled(problems, shared, ridge) if ridge > 0 else None
 
     trace = [float(sum(pr.objective(p, q).sum() for pr, p, q in zip(problems, ps, qs)))]
+    penalised = list(trace)  # J(1, 1) = L(1, 1)
     for _ in range(max_sweeps):
-        new_qs, _ = _step_all(problems, qs, ps, free_is_B=True, shared=shared)
-        new_ps, quadratics = _step_all(problems, ps, new_qs, free_is_B=False, shared=shared)
+        new_qs, _ = _step_all(problems, qs, ps, free_is_B=True, shared=shared, ridge=penalty)
+        new_ps, quadratics = _step_all(problems, ps, new_qs, free_is_B=False, shared=shared, ridge=penalty)
         # L at (new p, new q) from the p-step's own quadratic in α (β fixed at the new q).
         value = float(
             sum(
@@ -140,28 +197,46 @@ def solve_als(
                 for pr, p, (H, h), t_sq in zip(problems, new_ps, quadratics, target_sq)
             )
         )
-        if value > trace[-1]:  # only round-off can do this; keep the better iterate
+        objective = value if penalty is None else value + penalty.penalty(new_ps, new_qs)
+        if objective > penalised[-1]:  # only round-off can do this; keep the better iterate
             break
         ps, qs = new_ps, new_qs
         trace.append(value)
-        if trace[-2] - value <= tol * max(trace[0], 1e-300):
+        penalised.append(objective)
+        if penalised[-2] - objective <= tol * max(penalised[0], 1e-300):
             break
-    return ps, qs, trace
+    return AlsSolution(ps, qs, trace, penalised)
 
 
 def _step_all(
-    problems: list[GramProblem], xs: list[Tensor], others: list[Tensor], free_is_B: bool, shared: bool
+    problems: list[GramProblem],
+    xs: list[Tensor],
+    others: list[Tensor],
+    free_is_B: bool,
+    shared: bool,
+    ridge: Ridge | None = None,
 ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
     """One exact half-step for every group: per module, or one U×U solve for the whole model.
 
+    With ``ridge`` the step minimises L + λ‖x − 1‖²: (K + λI) δ = rhs − λ (x − 1).
     Returns the new x per group and the quadratic (H, h) per group that the step minimised.
     """
     systems = [_normal_equations(pr, x, o, free_is_B) for pr, x, o in zip(problems, xs, others)]
     quadratics = [(H, h) for _, _, H, h in systems]
     if not shared:
-        return [x + _min_norm_solve(K, rhs) for x, (K, rhs, _, _) in zip(xs, systems)], quadratics
+        if ridge is None:
+            return [x + _min_norm_solve(K, rhs) for x, (K, rhs, _, _) in zip(xs, systems)], quadratics
+        steps = []
+        for x, (K, rhs, _, _), lam in zip(xs, systems, ridge.strengths):
+            eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+            steps.append(x + _min_norm_solve(K + lam[:, None, None] * eye, rhs - lam[:, None] * (x - 1)))
+        return steps, quadratics
     # Shared scope: the model's objective is the sum of the modules', so their normal equations add.
     K_sum = cast(Tensor, sum(K.sum(0) for K, _, _, _ in systems))  # cast: sum() of tensors types as Tensor | 0
     rhs_sum = cast(Tensor, sum(rhs.sum(0) for _, rhs, _, _ in systems))
+    if ridge is not None:  # the shared x is the same row everywhere; λ counts once
+        lam, x0 = ridge.strengths[0][0], xs[0][0]
+        K_sum = K_sum + lam * torch.eye(K_sum.shape[-1], dtype=K_sum.dtype, device=K_sum.device)
+        rhs_sum = rhs_sum - lam * (x0 - 1)
     delta = _min_norm_solve(K_sum, rhs_sum)  # (U,)
     return [x + delta for x in xs], quadratics
