@@ -20,15 +20,21 @@ import torch
 from fedlora.aggregation import LoraPair, get_method
 from fedlora.aggregation.communication import FLOAT32_BYTES, round_bytes
 
-# (floats up, floats down) per client and module; A is (r, k), B is (d, r), U clients in the round.
-CLOSED_FORM: dict[str, Callable[[int, int, int, int], tuple[int, int]]] = {
-    "fedit": lambda r, d, k, U: (r * k + d * r, r * k + d * r),
-    "svd": lambda r, d, k, U: (r * k + d * r, r * k + d * r),
-    "flora-na": lambda r, d, k, U: (r * k + d * r, r * k + d * r),  # p, q never leave the server
-    "ffa-lora": lambda r, d, k, U: (d * r, d * r),  # A frozen at a shared seed
-    "fedsa-lora": lambda r, d, k, U: (r * k, r * k),  # B stays on the client
-    "fedex-lora": lambda r, d, k, U: (r * k + d * r, r * k + d * r + d * k),  # + dense residual
-    "flora": lambda r, d, k, U: (r * k + d * r, U * (r * k + d * r)),  # every client's stacked factors
+# (floats up, floats down) per client and module in round t (1-based); A is (r, k), B is (d, r), U
+# clients in the round. Only alternating methods (RoLoRA) depend on t.
+CLOSED_FORM: dict[str, Callable[[int, int, int, int, int], tuple[int, int]]] = {
+    "fedit": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r),
+    "svd": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r),
+    "flora-na": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r),  # p, q never leave the server
+    "flora-na-stable": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r),  # likewise
+    "fedrot-lora": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r),  # rotations are the server's
+    "svd-ef": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r),  # the (d, k) residual stays on the server
+    "ffa-lora": lambda r, d, k, U, t: (d * r, d * r),  # A frozen at a shared seed
+    "fedsvd": lambda r, d, k, U, t: (d * r, r * k + d * r),  # B up; the server re-factorises, both come down
+    "rolora": lambda r, d, k, U, t: (d * r if t % 2 else r * k, r * k + d * r),  # B up in odd rounds, A in even
+    "fedsa-lora": lambda r, d, k, U, t: (r * k, r * k),  # B stays on the client
+    "fedex-lora": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r + d * k),  # + dense residual
+    "flora": lambda r, d, k, U, t: (r * k + d * r, U * (r * k + d * r)),  # every client's stacked factors
 }
 # (name, adapted modules, d, k): q and v projections of every layer.
 PAPER_SHAPES = (("RoBERTa-large", 48, 1024, 1024), ("LLaMA-2-7B", 64, 4096, 4096))
@@ -40,24 +46,36 @@ def shape_adapter(modules: list[tuple[str, int, int, int]]) -> dict[str, LoraPai
     return {name: LoraPair(torch.empty(r, k, device="meta"), torch.empty(d, r, device="meta")) for name, r, d, k in modules}
 
 
-def closed_form_bytes(method: str, modules: list[tuple[str, int, int, int]], clients: int) -> tuple[int, int]:
+def closed_form_bytes(method: str, modules: list[tuple[str, int, int, int]], clients: int, round_: int = 1) -> tuple[int, int]:
     up = down = 0
     for _, r, d, k in modules:
-        u, dn = CLOSED_FORM[method](r, d, k, clients)
+        u, dn = CLOSED_FORM[method](r, d, k, clients, round_)
         up, down = up + u, down + dn
     return up * clients * FLOAT32_BYTES, down * clients * FLOAT32_BYTES
 
 
+def library_bytes(method: str, modules: list[tuple[str, int, int, int]], clients: int, round_: int = 1) -> tuple[int, int]:
+    """``round_bytes`` for round ``round_`` (the round's policy: alternating methods upload one factor)."""
+    return round_bytes(get_method(method).policy.for_round(round_), shape_adapter(modules), clients)
+
+
 def formula_rows(methods: list[str]) -> list[dict[str, Any]]:
-    """MB per round at the paper's model shapes, asserting closed form == round_bytes."""
+    """MB per round at the paper's model shapes, asserting closed form == round_bytes in an odd and an even round.
+
+    The MB reported are the mean of the two rounds: an alternating method's average per round.
+    """
     rows = []
     for model, count, d, k in PAPER_SHAPES:
         modules = [(f"m{i}", PAPER_RANK, d, k) for i in range(count)]
         for method in methods:
-            lib = round_bytes(get_method(method).policy, shape_adapter(modules), PAPER_CLIENTS)
-            ref = closed_form_bytes(method, modules, PAPER_CLIENTS)
-            assert lib == ref, f"{method} at {model}: round_bytes {lib} != closed form {ref}"
-            rows.append({"model": model, "method": method, "mb_up": lib[0] / 1e6, "mb_down": lib[1] / 1e6})
+            both = []
+            for round_ in (1, 2):
+                lib = library_bytes(method, modules, PAPER_CLIENTS, round_)
+                ref = closed_form_bytes(method, modules, PAPER_CLIENTS, round_)
+                assert lib == ref, f"{method} at {model}, round {round_}: round_bytes {lib} != closed form {ref}"
+                both.append(lib)
+            up, down = (sum(b[0] for b in both) / 2, sum(b[1] for b in both) / 2)
+            rows.append({"model": model, "method": method, "mb_up": up / 1e6, "mb_down": down / 1e6})
     return rows
 
 
@@ -88,8 +106,8 @@ def check_measured(run_dir: Path) -> list[dict[str, Any]]:
         record = json.loads(line)
         clients = len(record["clients"])
         measured = (record["lora_bytes_up"], record["lora_bytes_down"])
-        lib = round_bytes(get_method(method).policy, shape_adapter(modules), clients)
-        ref = closed_form_bytes(method, modules, clients)
+        lib = library_bytes(method, modules, clients, record["round"])
+        ref = closed_form_bytes(method, modules, clients, record["round"])
         assert measured == lib == ref, f"{run_dir} round {record['round']}: measured {measured}, round_bytes {lib}, closed form {ref}"
         rows.append({"method": method, "round": record["round"], "clients": clients, "modules": len(modules),
                      "shape": f"r={modules[0][1]} d={modules[0][2]} k={modules[0][3]}",
