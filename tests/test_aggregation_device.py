@@ -24,9 +24,11 @@ SHAPES = {"attn.q": (6, 5), "attn.v": (6, 5), "mlp.up": (4, 7)}  # (d, k): non-s
 RANK = 2
 CLIENTS = 3
 ALL = available_methods()
-# Methods whose maths never reads a tensor value (so they run on the meta device) and those that do.
-VALUE_FREE = {"fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora"}
-VALUE_DEPENDENT = {"svd", "flora-na"}
+# Methods that run on the meta device (no decision on the host depends on a tensor value; FedSVD's
+# and FedRot-LoRA's QR/SVDs have meta kernels) and those that do not (an SVD's numerical rank, a
+# solver's convergence test).
+VALUE_FREE = {"fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "fedsvd", "rolora", "fedrot-lora"}
+VALUE_DEPENDENT = {"svd", "flora-na", "svd-ef", "flora-na-stable"}
 # Every method, plus the options that take other code paths (uniform weights, FLoRA-NA's solvers,
 # scopes and its "authors" weighting, which builds its own solve weights).
 CASES = [(m, {}) for m in ALL] + [
@@ -35,6 +37,8 @@ CASES = [(m, {}) for m in ALL] + [
     ("flora-na", {"solver": "adamw", "steps": 3}),
     ("flora-na", {"scope": "global"}),
     ("flora-na", {"weighting": "authors"}),
+    ("flora-na", {"ridge": 1.0, "max_deviation": 0.1}),
+    ("flora-na", {"align": "rotation"}),
 ]
 CASE_IDS = [m + "".join(f"-{k}={v}" for k, v in o.items()) for m, o in CASES]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from fedlora.aggregation import ClientUpdate, LoraPair, aggregate, available_methods, client_weights
+from fedlora.aggregation import ClientUpdate, LoraPair, aggregate, available_methods, client_weights, get_method
 from fedlora.aggregation.methods.flora_na_als import GramProblem
 from fedlora.synthetic import least_squares_clients, random_clients
 
@@ -37,7 +37,13 @@ def dense_objective(adapter, updates, weighting="examples"):
 
 
 def test_registry_lists_every_method_of_the_paper():
-    assert set(ALL) == {"fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "svd", "flora-na"}
+    assert set(ALL) == {"fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "svd", "flora-na",
+                        "fedsvd", "rolora", "fedrot-lora", "svd-ef", "flora-na-stable"}
+
+
+def frozen_A(method):
+    """Methods whose clients cannot move A in round 1 (FFA-LoRA, FedSVD, RoLoRA's first half) get A_g back."""
+    return not get_method(method).policy.for_round(1).train_A
 
 
 @pytest.mark.parametrize("solver,options", [("als", {"max_sweeps": 0}), ("adamw", {"steps": 0})])
@@ -93,7 +99,7 @@ def test_gram_objective_equals_dense_objective():
 def test_identical_clients_give_zero_divergence(method):
     g, ups = least_squares_clients(SHAPES, RANK, 1, seed=5)
     same = [ClientUpdate(ups[0].adapter, 10 * (i + 1), f"c{i}") for i in range(4)]
-    if method == "ffa-lora":  # FFA's clients cannot move A
+    if frozen_A(method):  # these clients cannot move A
         same = [ClientUpdate({m: LoraPair(g[m].A, p.B) for m, p in u.adapter.items()}, u.num_examples, u.client_id) for u in same]
     result = aggregate(method, g, same)
     assert result.metrics["divergence"] < 1e-6
@@ -156,7 +162,7 @@ def test_permuting_clients_changes_nothing(method):
 @pytest.mark.parametrize("method", ALL)
 def test_single_client(method):
     g, ups = least_squares_clients(SHAPES, RANK, 1, seed=17)
-    if method == "ffa-lora":
+    if frozen_A(method):
         ups = [ClientUpdate({m: LoraPair(g[m].A, p.B) for m, p in ups[0].adapter.items()}, 5, "solo")]
     result = aggregate(method, g, ups)
     assert result.metrics["divergence"] < 1e-6  # one client's product already has rank r
