@@ -124,6 +124,28 @@ def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method)
     assert_wire_matches_formula(method, records(out), out / "adapter")
 
 
+# The 2025–26 methods (an alternating policy, a factor downloaded but not uploaded, server state) and mixed
+# client ranks (only r_u components travel): the same history, adapter and wire bytes as the local engine.
+@pytest.mark.parametrize("method, changes", [
+    ("fedsvd", {}), ("rolora", {}), ("svd-ef", {}),
+    ("fedrot-lora", {"client_ranks": (2, 8), "rank_map": "svd"}), ("flora-na-stable", {"client_ranks": (8, 3)}),
+], ids=["fedsvd", "rolora", "svd-ef", "fedrot-lora-mixed-ranks-svd", "flora-na-stable-mixed-ranks-truncate"])
+def test_flower_runs_new_methods_and_mixed_ranks_like_the_local_engine(sim_superlink, tmp_path, method, changes):
+    procs, env = sim_superlink
+    config = RunConfig(method=method, out=str(tmp_path / "local"), **(TINY | changes))
+    local = run_locally(config)
+
+    flower_config = config.replace(out=str(tmp_path / "flower"))
+    cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower_config),
+           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    out = Path(flower_config.out)
+    assert (out / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
+    assert_same_history(records(out), local)
+    assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
+    assert_wire_matches_formula(method, records(out), out / "adapter")
+
+
 def test_flower_runs_an_llm_task_like_the_local_engine(sim_superlink, tmp_path, tiny_llama_path):
     procs, env = sim_superlink
     config = RunConfig(method="flora-na", model=tiny_llama_path, out=str(tmp_path / "local"), **TINY_MBPP)

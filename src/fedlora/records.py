@@ -3,7 +3,7 @@
 Fields: round, clients, global metrics (and ``global_metric``, the task's main one), local
 (personalised) metrics per client and their mean (and the mean local loss, for tasks that report one), train loss, the aggregation's divergence and
 its Eckart–Young bound, solve/server seconds, LoRA and total bytes up/down (the classifier head
-travels both ways), rejected clients with reasons, and whether the round was skipped.
+travels both ways), rejected clients with reasons, and whether the round was skipped, and the method's own diagnostics (:data:`METHOD_DIAGNOSTICS`).
 """
 
 from __future__ import annotations
@@ -44,5 +44,10 @@ def round_record(
         "lora_bytes_down": agg_metrics["bytes_down"],
         "rejected": agg_metrics["rejected"],
         "skipped": agg_metrics["skipped"],
-        **({"objective": agg_metrics["objective"], "objective_fedit": agg_metrics["objective_fedit"]} if "objective" in agg_metrics else {}),
+        # A method's own diagnostics (FLoRA-NA: objective, coefficient range, factor norms; svd-ef: residual norm)
+        **{k: agg_metrics[k] for k in METHOD_DIAGNOSTICS if k in agg_metrics},
     }
+
+
+METHOD_DIAGNOSTICS = ("objective", "objective_fedit", "p_min", "p_max", "q_min", "q_max", "p_dev_max", "q_dev_max",
+                      "norm_A", "norm_B", "norm_A_fedit", "norm_B_fedit", "step_back_t", "residual_norm")
