@@ -95,6 +95,9 @@ def test_config_validates_client_ranks():
         RunConfig(method="flora", rank=4, client_ranks=(2, 4))
     with pytest.raises(ConfigError, match="rank-map"):
         RunConfig(method="ffa-lora", rank=4, client_ranks=(2, 4), rank_map="svd")
+    for method in ("fedsvd", "rolora", "fedsa-lora"):  # a frozen/alternating/private factor: truncation only
+        with pytest.raises(ConfigError, match="rank-map"):
+            RunConfig(method=method, rank=4, client_ranks=(2, 4), rank_map="svd")
     with pytest.raises(ConfigError, match="rank-map"):
         RunConfig(rank_map="bogus")
     assert RunConfig(method="flora", rank=4, client_ranks=(4, 4)).client_ranks == (4, 4)  # equal ranks: not mixed
