@@ -114,9 +114,10 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     assert without_timing(a) != without_timing(c)
 
 
-@pytest.mark.parametrize("method", ["fedex-lora", "fedsa-lora"])
+@pytest.mark.parametrize("method", ["fedex-lora", "fedsa-lora", "svd-ef"])
 def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, method):
-    # fedex-lora changes the frozen weights, fedsa-lora keeps private B per client: both must survive.
+    # fedex-lora changes the frozen weights, fedsa-lora keeps private B per client, svd-ef keeps its residual on
+    # the server: all must survive.
     full = simulation.run(tiny(tmp_path / "full", method), progress=False)
     crashing = tiny(tmp_path / "crash", method)
     calls = {"global": 0}
