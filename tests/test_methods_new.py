@@ -389,3 +389,20 @@ def test_bench_closed_forms_match_the_bytes_aggregate_reports(method):
     for round_index in (1, 2):
         metrics = aggregate(method, g, ups, round_index=round_index).metrics
         assert (metrics["bytes_up"], metrics["bytes_down"]) == comm.closed_form_bytes(method, modules, U, round_index)
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora-na", "flora-na-stable"])
+def test_rebalance_keeps_product_divergence_and_bytes_and_balances_the_factors(method):
+    """rebalance=True re-splits each broadcast product as U√Σ · √ΣVᵀ: same B̂Â, ‖Â‖ = ‖B̂‖ per module."""
+    g = random_global(41)
+    ups = clients_like(g, 42)
+    plain, balanced = aggregate(method, g, ups), aggregate(method, g, ups, rebalance=True)
+    for module in g:
+        torch.testing.assert_close(product(balanced, module), product(plain, module), rtol=1e-7, atol=1e-9)
+        pair = balanced.adapter[module]
+        assert float(pair.A.norm()) == pytest.approx(float(pair.B.norm()), rel=1e-9)
+        gram = pair.A @ pair.A.T  # rows of A orthogonal: A Aᵀ = Σ (diagonal)
+        torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-8, rtol=0)
+    assert balanced.metrics["divergence"] == pytest.approx(plain.metrics["divergence"], rel=1e-6)
+    assert balanced.metrics["bytes_up"] == plain.metrics["bytes_up"]
+    assert any(not torch.allclose(balanced.adapter[m].A, plain.adapter[m].A) for m in g)  # it did re-split

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.types import ClientUpdate
+from fedlora.aggregation import lowrank
+from fedlora.aggregation.types import Adapter, ClientUpdate, LoraPair
 
 
 def weighted_mean(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
@@ -30,3 +31,22 @@ def target_product(updates: Sequence[ClientUpdate], module: str, weights: Tensor
     """T = Σ_u w_u B_u A_u, the ideal aggregate, as one (d, U r) @ (U r, k) matmul."""
     B_stack, A_stack = stacked_factors(updates, module, weights)
     return B_stack @ A_stack  # (d, k)
+
+
+def balanced(adapter: Adapter) -> Adapter:
+    """The same products B A, re-split as B = U√Σ (d, r), A = √ΣVᵀ (r, k): equal factor norms, as ``svd`` writes them.
+
+    The product is unchanged up to the Gram-based SVD's ~1e-8 relative precision
+    (:mod:`fedlora.aggregation.lowrank`), so the divergence and the bytes do not change; only the
+    factors the next round's local training starts from do (their balance sets how a step on A
+    or B moves the product).
+    """
+    out: Adapter = {}
+    for module, pair in adapter.items():
+        F, E = lowrank.stack_factors([pair.B], [pair.A], torch.ones(1, dtype=pair.A.dtype, device=pair.A.device))
+        if lowrank.product_norm(F, E) == 0.0:  # nothing to balance (B = 0): keep A trainable
+            out[module] = pair
+            continue
+        B, A, _ = lowrank.truncated_svd_factors(F, E, pair.rank)
+        out[module] = LoraPair(A=A, B=B)
+    return out

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from fedlora.aggregation.methods.common import factors, weighted_mean
+from fedlora.aggregation.methods.common import balanced, factors, weighted_mean
 from fedlora.aggregation.registry import register_method
 from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, LoraPair, TrainingPolicy
 
@@ -30,5 +30,10 @@ def fedit_average(updates: Sequence[ClientUpdate], weights: Tensor) -> Adapter:
     policy=TrainingPolicy(needs_individual_updates=False),
     summary="FedAvg of A and B separately (Zhang et al. 2024)",
 )
-def fedit(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
-    return AggregationResult(adapter=fedit_average(updates, weights))
+def fedit(
+    global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor, *, rebalance: bool = False
+) -> AggregationResult:
+    # rebalance=True: the same product B̄Ā re-split into balanced factors (as svd writes its result), which
+    # isolates the factor balance from the product when comparing FedIT with svd.
+    adapter = fedit_average(updates, weights)
+    return AggregationResult(adapter=balanced(adapter) if rebalance else adapter)

@@ -48,7 +48,7 @@ from typing import Annotated, Literal
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.methods.common import target_product
+from fedlora.aggregation.methods.common import balanced, target_product
 from fedlora.aggregation.methods.fedit import fedit_average
 from fedlora.aggregation.methods.fedrot_lora import align_to_global
 from fedlora.aggregation.methods.flora_na_als import GramProblem, solve_als
@@ -83,6 +83,7 @@ def flora_na(
     ridge: Annotated[float, AtLeast(0)] = 0.0,  # 0: plain objective; → ∞: FedIT
     max_deviation: Annotated[float, AtLeast(0)] = math.inf,  # bound on max|p − 1|, |q − 1|
     align: Literal["none", "rotation"] = "none",
+    rebalance: bool = False,  # re-split the broadcast product into balanced factors (same product, same bytes)
 ) -> AggregationResult:
     if solver not in SOLVERS:
         raise AggregationError(f"flora-na: unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
@@ -135,6 +136,9 @@ def flora_na(
         **_norm_metrics(adapter, "norm_A", "norm_B"),
         **_norm_metrics(fedit_average(plain, weights), "norm_A_fedit", "norm_B_fedit"),
     }
+    if rebalance:
+        adapter = balanced(adapter)
+        metrics |= _norm_metrics(adapter, "norm_A", "norm_B")
     return AggregationResult(adapter=adapter, metrics=metrics, extras=extras)
 
 

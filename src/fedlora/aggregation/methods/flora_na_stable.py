@@ -47,8 +47,9 @@ def flora_na_stable(
     ridge: Annotated[float, AtLeast(0)] = RIDGE,
     max_deviation: Annotated[float, AtLeast(0)] = MAX_DEVIATION,
     align: Literal["none", "rotation"] = "none",
+    rebalance: bool = False,
 ) -> AggregationResult:
     return flora_na(
         global_adapter, updates, weights, weighting=weighting, solver="als", scope=scope, max_sweeps=max_sweeps,
-        tol=tol, ridge=ridge, max_deviation=max_deviation, align=align,
+        tol=tol, ridge=ridge, max_deviation=max_deviation, align=align, rebalance=rebalance,
     )
