@@ -13,7 +13,7 @@ import torch
 from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggregate, client_weights, get_method
 from fedlora.aggregation.methods.fedrot_lora import align_to_global
 from fedlora.aggregation.methods.fedsvd import svd_refactor
-from fedlora.aggregation.methods.flora_na_stable import MAX_DEVIATION, RIDGE
+from fedlora.aggregation.methods.flora_na_stable import MAX_DEVIATION, REBALANCE, RIDGE
 from fedlora.synthetic import least_squares_clients
 
 D, K, R, U = 7, 5, 3, 4
@@ -284,15 +284,15 @@ def test_svd_ef_residual_makes_the_sum_of_applied_products_track_the_sum_of_targ
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("scope", ["per-module", "global"])
-def test_flora_na_stable_is_never_worse_than_fedit_and_bounded(seed, scope):
+def test_flora_na_with_ridge_and_bound_is_never_worse_than_fedit_and_bounded(seed, scope):
     g, ups = least_squares_clients(SHAPES, R, U + seed, heterogeneity=2.0, seed=seed, dtype=F64)
-    result = aggregate("flora-na-stable", g, ups, scope=scope)
+    result = aggregate("flora-na-stable", g, ups, scope=scope, ridge=1.0, max_deviation=0.5)
     fedit = fedit_objective(g, ups)
     metrics = result.metrics
     assert metrics["objective"] <= fedit * (1 + 1e-12)
     assert metrics["objective"] == pytest.approx(sum(float(((product(result, m) - target(ups, m)) ** 2).sum()) for m in g), rel=1e-8)
     assert metrics["objective_fedit"] == pytest.approx(fedit, rel=1e-10)
-    assert max(metrics["p_dev_max"], metrics["q_dev_max"]) <= MAX_DEVIATION + 1e-12
+    assert max(metrics["p_dev_max"], metrics["q_dev_max"]) <= 0.5 + 1e-12
     penalised = result.extras["penalised_trace"]
     assert all(b <= a for a, b in zip(penalised, penalised[1:])), "each half-step minimises L + penalty exactly"
 
@@ -369,7 +369,8 @@ def test_max_deviation_bounds_the_step_and_stays_never_worse_than_fedit():
 
 def test_stable_defaults_are_the_module_constants_and_ridge_is_als_only():
     specs = get_method("flora-na-stable").option_specs
-    assert (specs["ridge"].default, specs["max_deviation"].default) == (RIDGE, MAX_DEVIATION) == (1.0, 0.5)
+    assert (specs["ridge"].default, specs["max_deviation"].default, specs["rebalance"].default) == \
+        (RIDGE, MAX_DEVIATION, REBALANCE) == (0.0, math.inf, True)
     assert math.isinf(get_method("flora-na").option_specs["max_deviation"].default)
     assert get_method("flora-na").option_specs["ridge"].default == 0.0
     g, ups = least_squares_clients(SHAPES, R, U, seed=1, dtype=F64)
@@ -396,7 +397,7 @@ def test_rebalance_keeps_product_divergence_and_bytes_and_balances_the_factors(m
     """rebalance=True re-splits each broadcast product as U√Σ · √ΣVᵀ: same B̂Â, ‖Â‖ = ‖B̂‖ per module."""
     g = random_global(41)
     ups = clients_like(g, 42)
-    plain, balanced = aggregate(method, g, ups), aggregate(method, g, ups, rebalance=True)
+    plain, balanced = aggregate(method, g, ups, rebalance=False), aggregate(method, g, ups, rebalance=True)
     for module in g:
         torch.testing.assert_close(product(balanced, module), product(plain, module), rtol=1e-7, atol=1e-9)
         pair = balanced.adapter[module]
@@ -406,3 +407,16 @@ def test_rebalance_keeps_product_divergence_and_bytes_and_balances_the_factors(m
     assert balanced.metrics["divergence"] == pytest.approx(plain.metrics["divergence"], rel=1e-6)
     assert balanced.metrics["bytes_up"] == plain.metrics["bytes_up"]
     assert any(not torch.allclose(balanced.adapter[m].A, plain.adapter[m].A) for m in g)  # it did re-split
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flora_na_stable_broadcasts_flora_nas_product_as_balanced_factors(seed):
+    """The default stabilised FLoRA-NA: FLoRA-NA's p, q, product, objective and bytes; balanced factors."""
+    g, ups = least_squares_clients(SHAPES, R, U, heterogeneity=2.0, seed=seed, dtype=F64)
+    stable, plain = aggregate("flora-na-stable", g, ups), aggregate("flora-na", g, ups)
+    assert stable.metrics["objective"] == plain.metrics["objective"] <= fedit_objective(g, ups) * (1 + 1e-12)
+    assert stable.metrics["bytes_up"] == plain.metrics["bytes_up"] and stable.metrics["bytes_down"] == plain.metrics["bytes_down"]
+    for m in g:
+        torch.testing.assert_close(stable.extras["p"][m], plain.extras["p"][m], rtol=0, atol=0)
+        torch.testing.assert_close(product(stable, m), product(plain, m), rtol=1e-7, atol=1e-10)
+        assert float(stable.adapter[m].A.norm()) == pytest.approx(float(stable.adapter[m].B.norm()), rel=1e-9)

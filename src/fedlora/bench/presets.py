@@ -64,9 +64,14 @@ NEW_METHODS = (
     Variant("flora-na-stable", "flora-na-stable"), Variant("fedsvd", "fedsvd"), Variant("rolora", "rolora"),
     Variant("fedrot-lora", "fedrot-lora"), Variant("svd-ef", "svd-ef"),
 )
-# The same products re-split into balanced factors (as svd writes them): does svd win by its product or its balance?
-REBALANCED = tuple(Variant(f"{name} (rebalanced)", name, {"rebalance": True}) for name in ("fedit", "flora-na", "flora-na-stable"))
-FRONTIER_METHODS = tuple(v for v in ALL_METHODS if v.label != "flora-na (adamw)") + NEW_METHODS + REBALANCED
+# What the stabilised FLoRA-NA was chosen from, and the control for its mechanism: a ridge/bound on p, q
+# (with and without the balanced broadcast), and FedIT's own product re-split into balanced factors.
+STABILISATION_PROBES = (
+    Variant("flora-na (ridge=1, max_deviation=0.5)", "flora-na", {"ridge": 1.0, "max_deviation": 0.5}),
+    Variant("flora-na-stable (ridge=1, max_deviation=0.5)", "flora-na-stable", {"ridge": 1.0, "max_deviation": 0.5}),
+    Variant("fedit (rebalanced)", "fedit", {"rebalance": True}),
+)
+FRONTIER_METHODS = tuple(v for v in ALL_METHODS if v.label != "flora-na (adamw)") + NEW_METHODS + STABILISATION_PROBES
 
 # The headline budget: 96 runs (4 tasks x 8 methods x 3 seeds) in <= 90 min on 2 cores, i.e. under a
 # minute per run. Per run: 8 rounds x 10 clients x 4 local steps at batch 8 x 48 tokens (320 client
@@ -126,7 +131,7 @@ PRESETS: dict[str, Preset] = {
         Preset("frontier", "accuracy per byte: SST-2 at the headline budget, every method (old and new), 5 seeds",
                ("sst2",), FRONTIER_METHODS, (0, 1, 2, 3, 4), HEADLINE_BASE),
         Preset("frontier-long", "accuracy per byte at 16 rounds: SST-2, the leading methods at FedIT's bytes, 5 seeds",
-               ("sst2",), (FEDIT, SVD, FLORA_NA, Variant("svd-ef", "svd-ef")) + REBALANCED[:2], (0, 1, 2, 3, 4),
+               ("sst2",), (FEDIT, SVD, FLORA_NA, NEW_METHODS[4], STABILISATION_PROBES[2], NEW_METHODS[0]), (0, 1, 2, 3, 4),
                {**HEADLINE_BASE, "rounds": 16, "eval_local_every": 16}),
         Preset("llm", "decoder LLM (SmolLM2-135M-Instruct): GSM8K and MBPP, U=4, quantity skew, 7 methods, 3 seeds",
                ("gsm8k", "mbpp"), LLM_METHODS, (0, 1, 2), LLM_BASE, budget_minutes=90),
