@@ -223,3 +223,16 @@ def test_gap_closed_is_zero_at_fedit_one_at_svd_and_pairs_by_setting_and_seed():
     table = stats.gap_table(list(rows.values()), {"sst2": "accuracy"})
     assert "| sst2 (accuracy) | flora-na | 2 | 12 ± 18 % | 2 / 3 | 0.90 |" in table
     assert "| flora | 2 | exact (divergence ≈ 0) | – | – |" in table
+
+
+def test_a_run_saved_before_an_option_existed_is_the_same_experiment_at_that_options_default():
+    """config.json files written before e.g. --client-ranks existed still match (and --reuse) today's configs."""
+    from fedlora.bench.grid import _config_key
+    from fedlora.config import RunConfig
+
+    config = RunConfig(task="rte", method="fedit", rounds=2)
+    saved = json.loads(config.to_json())
+    del saved["client_ranks"], saved["rank_map"]  # as written by an older fedlora
+    assert _config_key(json.dumps(saved)) == _config_key(config.to_json())
+    saved["rank_map"] = "svd"  # an option that was set differently is still a different experiment
+    assert _config_key(json.dumps(saved)) != _config_key(config.to_json())

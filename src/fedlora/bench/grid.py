@@ -89,7 +89,7 @@ def _check_same_config(job: Job) -> None:
     saved = job.path / "config.json"
     if not saved.is_file():
         return
-    old = json.loads(saved.read_text())
+    old = _with_defaults(json.loads(saved.read_text()))
     new = json.loads(job.config.to_json())
     diff = sorted(k for k in set(old) | set(new) if k not in IGNORED_IN_MATCH and old.get(k) != new.get(k))
     if diff:
@@ -98,8 +98,14 @@ def _check_same_config(job: Job) -> None:
 
 def _config_key(config_json: str) -> str:
     """What makes two runs the same experiment: the config minus where it lives on disk."""
-    fields = {k: v for k, v in json.loads(config_json).items() if k not in IGNORED_IN_MATCH}
+    fields = {k: v for k, v in _with_defaults(json.loads(config_json)).items() if k not in IGNORED_IN_MATCH}
     return json.dumps(fields, sort_keys=True)
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config.json with the options added since it was written filled in at their defaults,
+    which is what that run did (e.g. ``client_ranks`` unset: every client at ``--rank``)."""
+    return json.loads(RunConfig().to_json()) | saved
 
 
 def finished_runs(results_dirs: list[Path]) -> dict[str, Path]:

@@ -133,6 +133,9 @@ PRESETS: dict[str, Preset] = {
         Preset("frontier-long", "accuracy per byte at 16 rounds: SST-2, the leading methods at FedIT's bytes, 5 seeds",
                ("sst2",), (FEDIT, SVD, FLORA_NA, NEW_METHODS[4], STABILISATION_PROBES[2], NEW_METHODS[0]), (0, 1, 2, 3, 4),
                {**HEADLINE_BASE, "rounds": 16, "eval_local_every": 16}),
+        # The frontier's leaders on GSM8K's teacher-forced loss (fedit, svd, flora-na reusable from `llm` with --reuse).
+        Preset("frontier-llm", "the stabilised FLoRA-NA and svd-ef on GSM8K (SmolLM2-135M), against fedit, svd, flora-na",
+               ("gsm8k",), (FEDIT, SVD, FLORA_NA, NEW_METHODS[0], NEW_METHODS[4]), (0, 1, 2), LLM_BASE),
         Preset("llm", "decoder LLM (SmolLM2-135M-Instruct): GSM8K and MBPP, U=4, quantity skew, 7 methods, 3 seeds",
                ("gsm8k", "mbpp"), LLM_METHODS, (0, 1, 2), LLM_BASE, budget_minutes=90),
         Preset("llm-quick", "LLM smoke test: GSM8K, 2 clients, 1 round, 1 step, 2 generations", ("gsm8k",),
