@@ -106,22 +106,36 @@ def method_style(label: str) -> dict[str, Any]:
 
 
 def plot_frontier(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str], title: str = "") -> Path:
-    """Final global metric against MB per round (up + down), one point per method, ± std over seeds."""
-    grouped = _by_task_label(runs)
-    fig, axes = _panels(len(grouped))
-    for ax, (task, labels) in zip(axes, grouped.items()):
+    """Accuracy per byte: each method's mean global metric over the last quarter of the rounds (± std over seeds)
+    against its LoRA MB per round, up + down. Finished runs only; methods at equal bytes are spread sideways."""
+    grouped = _by_task_label([r for r in runs if r.get("finished", True)])
+    fig, axes = plt.subplots(1, max(1, len(grouped)), figsize=(9 * max(1, len(grouped)), 4.8), squeeze=False)
+    for ax, (task, labels) in zip(axes[0], grouped.items()):
+        points = []
         for label, seeds in labels.items():
-            finals = [records[-1]["global_metric"] for records in seeds]
-            mb = [np.mean([r["lora_bytes_up"] + r["lora_bytes_down"] for r in records]) / 1e6 for records in seeds]
-            std = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
-            ax.errorbar(np.mean(mb), np.mean(finals), yerr=std, ls="none", capsize=3, ms=7,
-                        label=f"{label} (n={len(finals)})", **method_style(label))
+            tails = [float(np.mean([r["global_metric"] for r in records[-max(1, len(records) // 4):]])) for records in seeds]
+            mb = float(np.mean([np.mean([r["lora_bytes_up"] + r["lora_bytes_down"] for r in records]) / 1e6 for records in seeds]))
+            points.append((label, mb, tails))
+        by_x: dict[float, list[int]] = {}
+        for i, (_, mb, _) in enumerate(points):
+            by_x.setdefault(round(mb, 3), []).append(i)
+        for same in by_x.values():  # a multiplicative dodge keeps equal-byte methods apart on the log axis
+            for j, i in enumerate(same):
+                label, mb, tails = points[i]
+                x = mb * 1.035 ** (j - (len(same) - 1) / 2)
+                std = float(np.std(tails, ddof=1)) if len(tails) > 1 else 0.0
+                ax.errorbar(x, float(np.mean(tails)), yerr=std, ls="none", capsize=3, ms=7,
+                            label=f"{label} (n={len(tails)})", **method_style(label))
         ax.set_xscale("log")
-        ax.set_xlabel("LoRA MB per round, up + down, all clients (log)")
-        ax.set_ylabel(f"final global {metric_names.get(task, 'metric')} (± std over seeds)")
-        ax.set_title(f"{task}{': ' + title if title else ''}", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        ticks = sorted(by_x)
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("LoRA MB per round, up + down, all clients (log scale; equal bytes spread sideways)")
+        ax.set_ylabel(f"global {metric_names.get(task, 'metric')}, mean of the last quarter of rounds\n(± std over seeds)")
+        rounds = len(next(iter(labels.values()))[0])
+        ax.set_title(f"{task}, {rounds} rounds{': ' + title if title else ''}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return _save(fig, out / "frontier.png")
 
