@@ -55,7 +55,7 @@ def test_every_field_has_a_flag_with_help_and_default():
 def test_cli_round_trips_every_field():
     config = RunConfig(**NON_DEFAULT)
     assert parse_run(as_cli(config)) == config
-    assert parse_run([]) == RunConfig(out="runs/flora-na-sst2")  # defaults are the declaration's
+    assert parse_run([]) == RunConfig(out="runs/flora-na-stable-sst2")  # defaults are the declaration's
 
 
 def test_pyproject_flower_table_is_the_declared_one():
@@ -118,7 +118,8 @@ def test_bad_method_options_fail_when_the_config_is_built(options, needle):
 
 
 def test_method_options_are_converted_to_their_declared_types():
-    config = parse_run(["--method-option", "steps=5", "--method-option", "solver=adamw", "--method-option", "tol=1e-9"])
+    config = parse_run(["--method", "flora-na", "--method-option", "steps=5", "--method-option", "solver=adamw",
+                        "--method-option", "tol=1e-9"])
     assert config.method_options == {"steps": 5, "solver": "adamw", "tol": 1e-9}
     with pytest.raises(ConfigError, match="seed"):  # drawn by the server each round, not the user's
         RunConfig(method="flora", method_options={"seed": 3})

@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="markdown table + overlaid plots of several runs")
     compare.add_argument("runs", nargs="+")
     compare.add_argument("--out", default=None, help="write compare.md and plots here")
-    demo = sub.add_parser("demo", help="SST-2, 10 clients, alpha=0.5: FLoRA-NA vs FedIT (a few minutes on a CPU)")
+    demo = sub.add_parser("demo", help="SST-2, 10 clients, alpha=0.5: the stabilised FLoRA-NA (the default method) vs FedIT")
     demo.add_argument("--data-dir", default=None)
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--methods", nargs="+", default=["flora-na", "fedit"], help="methods to compare")
+    demo.add_argument("--methods", nargs="+", default=["flora-na-stable", "fedit"],
+                      help="methods to compare (default: flora-na-stable fedit; add flora-na for the paper's method)")
     demo.add_argument("--rounds", type=int, default=8)
     from fedlora.bench.cli import add_bench_options  # light: argparse and the preset tables only
 

@@ -109,7 +109,8 @@ class RunConfig:
     gradient_checkpointing: bool = option(False, "training", "recompute activations in the backward pass (less "
                                           "memory, ~30% slower; models that support it)")
     # -- federation
-    method: str = option("flora-na", "federation", lambda: f"aggregation method: {', '.join(_method_names())}")
+    # The default is the frontier's pick at FedIT's bytes (docs/results.md, "The frontier"); flora-na is the paper's method.
+    method: str = option("flora-na-stable", "federation", lambda: f"aggregation method: {', '.join(_method_names())}")
     method_options: dict[str, Any] = option({}, "federation", "method option, repeatable, e.g. solver=adamw "
                                             "(each method's options: README, Methods)", pairs=True)
     rounds: int = option(20, "federation", "federated rounds")
