@@ -127,7 +127,9 @@ def test_unknown_option_is_named(clients):
     message = str(pytest.raises(AggregationError, aggregate, "flora-na", g, ups, max_sweep=3).value)
     assert "max_sweep" in message and "max_sweeps" in message  # names the typo and the real options
     message = str(pytest.raises(AggregationError, aggregate, "fedit", g, ups, seed=1).value)
-    assert "seed" in message and "none" in message
+    assert "seed" in message and "rebalance" in message  # fedit's only option
+    message = str(pytest.raises(AggregationError, aggregate, "svd", g, ups, seed=1).value)
+    assert "seed" in message and "none" in message  # a method without options says so
 
 
 @pytest.mark.parametrize("method,weighting", [("fedit", "median"), ("fedit", "authors"), ("flora-na", "size")])
