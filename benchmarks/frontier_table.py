@@ -43,33 +43,39 @@ def label_of(config: dict[str, Any]) -> str:
     return f"`{config['method']}`" + (f" ({options})" if options else "")
 
 
+def value(record: dict[str, Any]) -> float:
+    """The global metric, or for the LLM tasks (whose exact match is 0 at CPU scale) the teacher-forced loss."""
+    return float(record["global"].get("loss", record["global_metric"]))
+
+
 def summary(records: list[dict[str, Any]]) -> dict[str, float]:
     tail = records[-max(1, len(records) // 4):]
     return {
-        "final": records[-1]["global_metric"],
-        "tail": statistics.fmean(r["global_metric"] for r in tail),
+        "final": value(records[-1]),
+        "tail": statistics.fmean(value(r) for r in tail),
         "divergence": statistics.fmean(r["divergence"] for r in records),
         "mb_up": statistics.fmean(r["lora_bytes_up"] for r in records) / 1e6,
         "mb_down": statistics.fmean(r["lora_bytes_down"] for r in records) / 1e6,
     }
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 3) -> str:
     mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f} (n=1)"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f} (n=1)"
 
 
-def paired(values: list[float]) -> str:
-    """Mean ± std of paired differences, t = mean / (std/√n), and wins/losses (ties are equal to 1e-9)."""
+def paired(values: list[float], lower_is_better: bool = False, digits: int = 3) -> str:
+    """Mean ± std of paired differences, t = mean / (std/√n), and wins/losses against FedIT (ties within 1e-9)."""
     if not values:
         return "–"
     mean = statistics.fmean(values)
-    wins, losses = sum(v > 1e-9 for v in values), sum(v < -1e-9 for v in values)
+    sign = -1 if lower_is_better else 1
+    wins, losses = sum(sign * v > 1e-9 for v in values), sum(sign * v < -1e-9 for v in values)
     if len(values) < 2:
-        return f"{mean:+.3f} (n=1) {wins}/{losses}"
+        return f"{mean:+.{digits}f} (n=1) {wins}/{losses}"
     std = statistics.stdev(values)
     t = mean / (std / math.sqrt(len(values))) if std > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return f"{mean:+.3f} ± {std:.3f} (t = {t:+.1f}) {wins}/{losses}"
+    return f"{mean:+.{digits}f} ± {std:.{digits}f} (t = {t:+.1f}) {wins}/{losses}"
 
 
 def table(results: Path) -> str:
@@ -77,8 +83,12 @@ def table(results: Path) -> str:
     base = {seed: summary(r) for seed, r in runs.get("fedit", {}).items()}
     rounds = len(next(iter(next(iter(runs.values())).values())))
     quarter = max(1, rounds // 4)
-    lines = [f"`{results}`: SST-2, {rounds} rounds; tail = mean global accuracy over rounds {rounds - quarter + 1}–{rounds}; "
-             "Δ = paired difference against FedIT on the same seed (mean ± std over seeds, t, wins/losses)", "",
+    first = next(iter(next(iter(runs.values())).values()))[-1]
+    loss = "loss" in first["global"]
+    what = "teacher-forced test loss (lower is better)" if loss else "global accuracy"
+    digits = 4 if loss else 3
+    lines = [f"`{results}`: {rounds} rounds; final and tail = {what}, tail = its mean over rounds {rounds - quarter + 1}–{rounds}; "
+             "Δ = paired difference against FedIT on the same seed (mean ± std over seeds, t, wins/losses for the method)", "",
              "| method | seeds | final | Δ final vs FedIT | tail | Δ tail vs FedIT | mean divergence | MB up / down per round | secure aggregation |",
              "|---|---|---|---|---|---|---|---|---|"]
     rows = []
@@ -90,12 +100,13 @@ def table(results: Path) -> str:
         config = config_of(results, label)
         secure = "no" if get_method(config["method"]).policy.needs_individual_updates else "yes"
         one = next(iter(s.values()))
-        rows.append((statistics.fmean(v["tail"] for v in s.values()),
-                     f"| {label_of(config)} | {len(s)} | {spread([v['final'] for v in s.values()])} | {paired(d_final)} | "
-                     f"{spread([v['tail'] for v in s.values()])} | {paired(d_tail)} | "
+        rows.append(((1 if loss else -1) * statistics.fmean(v["tail"] for v in s.values()),
+                     f"| {label_of(config)} | {len(s)} | {spread([v['final'] for v in s.values()], digits)} | "
+                     f"{paired(d_final, loss, digits)} | {spread([v['tail'] for v in s.values()], digits)} | "
+                     f"{paired(d_tail, loss, digits)} | "
                      f"{statistics.fmean(v['divergence'] for v in s.values()):.3f} | "
                      f"{one['mb_up']:.2f} / {one['mb_down']:.2f} | {secure} |"))
-    lines += [row for _, row in sorted(rows, key=lambda item: -item[0])]
+    lines += [row for _, row in sorted(rows, key=lambda item: item[0])]  # best first
     return "\n".join(lines) + "\n"
 
 
