@@ -105,32 +105,20 @@ def assert_wire_matches_formula(method: str, flower: list[dict], adapter: Path) 
         assert measured < r["wire_serialized_bytes_up"]  # + one .npy header per array
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "fedex-lora", "fedsa-lora", "flora"])
-def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method):
-    procs, env = sim_superlink
-    config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
-    local = run_locally(config)
-
-    flower_config = config.replace(out=str(tmp_path / "flower"))
-    cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower_config),
-           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
-    out = Path(flower_config.out)
-    assert (out / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
-    assert_same_history(records(out), local)
-    assert RunConfig.from_json((out / "config.json").read_text()) == flower_config
-
-    assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
-    assert_wire_matches_formula(method, records(out), out / "adapter")
+# Every engine path: the methods' policies (frozen, private, residual, stacked; an alternating upload, a factor
+# downloaded but not uploaded, server-side state) and mixed client ranks (only r_u components travel): the same
+# history, adapter and wire bytes as the local engine.
+FLOWER_CASES = {
+    "fedit": ("fedit", {}), "ffa-lora": ("ffa-lora", {}), "fedex-lora": ("fedex-lora", {}),
+    "fedsa-lora": ("fedsa-lora", {}), "flora": ("flora", {}),
+    "fedsvd": ("fedsvd", {}), "rolora": ("rolora", {}), "svd-ef": ("svd-ef", {}),
+    "fedrot-lora-mixed-ranks-svd": ("fedrot-lora", {"client_ranks": (2, 8), "rank_map": "svd"}),
+    "flora-na-stable-mixed-ranks-truncate": ("flora-na-stable", {"client_ranks": (8, 3)}),
+}
 
 
-# The 2025–26 methods (an alternating policy, a factor downloaded but not uploaded, server state) and mixed
-# client ranks (only r_u components travel): the same history, adapter and wire bytes as the local engine.
-@pytest.mark.parametrize("method, changes", [
-    ("fedsvd", {}), ("rolora", {}), ("svd-ef", {}),
-    ("fedrot-lora", {"client_ranks": (2, 8), "rank_map": "svd"}), ("flora-na-stable", {"client_ranks": (8, 3)}),
-], ids=["fedsvd", "rolora", "svd-ef", "fedrot-lora-mixed-ranks-svd", "flora-na-stable-mixed-ranks-truncate"])
-def test_flower_runs_new_methods_and_mixed_ranks_like_the_local_engine(sim_superlink, tmp_path, method, changes):
+@pytest.mark.parametrize("method, changes", list(FLOWER_CASES.values()), ids=list(FLOWER_CASES))
+def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method, changes):
     procs, env = sim_superlink
     config = RunConfig(method=method, out=str(tmp_path / "local"), **(TINY | changes))
     local = run_locally(config)
@@ -142,6 +130,8 @@ def test_flower_runs_new_methods_and_mixed_ranks_like_the_local_engine(sim_super
     out = Path(flower_config.out)
     assert (out / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
     assert_same_history(records(out), local)
+    assert RunConfig.from_json((out / "config.json").read_text()) == flower_config
+
     assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
     assert_wire_matches_formula(method, records(out), out / "adapter")
 
