@@ -111,10 +111,12 @@ def assert_wire_matches_formula(method: str, flower: list[dict], adapter: Path) 
 FLOWER_CASES = {
     "fedit": ("fedit", {}), "ffa-lora": ("ffa-lora", {}), "fedex-lora": ("fedex-lora", {}),
     "fedsa-lora": ("fedsa-lora", {}), "flora": ("flora", {}),
-    "fedsvd": ("fedsvd", {}), "rolora": ("rolora", {}), "svd-ef": ("svd-ef", {}),
-    "fedrot-lora-mixed-ranks-svd": ("fedrot-lora", {"client_ranks": (2, 8), "rank_map": "svd"}),
-    "flora-na-stable-mixed-ranks-truncate": ("flora-na-stable", {"client_ranks": (8, 3)}),
+    "fedsvd": ("fedsvd", {}), "rolora": ("rolora", {}),
+    "flora-na-stable-mixed-ranks": ("flora-na-stable", {"client_ranks": (8, 3)}),
 }
+# Not here, to keep CI under 30 minutes: svd-ef (its state lives in the server's checkpoint, which both engines share:
+# tests/test_end_to_end.py resumes it), fedrot-lora (a pure function of the default policy, like fedit) and the SVD
+# rank map (server-side, before the same wire truncation; tests/test_mixed_ranks.py runs it in the local engine).
 
 
 @pytest.mark.parametrize("method, changes", list(FLOWER_CASES.values()), ids=list(FLOWER_CASES))
