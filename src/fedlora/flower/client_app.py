@@ -84,8 +84,17 @@ def _partition(context: Context, config: RunConfig) -> int:
     return partition
 
 
-def _sync_base(proc: _Process, state: RecordDict, deltas: dict[int, dict[str, Tensor]] | None) -> int:
-    """Put this client's frozen weights into the shared model, merge new deltas; return its version."""
+def _sync_base(proc: _Process, state: RecordDict, deltas: dict[int, dict[str, Tensor]] | None,
+               reset: bool = False) -> int:
+    """Put this client's frozen weights into the shared model, merge new deltas; return its version.
+
+    ``reset``: the server sends the sum of every merge (this node is new or too far behind for
+    the merges it kept one by one, :mod:`fedlora.flower.merges`): start again from the pristine weights.
+    """
+    if reset:
+        for key in ("base", "base-weights"):
+            if key in state:
+                del state[key]
     if deltas is None and "base" not in state and not proc.touched:
         return 0  # nobody has changed frozen weights (FedIT, FLoRA-NA, ...): nothing to restore
     proc.touched = True
@@ -105,9 +114,16 @@ def _sync_base(proc: _Process, state: RecordDict, deltas: dict[int, dict[str, Te
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the ServerApp which client (partition) this SuperNode is."""
-    config, _ = run_config_from_flower(context.run_config)
-    record = MetricRecord({"partition-id": _partition(context, config), "num-partitions": config.clients})
+    """Tell the ServerApp which client (partition) this SuperNode is: its node config, as given.
+
+    The server checks the claim (:mod:`fedlora.flower.nodes`): a node config that does not fit the
+    run is refused there, with the reason in the ServerApp's log, rather than failing here.
+    """
+    try:
+        claim = {key: int(context.node_config[key]) for key in ("partition-id", "num-partitions")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>' ({exc!r})") from exc
+    record = MetricRecord(claim)
     return Message(RecordDict({"partition": record}), reply_to=msg)
 
 
@@ -119,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = msg.content["config"]
     policy = get_method(config.method).policy.for_round(int(settings["server-round"]))
     plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options={})
-    version = _sync_base(proc, context.state, _deltas(msg.content))
+    version = _sync_base(proc, context.state, _deltas(msg.content), reset=bool(settings.get("base-reset", False)))
     rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
 
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None

@@ -27,12 +27,14 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
 import psutil
+import tomli_w  # Flower's own dependency (flwr writes config.toml with it)
 
 LOOPBACK = "127.0.0.1"
 
@@ -97,13 +99,42 @@ def generate_supernode_keys(directory: str | Path, names: Sequence[str]) -> dict
 
 
 def write_connection(flwr_home: str | Path, name: str, address: str, root_certificates: str | Path | None = None) -> Path:
-    """``$FLWR_HOME/config.toml`` with one SuperLink connection (what ``flwr run . <name>`` reads)."""
-    flwr_home = Path(flwr_home)
+    """Set the SuperLink connection ``name`` in ``$FLWR_HOME/config.toml`` (what ``flwr run . <name>`` reads).
+
+    Idempotent: the file is parsed, ``[superlink.<name>]`` replaced whole, every other table kept,
+    and the file rewritten (atomically), so running it twice leaves one valid table -- appending
+    with ``cat >>`` twice leaves a duplicate table, which TOML forbids. ``[superlink] default`` is
+    set to ``name`` only where no default exists yet.
+    """
+    flwr_home = Path(flwr_home).expanduser()
     flwr_home.mkdir(parents=True, exist_ok=True)
-    security = f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates else "insecure = true"
     path = flwr_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n')
+    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    superlink = config.setdefault("superlink", {})
+    security: dict[str, str | bool] = ({"root-certificates": str(Path(root_certificates).resolve())}
+                                       if root_certificates else {"insecure": True})
+    superlink[name] = {"address": address, **security}
+    superlink.setdefault("default", name)
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(tomli_w.dumps(config))
+    os.replace(scratch, path)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m fedlora.flower.local connect NAME ADDRESS [--root-certificates CA]``: see :func:`write_connection`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedlora.flower.local",
+                                     description="Write a SuperLink connection into Flower's config.toml (idempotent).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    connect = sub.add_parser("connect", help="set [superlink.NAME] in $FLWR_HOME/config.toml (default ~/.flwr)")
+    connect.add_argument("name", help="connection name, as in `flwr run . NAME`")
+    connect.add_argument("address", help="SuperLink address, e.g. 127.0.0.1:9093")
+    connect.add_argument("--root-certificates", help="CA certificate for TLS; without it the connection is insecure")
+    args = parser.parse_args(argv)
+    home = os.environ.get("FLWR_HOME") or Path.home() / ".flwr"
+    print(write_connection(home, args.name, args.address, args.root_certificates))
 
 
 def flower_env(flwr_home: str | Path) -> dict[str, str]:
@@ -239,3 +270,7 @@ def simulation_superlink(root: str | Path) -> Iterator[tuple[Processes, dict[str
         yield procs, env
     finally:
         procs.stop_all()
+
+
+if __name__ == "__main__":
+    main()

@@ -68,7 +68,11 @@ def record_to_model(record: ArrayRecord, missing_from: Adapter | None = None) ->
     ``missing_from``: where the factors that did not travel come from (the receiver's own copy:
     FFA-LoRA's frozen A, FedSA-LoRA's local B); without it every module needs both A and B.
     """
-    state = _tensors(record)
+    return tensors_to_model(_tensors(record), missing_from)
+
+
+def tensors_to_model(state: dict[str, Tensor], missing_from: Adapter | None = None) -> tuple[Adapter, dict[str, Tensor]]:
+    """:func:`record_to_model` for already decoded tensors (``fedlora.flower.replies`` validates them first)."""
     head = {k[len(PEFT_PREFIX):]: v for k, v in state.items() if ".lora_" not in k}
     if missing_from is not None:
         state = adapter_to_state_dict(missing_from) | state  # the received factors win
