@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.aggregation import Adapter, ClientUpdate, LoraPair, TrainingPolicy
+from fedlora.optim import LocalOptim
 from fedlora.peft_bridge import get_adapter, get_head, set_adapter, set_head
 from fedlora.runtime import Runtime, runtime_of
 from fedlora.tasks import Collate, Task
@@ -79,11 +80,13 @@ def train_client(
     seed: int,
     runtime: Runtime | None = None,
     grad_accum: int = 1,
+    optim: LocalOptim | None = None,
 ) -> ClientResult:
     """Load the global state (with the client's own B under FedSA-LoRA), train, and report.
 
     ``runtime`` (device, precision) defaults to the one :func:`fedlora.model.build_model` attached
-    to the model. ``grad_accum``: micro-batches per step (:func:`fedlora.training.train_local`). The
+    to the model. ``grad_accum``: micro-batches per step, ``optim``: weight decay, clipping and the lr
+    schedule (:func:`fedlora.training.train_local`; both engines pass :meth:`LocalOptim.for_round`). The
     update and head come back as CPU float32 tensors.
     """
     runtime = runtime or runtime_of(model)
@@ -94,7 +97,7 @@ def train_client(
     set_head(model, global_head)
     batches = round_batches(train, steps, batch_size, seed, task.collate(tokenizer))
     stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime, micro_batches=grad_accum,
-                        loss_weight=task.loss_weight)
+                        loss_weight=task.loss_weight, optim=optim)
     local_metrics = None
     if local_test is not None and len(local_test):
         local_metrics = evaluate_on(model, local_test, task, tokenizer, runtime)
@@ -102,6 +105,18 @@ def train_client(
     return ClientResult(update=update, head=get_head(model), loss=float(stats["loss"]), local_metrics=local_metrics)
 
 
-def average_heads(heads: list[dict[str, Tensor]], weights: Tensor) -> dict[str, Tensor]:
-    """FedAvg of the classifier heads, Σ_u w_u head_u."""
-    return {k: sum(float(w) * h[k] for w, h in zip(weights, heads)) for k in heads[0]}
+def average_heads(
+    heads: list[dict[str, Tensor]], weights: Tensor, like: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """FedAvg of the classifier heads, Σ_u w_u head_u, summed in float64.
+
+    ``like``: the global head, whose dtype and device the result takes (a float64 head of 1e300
+    then shows up as Inf for the caller to refuse, rather than hiding in a float64 average); by
+    default the first head's. Heads must have been validated (same keys and shapes).
+    """
+    reference = like if like is not None else heads[0]
+    out: dict[str, Tensor] = {}
+    for k, ref in reference.items():
+        total = sum(float(w) * h[k].double() for w, h in zip(weights, heads))  # (same shape as ref)
+        out[k] = torch.as_tensor(total).to(dtype=ref.dtype, device=ref.device)
+    return out

@@ -108,6 +108,14 @@ class RunConfig:
                              "pieces (same update, less memory)")
     gradient_checkpointing: bool = option(False, "training", "recompute activations in the backward pass (less "
                                           "memory, ~30% slower; models that support it)")
+    lora_dropout: float = option(0.0, "training", "dropout on the LoRA branch's input (PEFT's lora_dropout; 0: off)")
+    weight_decay: float = option(0.0, "training", "AdamW decoupled weight decay on the LoRA factors and head")
+    lr_schedule: str = option("constant", "training", "learning-rate schedule over the whole run's rounds x "
+                              "local steps: constant, linear or cosine (decay to 0; transformers' formulas)")
+    warmup_steps: int = option(0, "training", "linear lr warm-up over the run's first N optimizer steps (counted "
+                               "as round x local step, like --lr-schedule)")
+    max_grad_norm: float = option(0.0, "training", "clip the gradients' global L2 norm to this before each step "
+                                  "(fp16: after unscaling); 0: no clipping")
     # -- federation
     # The default is the frontier's pick at FedIT's bytes (docs/results.md, "The frontier"); flora-na is the paper's method.
     method: str = option("flora-na-stable", "federation", lambda: f"aggregation method: {', '.join(_method_names())}")
@@ -120,6 +128,8 @@ class RunConfig:
                                  show=lambda v: "iid" if v is None else v, data=True)
     fraction: float = option(1.0, "federation", "share of clients sampled each round")
     min_clients: int = option(1, "federation", "rounds with fewer valid client updates are skipped")
+    clip_factor: float = option(4.0, "federation", "clip each client's update (factors and head) to this many times "
+                                "the round's median update norm; 0: off (README, Failure modes)")
     seed: int = option(0, "federation", "seed of everything: partition, init, batches, client sampling", data=True)
     # -- evaluation
     eval_local_every: int = option(5, "evaluation", "rounds between local (personalised) evaluations; 0: never")
@@ -135,6 +145,8 @@ class RunConfig:
                                               parse=parse_optional_int, show=lambda v: "all" if v is None else v)
     exact_match: bool = option(False, "evaluation", "instruct task: also generate and score exact match against the "
                                "response (gsm8k, mbpp and humaneval always generate)")
+    log_to: tuple[str, ...] = option((), "evaluation", "also log every round's metrics to: tensorboard, wandb, "
+                                     "mlflow (any of them; off by default)", many=True)
     # -- runtime
     device: str = option("auto", "runtime", "auto, cpu, cuda, cuda:N or mps (auto: cuda when available)")
     precision: str = option("fp32", "runtime", "fp32, bf16 or fp16: autocast for training and evaluation "
@@ -205,19 +217,28 @@ def _validate(c: RunConfig) -> None:
     _validate_ranks(c)
     if isinstance(c.target_modules, (tuple, list)):
         object.__setattr__(c, "target_modules", parse_modules(" ".join(map(str, c.target_modules))))
+    _require(_is_number(c.clip_factor) and c.clip_factor >= 0, "clip_factor", c.clip_factor,
+             "must be a finite number >= 0 (0: no clipping)")
     for name in ("rounds", "clients", "local_steps", "batch_size", "rank", "min_clients", "grad_accum"):
         value = getattr(c, name)
         _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
     _require(_is_int(c.seed), "seed", c.seed, "must be an integer")
+    for f in dataclasses.fields(c):  # any float option, today's and future ones: inf/nan trains nothing sensible
+        value = getattr(c, f.name)
+        _require(not isinstance(value, float) or math.isfinite(value), f.name, value, "must be a finite number")
     _require(c.alpha is None or (_is_number(c.alpha) and c.alpha > 0), "alpha", c.alpha,
              "the Dirichlet concentration must be a finite number > 0 (or 'iid')")
     _require(_is_number(c.fraction) and 0 < c.fraction <= 1, "fraction", c.fraction,
              "the share of clients per round must be in (0, 1]")
+    _require(c.min_clients <= c.num_sampled, "min_clients", c.min_clients,
+             f"more than the {c.num_sampled} client(s) sampled per round (--clients {c.clients} x --fraction "
+             f"{c.fraction}): every round would be skipped and nothing trained; lower it or sample more clients")
     _require(_is_number(c.lr) and c.lr > 0, "lr", c.lr, "the learning rate must be a finite number > 0")
     _require(_is_number(c.lora_alpha) and c.lora_alpha > 0, "lora_alpha", c.lora_alpha,
              "must be a finite number > 0 (the LoRA scaling is lora_alpha / rank)")
     _require(c.max_length is None or (_is_int(c.max_length) and c.max_length >= 8), "max_length", c.max_length,
-             "must be an integer >= 8 (or 'auto')")
+             "must be an integer >= 8 (or 'auto'): a sentence pair takes 3 special tokens ([CLS] a [SEP] b "
+             "[SEP]) plus a few of each sentence, and below that the tokenizer cannot truncate a pair at all")
     _require(c.batch_size % c.grad_accum == 0, "grad_accum", c.grad_accum,
              f"must divide --batch-size={c.batch_size} (each micro-batch holds batch_size / grad_accum rows)")
     _require(c.skew in SKEWS, "skew", c.skew, f"use one of {', '.join(SKEWS)}")
@@ -251,6 +272,16 @@ def _validate(c: RunConfig) -> None:
     if c.model is not None and (c.model.startswith((".", "/", "~")) or Path(c.model).exists()):
         _require(Path(c.model).expanduser().is_dir(), "model", c.model,
                  "no such model directory; give a hub id or a local model folder")
+    # training knobs (fedlora.optim): lora_dropout, weight_decay, max_grad_norm, lr_schedule, warmup_steps
+    from fedlora.optim import LR_SCHEDULES
+
+    for name in ("lora_dropout", "weight_decay", "max_grad_norm"):
+        _require(_is_number(getattr(c, name)) and getattr(c, name) >= 0, name, getattr(c, name),
+                 "must be a finite number >= 0 (0: off)")
+    _require(c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "is a probability: use a value in [0, 1)")
+    _require(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule, f"use one of {', '.join(LR_SCHEDULES)}")
+    _require(_is_int(c.warmup_steps) and c.warmup_steps >= 0, "warmup_steps", c.warmup_steps,
+             "must be an integer >= 0 (0: no warm-up)")
 
 
 def _validate_ranks(c: RunConfig) -> None:

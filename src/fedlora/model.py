@@ -24,6 +24,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.optim import set_lora_dropout
+from fedlora.model_checks import check_built, check_model_source
 from fedlora.runtime import attach_runtime, resolve_runtime
 
 if TYPE_CHECKING:
@@ -122,7 +124,7 @@ def load_model(
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=rank,
-            lora_alpha=lora_alpha,
+            lora_alpha=lora_alpha,  # type: ignore[arg-type]  # PEFT says int, computes alpha / r
             target_modules=None if target_modules is None else list(target_modules),  # None: PEFT's default
             lora_dropout=lora_dropout,
         )
@@ -151,8 +153,12 @@ def build_model(config: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     from fedlora.tasks import task_for  # local import: the classification task imports this module
 
     runtime = resolve_runtime(config.device, config.precision)  # before minutes of loading
-    model, tokenizer = task_for(config).build_model(
+    check_model_source(config.model)  # offline and not cached, or pickled weights only: one line, nothing loaded
+    task = task_for(config)
+    model, tokenizer = task.build_model(
         config.model, config.rank, config.lora_alpha, list(config.target_modules), config.seed
     )
+    check_built(model, config.target_modules, config.max_length or task.default_max_length, config.model or "the default model")
+    set_lora_dropout(model, getattr(config, "lora_dropout", 0.0))  # after build: every task, custom ones too
     attach_runtime(model, runtime)
     return model, tokenizer

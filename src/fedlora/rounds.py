@@ -12,7 +12,9 @@ translates the plan into messages and the replies back into :class:`ClientResult
    private factors, merge ``base_delta`` into the frozen weights, evaluate the global model, append
    the round's record, and checkpoint atomically (the checkpoint is the source of truth for
    ``--resume``; ``metrics.jsonl`` is rewritten from it);
-4. :meth:`Server.save_final`: the PEFT adapter (swapped in atomically) and the plots.
+4. :meth:`Server.save_final`: the PEFT adapter (swapped in atomically) with its model card, and the plots.
+
+``--log-to`` trackers (:mod:`fedlora.loggers`) get each record when ``metrics.jsonl`` is written.
 
 Nothing here names a method: what differs between methods is read from their
 :class:`~fedlora.aggregation.TrainingPolicy`.
@@ -40,6 +42,7 @@ from fedlora.client import ClientResult, derived_seed, evaluate_on, train_client
 from fedlora.config import RunConfig
 from fedlora.failpoints import failpoint
 from fedlora.federation import ClientData, Federation
+from fedlora.optim import LocalOptim
 from fedlora.peft_bridge import (get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta,
                                  merged_base_weights, restore_base_weights, save_adapter, set_adapter, set_head)
 from fedlora.records import round_record
@@ -83,6 +86,7 @@ def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: 
         task=task, tokenizer=tokenizer, global_adapter=adapter, global_head=head, local_B=None,
         policy=get_method(config.method).policy.for_round(plan.round), steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         seed=derived_seed(config.seed, plan.round, index), grad_accum=config.grad_accum,
+        optim=LocalOptim.for_round(config, plan.round),  # weight decay, clipping, the run's lr schedule
     )
 
 
@@ -108,6 +112,10 @@ class Server:
         ranks = assign_ranks(config.client_ranks, config.clients, config.rank, config.seed)
         self.mixed_ranks = is_mixed(ranks, config.rank)
         self.rank_of = {c.client_id: r for c, r in zip(federation.clients, ranks)}
+        # --log-to trackers (fedlora.loggers), opened by open(); rounds already in the history were
+        # logged by the process that ran them (a resume sends only the new ones)
+        self.trackers: list[Any] = []
+        self.logged_rounds = len(state.history)
 
     @classmethod
     def open(cls, config: RunConfig, model: PeftModel, tokenizer: Any, federation: Federation, *,
@@ -127,6 +135,10 @@ class Server:
             server = cls(config, model, tokenizer, federation, state, keep_merges=keep_merges)
             atomic_write_text(out / "config.json", config.to_json())
             save_state(state, out)  # round 0: a crash in the first round can resume too
+        if getattr(config, "log_to", ()):
+            from fedlora.loggers import open_trackers  # a tracker's package only when asked for
+
+            server.trackers = open_trackers(config.log_to, out, config.to_json())
         server._write_metrics()
         return server
 
@@ -166,7 +178,12 @@ class Server:
         return adapter, self.state.head
 
     def bounded(self, results: list[ClientResult]) -> list[ClientResult]:
-        """Each result with the components beyond its client's rank zeroed: a client changes only what it holds."""
+        """Each result bounded by what its client holds: the components beyond its rank zeroed, and its
+        example count the server's own (the partition table), not the one it claims: trusted counts need
+        no weight cap (:mod:`fedlora.aggregation.robust`)."""
+        counts = {c.client_id: c.num_examples for c in self.federation.clients}
+        results = [replace(r, update=replace(r.update, num_examples=counts[r.update.client_id]))
+                   if r.update.client_id in counts else r for r in results]
         if not self.mixed_ranks:
             return results
         return [replace(r, update=replace(r.update, adapter=restrict(r.update.adapter, self.rank_of[r.update.client_id])))
@@ -184,7 +201,9 @@ class Server:
         server_start = time.perf_counter()
         results = self.bounded(results)
         ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
-        agg, head = server_step(self.config.method, self.state.adapter, results, min_clients=self.config.min_clients,
+        agg, head = server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
+                                min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
+                                weight_cap=None,  # counts are the partition table's (bounded), not claims
                                 round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
                                 **plan.options)
         failpoint("aggregate", plan.round)
@@ -235,6 +254,11 @@ class Server:
     # -- outputs ------------------------------------------------------------------------------
     def _write_metrics(self) -> None:
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history))
+        if self.trackers and len(self.state.history) > self.logged_rounds:
+            from fedlora.loggers import log_records
+
+            log_records(self.trackers, self.state.history[self.logged_rounds:])
+        self.logged_rounds = len(self.state.history)
 
     def save_final(self) -> None:
         """The final global model as a PEFT adapter (built aside, swapped in whole), and the plots."""
@@ -245,7 +269,10 @@ class Server:
         for leftover in (scratch, old):
             if leftover.exists():
                 shutil.rmtree(leftover)
-        save_adapter(self.model, scratch)
+        save_adapter(self.model, scratch, given_model=self.config.model)
+        from fedlora.model_card import write_model_card
+
+        write_model_card(scratch, self.config, self.state.history, *self._base_reference(scratch))
         if target.exists():
             target.rename(old)
         scratch.rename(target)
@@ -255,3 +282,11 @@ class Server:
             from fedlora.reporting import plot_run  # matplotlib only when a run finishes
 
             plot_run(self.out)
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+    @staticmethod
+    def _base_reference(adapter_dir: Path) -> tuple[str, str]:
+        meta = json.loads((adapter_dir / "fedlora_base.json").read_text())
+        return meta["base_model"], meta["base_model_loaded_as"]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fedlora.aggregation.types import TrainingPolicy
+from fedlora.optim import LocalOptim
 from fedlora.peft_bridge import active_adapter_name, head_parameters, lora_layers
 from fedlora.runtime import Runtime, runtime_of
 
@@ -49,13 +50,13 @@ def split_batch(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
     return cut
 
 
-def _policy_grad_flags(model: nn.Module, policy: TrainingPolicy) -> dict[nn.Parameter, bool]:
+def _policy_grad_flags(model: nn.Module, policy: TrainingPolicy) -> dict[Tensor, bool]:
     """Wanted ``requires_grad`` for every LoRA factor and head parameter under ``policy``."""
     adapter = active_adapter_name(model)
-    wanted: dict[nn.Parameter, bool] = {}
+    wanted: dict[Tensor, bool] = {}  # the LoRA factors' and the head's weight Parameters
     for layer in lora_layers(model).values():
-        wanted[layer.lora_A[adapter].weight] = policy.train_A
-        wanted[layer.lora_B[adapter].weight] = policy.train_B
+        wanted[cast(Tensor, layer.lora_A[adapter].weight)] = policy.train_A
+        wanted[cast(Tensor, layer.lora_B[adapter].weight)] = policy.train_B
     for p in head_parameters(model).values():
         wanted[p] = True  # the head is always trained (it is FedAvg-ed, never frozen)
     return wanted
@@ -68,7 +69,7 @@ def train_local(
     lr: float,
     policy: TrainingPolicy,
     seed: int,
-    weight_decay: float = 0.0,
+    optim: LocalOptim | None = None,
     runtime: Runtime | None = None,
     micro_batches: int = 1,
     loss_weight: Callable[[dict[str, Any]], int] | None = None,
@@ -79,6 +80,10 @@ def train_local(
     (:func:`split_batch`) whose losses are weighted by ``loss_weight(piece) / Σ loss_weight`` (default:
     rows; a causal LM: supervised tokens, :meth:`fedlora.tasks.Task.loss_weight`) before one optimizer
     step, so the update equals the whole batch's up to float rounding, with 1/k of the activations.
+
+    ``optim``: weight decay, gradient clipping and the lr of each step (:class:`fedlora.optim.LocalOptim`;
+    default: plain AdamW, no decay, no clipping, ``lr`` throughout). Clipping bounds the global L2 norm
+    of all trained parameters' gradients (after fp16 unscaling), as transformers' ``max_grad_norm``.
 
     ``runtime``: device and precision (default: :func:`fedlora.runtime.runtime_of` the model);
     batches are moved to the device, forward and loss run under its autocast.
@@ -93,6 +98,7 @@ def train_local(
     wanted = _policy_grad_flags(model, policy)
     previous = {p: p.requires_grad for p in wanted}
     runtime = runtime or runtime_of(model)
+    optim = optim or LocalOptim()
     scaler = runtime.grad_scaler()
     losses: list[float] = []
     examples = 0
@@ -104,7 +110,7 @@ def train_local(
             raise ValueError("nothing to train: policy freezes both A and B and the model has no head")
         # Fresh optimizer each call: in federated rounds the factors are overwritten by the
         # server between calls, so stale Adam moments would refer to different parameters.
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay)
         torch.manual_seed(seed)  # fixes LoRA/attention dropout masks
         model.train()
         for step in range(steps):
@@ -118,6 +124,9 @@ def train_local(
             pieces = split_batch(batch, micro_batches)
             weights = [float(loss_weight(p)) if loss_weight else float(_batch_size(p)) for p in pieces]
             optimizer.zero_grad(set_to_none=True)
+            if optim.scheduled:
+                for group in optimizer.param_groups:
+                    group["lr"] = optim.lr_at(lr, step)
             step_loss = 0.0
             for piece, weight in zip(pieces, weights):
                 share = weight / sum(weights) if len(pieces) > 1 else 1.0  # x * 1.0 == x: no accumulation, same bits
@@ -130,6 +139,10 @@ def train_local(
                 else:  # fp16: scale the loss so small gradients survive
                     scaler.scale(loss * share).backward()
                 step_loss += float(loss.detach()) * share
+            if optim.max_grad_norm > 0:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
             if scaler is None:
                 optimizer.step()
             else:  # skips the step if the fp16 gradients overflowed
