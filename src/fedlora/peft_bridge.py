@@ -247,10 +247,24 @@ def state_dict_to_adapter(state: dict[str, Tensor], strict: bool = True) -> Adap
     return adapter
 
 
-def save_adapter(model: PeftModel, path: str | Path) -> None:
-    """Save the PEFT adapter (safetensors) plus any merged frozen weights; see module docstring."""
+def save_adapter(model: PeftModel, path: str | Path, *, given_model: str | None = None) -> None:
+    """Save the PEFT adapter (safetensors) plus any merged frozen weights; see module docstring.
+
+    ``adapter_config.json`` names the base portably (:func:`fedlora.model_card.portable_reference`:
+    the bundled model's hub id, or ``given_model``, the user's ``--model`` as given), not the
+    folder it was loaded from on this machine; ``fedlora_base.json`` also records that folder and how.
+    """
+    from fedlora.model_card import portable_reference
+
     path = Path(path)
-    model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
+    peft_config = model.peft_config[active_adapter_name(model)]
+    loaded_from = str(peft_config.base_model_name_or_path)
+    reference, loaded_as = portable_reference(loaded_from, given_model)
+    peft_config.base_model_name_or_path = reference
+    try:
+        model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
+    finally:
+        peft_config.base_model_name_or_path = loaded_from  # the live model keeps where it came from
     merged = sorted(getattr(model, _MERGED_ATTR, set()))
     layers = lora_layers(model)
     base_weights = {f"{m}.weight": layers[m].get_base_layer().weight.detach().cpu().contiguous() for m in merged}
@@ -259,9 +273,10 @@ def save_adapter(model: PeftModel, path: str | Path) -> None:
     elif (path / BASE_WEIGHTS_FILE).exists():  # stale file from an earlier save into the same dir
         (path / BASE_WEIGHTS_FILE).unlink()
     config = model.get_base_model().config
-    peft_config = model.peft_config[active_adapter_name(model)]
     meta = {
-        "base_model": peft_config.base_model_name_or_path,
+        "base_model": reference,
+        "base_model_loaded_from": loaded_from,
+        "base_model_loaded_as": loaded_as,
         "task_type": str(getattr(peft_config.task_type, "value", peft_config.task_type)),  # SEQ_CLS or CAUSAL_LM
         "num_labels": int(config.num_labels),
         "problem_type": config.problem_type,
@@ -288,8 +303,8 @@ def load_model_with_adapter(
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Rebuild a model saved by :func:`save_adapter` with identical predictions.
 
-    Loads the base model (``model`` overrides the path recorded at save time, e.g. when the
-    checkpoint moved), overwrites merged frozen weights from ``base_weights.safetensors``, then
+    Loads the base model (``model`` overrides the reference recorded at save time; a bundled
+    model's hub id resolves to its installed copy, offline), overwrites merged frozen weights from ``base_weights.safetensors``, then
     attaches the adapter and head with ``PeftModel.from_pretrained``. Returned in eval mode.
     """
     from fedlora.model import load_base_model  # local import: model.py stays bridge-free
@@ -298,10 +313,13 @@ def load_model_with_adapter(
     if not (path / META_FILE).is_file():
         raise FileNotFoundError(f"{path / META_FILE} not found; was {path} written by fedlora.peft_bridge.save_adapter?")
     meta = json.loads((path / META_FILE).read_text())
+    from fedlora.model_card import base_model_path  # a bundled model's hub id -> its installed copy
+
+    base_ref = model or base_model_path(path)
     if meta.get("task_type") == "CAUSAL_LM":
-        base, tokenizer = _load_base_causal_lm(model or meta["base_model"])
+        base, tokenizer = _load_base_causal_lm(base_ref)
     else:
-        base, tokenizer = load_base_model(model or meta["base_model"], meta["num_labels"], meta["problem_type"])
+        base, tokenizer = load_base_model(base_ref, meta["num_labels"], meta["problem_type"])
     if meta["merged_modules"]:
         with torch.no_grad():
             for key, tensor in load_file(str(path / BASE_WEIGHTS_FILE)).items():

@@ -34,24 +34,52 @@ def plot_run(path: str | Path) -> list[Path]:
     return plot_runs([path], Path(path))
 
 
+def _styles(runs: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Each run's method colour and marker; a method's second, third... run gets another line style."""
+    from fedlora.bench.plots import method_style
+
+    seen: dict[str, int] = {}
+    styles = []
+    for path, config, _ in runs:
+        method = str(config.get("method", path.name))
+        repeat = seen[method] = seen.get(method, -1) + 1
+        styles.append({**method_style(method), "ls": ("-", ":", "-.", (0, (5, 1)))[repeat % 4]})
+    return styles
+
+
 def plot_runs(paths: list[str | Path], out: Path, prefix: str = "") -> list[Path]:
+    """Overlaid curves of runs: global metric and divergence per round, the SVD bound dashed in each
+    run's colour; log divergence axis with labelled ticks, integer rounds, task and setting in the title."""
+    from fedlora.plot_style import integer_rounds, linear_axis, setting_title, value_axis
+
     out.mkdir(parents=True, exist_ok=True)
     runs = [(Path(p), *read_run(p)) for p in paths]
     metric = _metric_name(runs[0][1]) if runs else "metric"
+    styles = _styles(runs)
+    tasks = "/".join(dict.fromkeys(str(c.get("task", "?")) for _, c, _ in runs))
+    title = setting_title(tasks, [c for _, c, _ in runs])
     written = []
     for name, key, ylabel in (("accuracy", "global_metric", f"global {metric}"), ("divergence", "divergence", "aggregation divergence")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for path, config, records in runs:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        values: list[float] = []
+        for (path, config, records), style in zip(runs, styles):
             rounds = [r["round"] for r in records]
-            (line,) = ax.plot(rounds, [r[key] for r in records], marker="o", ms=3, label=_label(config, path))
+            ys = [r[key] for r in records]
+            values += ys
+            ax.plot(rounds, ys, ms=5, lw=1.5, label=_label(config, path), **style)
             if key == "divergence":
-                ax.plot(rounds, [r["eckart_young_bound"] for r in records], ls="--", color=line.get_color(), alpha=0.6,
-                        label=f"SVD bound ({_label(config, path)})")
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
+                bound = [r["eckart_young_bound"] for r in records]
+                values += bound
+                ax.plot(rounds, bound, ls="--", lw=1, color=style["color"], alpha=0.7)
         if key == "divergence":
-            ax.set_yscale("symlog", linthresh=1e-3)
-        ax.grid(alpha=0.3)
+            ylabel = value_axis(ax, values, ylabel)
+            ax.plot([], [], ls="--", color="grey", label="SVD (Eckart–Young) bound, in the method's colour")
+        else:
+            linear_axis(ax)
+        integer_rounds(ax)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="major")
         ax.legend(fontsize=7)
         fig.tight_layout()
         target = out / f"{prefix}{name}.png"

@@ -11,6 +11,7 @@ frontier.png        accuracy per byte: final global metric (mean ± std over see
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from fedlora.plot_style import integer_rounds, linear_axis, setting_title  # noqa: E402
+from fedlora.plot_style import value_axis  # noqa: E402
 
 
 def _by_task_label(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[list[dict[str, Any]]]]]:
@@ -38,8 +42,25 @@ def _curve(seed_records: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarr
 
 
 def _panels(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n + 1.5, 4.2), squeeze=False)
     return fig, list(axes[0])
+
+
+def _configs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs' config.json dicts (for titles); a run directory without one contributes nothing."""
+    configs = []
+    for run in runs:
+        path = Path(run.get("path", "")) / "config.json"
+        if path.is_file():
+            configs.append(json.loads(path.read_text()))
+    return configs
+
+
+def task_title(runs: list[dict[str, Any]], task: str) -> str:
+    """"sst2: 10 clients, α=0.5, 8 rounds, seeds 0–2" for one task's runs."""
+    of_task = [r for r in runs if r["task"] == task]
+    configs = _configs(of_task) or [{"rounds": max(len(r["records"]) for r in of_task)}]
+    return setting_title(task, configs, seeds=[r["seed"] for r in of_task if "seed" in r] or None)
 
 
 def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]) -> list[Path]:
@@ -50,20 +71,25 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
     for name, key in (("global_metric", "global_metric"), ("divergence", "divergence")):
         fig, axes = _panels(len(grouped))
         for ax, (task, labels) in zip(axes, grouped.items()):
+            values: list[float] = []
             for label, seeds in labels.items():
                 rounds, mean, std = _curve(seeds, key)
                 (line,) = ax.plot(rounds, mean, ms=4, label=label, **method_style(label))
                 ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+                values += mean.tolist()
                 if key == "divergence":
                     _, bound, _ = _curve(seeds, "eckart_young_bound")
                     ax.plot(rounds, bound, ls="--", lw=1, color=line.get_color(), alpha=0.7)
-            ax.set_title(task)
-            ax.set_xlabel("round")
-            ax.set_ylabel(f"global {metric_names.get(task, 'metric')}" if key == "global_metric" else "divergence (dashed: SVD bound)")
+                    values += bound.tolist()
+            ax.set_title(task_title(runs, task), fontsize=9)
+            integer_rounds(ax)
             if key == "divergence":
-                ax.set_yscale("symlog", linthresh=1e-3)
+                ax.set_ylabel(value_axis(ax, values, "divergence (dashed: SVD bound)"))
+            else:
+                linear_axis(ax)
+                ax.set_ylabel(f"global {metric_names.get(task, 'metric')} (mean ± std over seeds)")
             ax.grid(alpha=0.3)
-        axes[-1].legend(fontsize=7, loc="best")
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         written.append(_save(fig, out / f"{name}.png"))
 
@@ -72,16 +98,18 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
         names = list(labels)
         x = np.arange(len(names))
         for offset, (key, title) in ((-0.2, ("global_metric", "global (final)")), (0.2, ("local_metric_mean", "local (last eval)"))):
-            means, stds = [], []
+            means: list[float] = []
+            stds: list[float] = []
             for label in names:
-                values = [_last(records, key) for records in labels[label]]
-                values = [v for v in values if v is not None]
-                means.append(np.mean(values) if values else np.nan)
-                stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+                values_ = [_last(records, key) for records in labels[label]]
+                present = [v for v in values_ if v is not None]
+                means.append(float(np.mean(present)) if present else float("nan"))
+                stds.append(float(np.std(present, ddof=1)) if len(present) > 1 else 0.0)
             ax.bar(x + offset, means, width=0.4, yerr=stds, capsize=2, label=title)
         ax.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
-        ax.set_title(task)
-        ax.set_ylabel(metric_names.get(task, "metric"))
+        ax.set_title(task_title(runs, task), fontsize=9)
+        ax.set_ylabel(f"{metric_names.get(task, 'metric')} (mean ± std over seeds)")
+        linear_axis(ax)
         ax.grid(alpha=0.3, axis="y")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
@@ -91,18 +119,31 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
 
 
 # A fixed style per method, so a method keeps its colour and marker in every plot.
-_COLOURS = plt.get_cmap("tab20").colors
+# tab10 plus four dark extras: no pale shades (tab20's light halves were unreadable as thin lines).
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf", "#000000", "#b8860b", "#006400", "#4b0082")
 _MARKERS = "osD^v<>pXh*P8d"
 
 
-def method_style(label: str) -> dict[str, Any]:
-    """Colour and marker of a method label ("flora-na", "flora-na [alpha=0.1]" share them)."""
+def _known_labels() -> list[str]:
+    """Every method, then every other preset label: a fixed index per label, whatever the plot holds."""
     from fedlora.aggregation import available_methods
+    from fedlora.bench.presets import PRESETS
 
+    known = list(available_methods())
+    for preset in PRESETS.values():
+        known += [v.label for v in preset.methods if v.label not in known]
+    return known
+
+
+def method_style(label: str) -> dict[str, Any]:
+    """Colour and marker of a method label ("flora-na", "flora-na [alpha=0.1]" share them; a variant
+    such as "flora-na (adamw)" has its own). No two labels of the presets share both."""
     name = label.partition(" [")[0]
-    known = available_methods() + ["flora-na (adamw)"]
+    known = _known_labels()
     index = known.index(name) if name in known else sum(map(ord, name))
-    return {"color": _COLOURS[index % len(_COLOURS)], "marker": _MARKERS[index % len(_MARKERS)]}
+    return {"color": _COLOURS[index % len(_COLOURS)],
+            "marker": _MARKERS[(index + index // len(_COLOURS)) % len(_MARKERS)]}
 
 
 def plot_frontier(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str], title: str = "") -> Path:
@@ -132,8 +173,7 @@ def plot_frontier(runs: list[dict[str, Any]], out: Path, metric_names: dict[str,
         ax.minorticks_off()
         ax.set_xlabel("LoRA MB per round, up + down, all clients (log scale; equal bytes spread sideways)")
         ax.set_ylabel(f"global {metric_names.get(task, 'metric')}, mean of the last quarter of rounds\n(± std over seeds)")
-        rounds = len(next(iter(labels.values()))[0])
-        ax.set_title(f"{task}, {rounds} rounds{': ' + title if title else ''}", fontsize=10)
+        ax.set_title(f"{task_title(runs, task)}{': ' + title if title else ''}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

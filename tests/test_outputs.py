@@ -1,0 +1,161 @@
+"""What a run writes for people: readable plots, a portable adapter with its model card, tracker logs.
+
+One 2-round toy run (FedEx-LoRA, so frozen weights are merged and the snippet's base-weights branch
+runs) is shared by the tests that need real outputs; the plot tests use synthetic metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+
+from fedlora.config import ConfigError, RunConfig
+from fedlora.loggers import check_targets, flatten, open_trackers
+from fedlora.model_card import MINILM_HUB_ID, portable_reference
+
+pytest.importorskip("tensorboard")
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedlora.simulation import run
+
+    out = tmp_path_factory.mktemp("outputs") / "toy-run"
+    config = RunConfig(task="toy", method="fedex-lora", rounds=2, clients=2, alpha=0.5, local_steps=1, batch_size=4,
+                       max_length=24, max_eval_examples=16, eval_local_every=1, max_local_eval_examples=8,
+                       log_to=("tensorboard",), out=str(out))
+    run(config, progress=False)
+    return out
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_adapter_records_the_hub_id_and_loads_elsewhere_with_its_cards_snippet(toy_run, tmp_path, monkeypatch):
+    from fedlora.peft_bridge import load_model_with_adapter
+
+    adapter_config = json.loads((toy_run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == MINILM_HUB_ID  # not a path into this virtualenv
+    card = (toy_run / "adapter" / "README.md").read_text()
+    assert all(word in card for word in ("toy", "fedex-lora", "2 clients", "fedlora run --task toy", "accuracy"))
+
+    # Move the run to another folder (the original location is gone) and run the card's snippet there, as written.
+    elsewhere = tmp_path / "other-machine"
+    shutil.copytree(toy_run, tmp_path / "staging" / toy_run.name)
+    shutil.move(tmp_path / "staging", elsewhere)
+    snippet = re.search(r"```python\n(.*?)```", card, re.S)
+    assert snippet is not None, "the model card has no python snippet"
+    monkeypatch.chdir(elsewhere)
+    namespace: dict = {}
+    exec(snippet.group(1), namespace)  # noqa: S102 - the README's own code, run as a user would
+    moved, tokenizer = namespace["model"], namespace["tokenizer"]
+
+    reference, _ = load_model_with_adapter(toy_run / "adapter")  # the run's model, at its original place
+    batch = tokenizer(["the plot was dreadful.", "honestly, the cast felt superb."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(moved(**batch).logits, reference(**batch).logits)
+    assert moved.peft_config["default"].base_model_name_or_path == MINILM_HUB_ID
+
+
+def test_tensorboard_events_hold_every_round_metric_under_the_jsonl_names(toy_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(toy_run / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    records = _records(toy_run)
+    for record in records:
+        for name, value in flatten(record).items():
+            assert name in scalars, name
+            logged = {e.step: e.value for e in events.Scalars(name)}
+            assert math.isclose(logged[record["round"]], value, rel_tol=1e-6), name
+    assert {"global_metric", "divergence", "global/accuracy"} <= scalars
+    assert any(tag.startswith("local_metric/") for tag in scalars)  # per client, as in metrics.jsonl
+
+
+def test_trackers_fail_in_one_line_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="tensorbord: unknown tracker; use any of tensorboard, wandb, mlflow"):
+        check_targets(["tensorbord"])
+    for name in ("wandb", "mlflow"):
+        try:
+            __import__(name)
+        except ImportError:
+            with pytest.raises(ConfigError, match=f"the {name} package is not installed; pip install {name}"):
+                open_trackers([name], tmp_path, "{}")
+
+
+def test_flatten_keeps_jsonl_names_and_drops_what_is_not_a_number():
+    record = {"round": 3, "global": {"accuracy": 0.5}, "local_metric": {"client-0": 0.7}, "divergence": 0.1,
+              "clients": ["client-0"], "skipped": False, "local_metric_mean": None}
+    assert flatten(record) == {"global/accuracy": 0.5, "local_metric/client-0": 0.7, "divergence": 0.1}
+
+
+def test_a_given_model_is_recorded_as_given_and_the_bundled_one_by_its_hub_id():
+    from fedlora.model import default_model_path
+
+    assert portable_reference(default_model_path(), None)[0] == MINILM_HUB_ID
+    assert portable_reference("/somewhere/else", "my-org/my-model") == (
+        "my-org/my-model", "--model my-org/my-model as given (Hugging Face hub id)")
+
+
+def _captured_figures(monkeypatch) -> list:
+    figures: list = []
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        fig.canvas.draw()
+        figures.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return figures
+
+
+def _write_run(path: Path, method: str, divergences: list[float]) -> Path:
+    path.mkdir(parents=True)
+    config = json.loads(RunConfig(task="toy", method=method, rounds=3, clients=4, alpha=0.1, seed=7).to_json())
+    (path / "config.json").write_text(json.dumps(config))
+    records = [{"round": t, "global_metric": 0.5 + 0.1 * t, "divergence": d, "eckart_young_bound": d / 3,
+                "bytes_up": 1, "bytes_down": 1, "server_seconds": 0.1, "wall_seconds": 1.0, "local_metric_mean": None}
+               for t, d in enumerate(divergences, 1)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_a_three_round_plot_has_integer_rounds_a_title_and_labelled_log_ticks(tmp_path, monkeypatch):
+    from fedlora.reporting import plot_runs
+
+    figures = _captured_figures(monkeypatch)
+    runs = [_write_run(tmp_path / "a", "fedit", [0.3, 0.01, 0.002]), _write_run(tmp_path / "b", "flora", [0.0, 0.0, 0.0])]
+    plot_runs(runs, tmp_path / "plots")
+    assert len(figures) == 2
+    for fig in figures:
+        ax = fig.axes[0]
+        low, high = ax.get_xlim()
+        shown = [t for t in ax.get_xticks() if low <= t <= high]
+        assert shown and all(float(t).is_integer() for t in shown), shown
+        assert "toy" in ax.get_title() and "4 clients" in ax.get_title() and "α=0.1" in ax.get_title()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert len(labels) >= 2, labels
+    divergence = figures[1].axes[0]
+    assert divergence.get_yscale() == "log"
+    lines = [line for line in divergence.get_lines() if len(line.get_xdata())]
+    assert len({(line.get_color(), line.get_marker()) for line in lines if line.get_linestyle() == "-"}) == 2
+    assert sum(line.get_linestyle() == "--" for line in lines) == 2  # each method's SVD bound
+
+
+def test_every_preset_label_has_its_own_colour_and_marker():
+    from fedlora.bench.plots import _known_labels, method_style
+
+    styles = {(str(method_style(label)["color"]), method_style(label)["marker"]) for label in _known_labels()}
+    assert len(styles) == len(_known_labels())
+    assert method_style("fedit [alpha=0.1]") == method_style("fedit")
+
