@@ -48,11 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    _add_run_dir_options(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "run":
-            return _run(args)
+            from fedlora.run_dir import explicit_options
+
+            fresh = build_parser()  # explicit_options suppresses its defaults: a second parser, not ours
+            _add_run_dir_options(fresh)
+            return _run(args, explicit_options(fresh, argv))
         if args.command == "compare":
             _quiet_libraries()
             return _compare(args.runs, args.out)
@@ -64,9 +71,27 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_from_args(args, argv)
     except (ConfigError, OSError, ValueError, KeyError) as exc:  # bad input: one line, no traceback
-        print(f"fedlora {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fedlora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fedlora {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (KeyError quotes its message; library errors can span lines)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+    return " ".join(text.split())
+
+
+def _add_run_dir_options(parser: argparse.ArgumentParser) -> None:
+    """``fedlora run --overwrite`` (run-directory semantics: fedlora.run_dir)."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subparsers.choices["run"].add_argument(
+        "--overwrite", action="store_true",
+        help="replace the run already in --out (its config, checkpoint, metrics, adapter); without it an existing "
+             "run is refused: continue it with --resume")
 
 
 def _quiet_libraries() -> None:
@@ -80,15 +105,45 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
+    """Lock the run directory, check it (fresh, --overwrite or --resume), then run; all before heavy imports."""
+    from fedlora import runlock
+    from fedlora.checkpoint import CONFIG_FILE, atomic_write_text
+    from fedlora.run_dir import check_fresh, resume_config
+
     if args.resume:
-        config = RunConfig.from_json((Path(args.resume) / "config.json").read_text()).replace(out=args.resume)
+        if getattr(args, "overwrite", False):
+            raise ConfigError("--overwrite and --resume contradict each other: --resume continues the run in RUN_DIR")
+        out = Path(args.resume)
+        if not (out / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no run to resume in {out} (no {CONFIG_FILE}); --resume takes the --out "
+                                    "directory of an earlier run")
     else:
         config = config_from_args(args)  # every option checked here, before anything heavy is imported
-    _quiet_libraries()
-    from fedlora.simulation import run
+        out = Path(config.out)
+    runlock.acquire(out)  # a read-only or busy run directory fails here, in a second, not after loading
+    try:
+        if args.resume:  # compared with the checkpoint under the lock: nobody else writes it meanwhile
+            typed = {k: v for k, v in from_namespace(RunConfig, args).items() if k in (given or set())}
+            config = resume_config(out, typed)
+            atomic_write_text(out / CONFIG_FILE, config.to_json())  # the extended run's config (e.g. more rounds)
+        else:
+            check_fresh(out, getattr(args, "overwrite", False))
+        _quiet_libraries()
+        from fedlora.simulation import run
 
-    history = run(config, resume=bool(args.resume))
+        history = run(config, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        print(f"fedlora run: interrupted; the rounds completed so far are checkpointed in {out}: continue "
+              f"with `fedlora run --resume {out}`", file=sys.stderr)
+        return 130
+    finally:
+        runlock.release(out)
+    if not history or all(r.get("skipped") for r in history):
+        print(f"fedlora run: error: every round was skipped (fewer than --min-clients={config.min_clients} valid "
+              f"client updates; reasons under 'rejected' in {Path(config.out) / 'metrics.jsonl'}): nothing was "
+              "trained", file=sys.stderr)
+        return 1
     last = history[-1]
     print(f"{config.method} on {config.task}: final {last['global']} after {last['round']} rounds -> {config.out}")
     return 0

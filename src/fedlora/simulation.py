@@ -23,13 +23,23 @@ from fedlora.config import RunConfig
 from fedlora.failpoints import failpoint
 from fedlora.federation import build_federation
 from fedlora.model import build_model
+from fedlora.runlock import locked
 from fedlora.rounds import Server, sample_clients, train_planned  # noqa: F401  (sample_clients: public API)
 
 log = logging.getLogger(__name__)
 
 
 def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) a federated job; returns the per-round metrics records."""
+    """Run (or resume) a federated job; returns the per-round metrics records.
+
+    The run directory is locked for the whole run (:mod:`fedlora.runlock`): a second run on the
+    same ``config.out`` fails at once instead of interleaving its files with this one's.
+    """
+    with locked(config.out):
+        return _run(config, resume, progress)
+
+
+def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]]:
     if resume:
         load_state(Path(config.out))  # first: a bad checkpoint fails before minutes of loading
     torch.manual_seed(config.seed)
@@ -53,8 +63,14 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
                                          server.client_start(client.client_id)))
             failpoint("train", round_)
         record = server.finish(plan, results, started)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", main=f"{record['global_metric']:.4f}")
-        log.info("round %d: main metric %.4f, divergence %.4g", round_, record["global_metric"], record["divergence"])
+        bar.set_postfix(loss=_show(record.get("train_loss"), ".3f"), main=_show(record.get("global_metric"), ".4f"))
+        log.info("round %d: main metric %s, divergence %s", round_, _show(record.get("global_metric"), ".4f"),
+                 _show(record.get("divergence"), ".4g"))
 
     server.save_final()
     return server.state.history
+
+
+def _show(value: Any, spec: str) -> str:
+    """A record's number for the progress bar; None (not measured, or not finite in strict JSON) as '-'."""
+    return "-" if value is None else format(value, spec)

@@ -108,16 +108,27 @@ def find_layout(spec: TaskSpec, data_dir: Path) -> tuple[Path, Layout]:
     )
 
 
+# Longest field read (characters). Real GLUE sentences are < 2,000; a longer field is kept (the
+# tokenizer truncates it) up to this bound, past which the file is reported as broken.
+MAX_FIELD_CHARS = 16 * 1024 * 1024
+
+
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, fields) for each non-blank line; utf-8-sig strips MRPC's BOM."""
+    if csv.field_size_limit() < MAX_FIELD_CHARS:  # csv's default 131,072 chars raises mid-file
+        csv.field_size_limit(MAX_FIELD_CHARS)
+    line = 0
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             for fields in reader:
+                line = reader.line_num
                 if fields and any(fields):  # blank lines carry no example; skip rather than fail
                     yield reader.line_num, fields
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not valid UTF-8 ({exc}). Re-download the file. {FIX_HINT}") from exc
+    except csv.Error as exc:  # e.g. a field over MAX_FIELD_CHARS: a broken file, not a sentence
+        raise ValueError(f"{path}:{line + 1}: unreadable TSV row ({exc}). {FIX_HINT}") from None
 
 
 def _parse_label(spec: TaskSpec, raw: str, where: str) -> int | float:

@@ -72,16 +72,23 @@ def _load_from_dir(spec: TaskSpec, root: Path) -> datasets.DatasetDict:
     )
 
 
+class DataUnavailableError(OSError):
+    """The data is neither in --data-dir nor reachable on the hub (offline, or no network)."""
+
+
+def hub_unavailable(what: str, exc: BaseException, example: str) -> DataUnavailableError:
+    """One line saying what could not be loaded, why (first line of the hub's error), and the offline fix."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return DataUnavailableError(f"could not load {what} from the Hugging Face hub ({reason}); offline (no network, "
+                                f"or HF_HUB_OFFLINE=1), pass --data-dir (or set {DATA_DIR_ENV}) to {example}")
+
+
 def _load_from_hub(spec: TaskSpec) -> datasets.DatasetDict:
     """Download (or reuse the cache of) ``nyu-mll/glue/<task>``; keep only the columns we use."""
     try:
         hub = datasets.load_dataset(HUB_DATASET, spec.name)
-    except Exception as exc:  # offline users get a pointer to the local alternative
-        raise RuntimeError(
-            f"Could not load {HUB_DATASET}/{spec.name} from the Hugging Face hub ({exc}). If you are "
-            f"offline, pass --data-dir (or set {DATA_DIR_ENV}) to a GLUE directory such as "
-            "../shared/data/glue."
-        ) from exc
+    except Exception as exc:  # offline users get one line and a pointer to the local alternative
+        raise hub_unavailable(f"{HUB_DATASET}/{spec.name}", exc, "a GLUE folder such as ../shared/data/glue") from None
     keep = [*spec.text_fields, "label"]
     return datasets.DatasetDict(
         train=hub["train"].select_columns(keep), test=hub[spec.eval_split].select_columns(keep)

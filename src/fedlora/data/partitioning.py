@@ -76,7 +76,9 @@ def partition(
         rows = _iid_rows(table, num_clients, seed)
     else:
         rows = _dirichlet_rows(table, num_clients, float(alpha), seed, min_partition_size)
-    return [train.select(r) for r in rows]
+    # An empty partition's row column comes back as float64, and ``select`` then fails inside Arrow
+    # with an IndexError (many clients, few rows, e.g. 500 clients on RTE): row ids are integers.
+    return [train.select(np.asarray(r, dtype=np.int64)) for r in rows]
 
 
 def quantity_partition(
@@ -142,7 +144,7 @@ def _top_up(rows: list[np.ndarray], min_size: int) -> list[np.ndarray]:
     (the caller checked ``total >= num_clients * min_size``), so each step moves >= 1 row. The donor's
     rows are already shuffled, so taking from its tail is a random sample.
     """
-    rows = [r.copy() for r in rows]
+    rows = [np.asarray(r, dtype=np.int64) for r in rows]  # an empty draw is float64: keep ids integer
     for i in range(len(rows)):
         while len(rows[i]) < min_size:
             donor = int(np.argmax([len(r) for r in rows]))

@@ -81,9 +81,10 @@ def from_hub(*args: Any, **kwargs: Any) -> Any:
 
     try:
         return datasets.load_dataset(*args, **kwargs)
-    except Exception as exc:  # offline users get a pointer to the local alternative
-        raise RuntimeError(f"could not load {args[0]} from the Hugging Face hub ({exc}); offline, pass --data-dir "
-                           "(or set FEDLORA_DATA_DIR) to a data folder such as ../shared/data") from exc
+    except Exception as exc:  # offline users get one line and a pointer to the local alternative
+        from fedlora.data.loading import hub_unavailable
+
+        raise hub_unavailable(str(args[0]), exc, "a data folder such as ../shared/data") from None
 
 
 def split(rows: list[dict[str, str]]) -> datasets.Dataset:

@@ -1,0 +1,105 @@
+"""Checks on the ``--model`` a run names, made before (or right after) loading it, with one-line errors.
+
+Each one replaces a failure that used to come late or as a long traceback:
+
+* a hub id while offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``) that is not in the local
+  cache: said at once, naming the cache, instead of a 40-line error from the hub client;
+* a local folder holding only pickled weights (``pytorch_model.bin``): refused before transformers
+  is asked (it would refuse too, as a traceback); pickle can run code, safetensors cannot;
+* ``--max-length`` above the model's position embeddings: an index error mid-training otherwise;
+* a ``--target-modules`` name that matches no layer: PEFT adapts the names that do match and
+  silently ignores the rest, so ``query nonexistent`` would train ``query`` only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt.index", "flax_model.msgpack")
+
+
+def offline() -> bool:
+    """Whether the user asked the Hugging Face libraries not to use the network."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENV)
+
+
+def check_model_source(model: str | None) -> None:
+    """Refuse a ``--model`` that cannot load safely and offline, before any weights are read.
+
+    None (the task's bundled default) is always fine.
+    """
+    if model is None:
+        return
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not any(folder.glob("*.safetensors")) and any((folder / name).exists() for name in PICKLED):
+            found = ", ".join(name for name in PICKLED if (folder / name).exists())
+            raise ValueError(f"--model {model}: the folder holds only pickled weights ({found}), which fedlora "
+                             "does not load (unpickling can run arbitrary code); convert them to model.safetensors "
+                             "on a machine where you trust the file, or use a safetensors checkpoint")
+        return
+    if offline() and not _cached(model):
+        env = next(name for name in OFFLINE_ENV if os.environ.get(name))
+        raise FileNotFoundError(f"--model {model}: not a local folder, and not in the Hugging Face cache "
+                                f"({_cache_dir()}); {env} is set, so the hub is not asked. Download it on a "
+                                "connected machine (huggingface-cli download ...) or pass a local model folder")
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id at all
+        return False
+    return isinstance(found, str)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input the model's position embeddings allow (None: not limited, or unknown)."""
+    config: Any = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(model: nn.Module, max_length: int, model_name: str) -> None:
+    """``max_length`` (tokens per example) must fit the model's position embeddings."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"--max-length {max_length} is more than {model_name} accepts ({limit} positions); "
+                         f"use --max-length {limit} or less")
+
+
+def check_target_modules(model: nn.Module, requested: tuple[str, ...] | list[str], model_name: str) -> None:
+    """Every requested LoRA target names at least one Linear layer of ``model`` (PEFT's suffix match)."""
+    linear = [name.removesuffix(".base_layer") for name, module in model.named_modules()  # PEFT wraps targets
+              if _is_linear(module) and "lora_" not in name]
+    missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linear if "modules_to_save" not in n and "original_module" not in n})
+        raise ValueError(f"--target-modules: no Linear layer named {', '.join(map(repr, missing))} in {model_name}; "
+                         f"its Linear layers are: {' '.join(available)}")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def check_built(model: nn.Module, target_modules: tuple[str, ...], max_length: int, model_name: str) -> None:
+    """The checks that need the loaded model: LoRA targets that exist, a max length that fits."""
+    check_target_modules(model, target_modules, model_name)
+    check_max_length(model, max_length, model_name)

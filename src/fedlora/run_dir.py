@@ -1,0 +1,108 @@
+"""What ``fedlora run`` may do with a run directory: start fresh, replace (``--overwrite``), or resume.
+
+A fresh run refuses a directory that already holds a run, so a typo in ``--out`` cannot silently
+replace 12 rounds of someone's results; ``--overwrite`` removes that run's outputs first (only
+files fedlora writes, never anything else in the folder).
+
+``--resume RUN_DIR`` continues *the same experiment*. The checkpoint records the config it was
+saved under; config.json and any option given on the command line are compared with it, and
+only the fields in :data:`RESUMABLE` may differ. Anything else (method, seed, task, clients, lr,
+...) would make the resumed rounds a different experiment glued to the old ones, and is refused
+naming the field and both values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedlora.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_state
+from fedlora.config import ConfigError, RunConfig
+
+# Fields a resumed run may change, and why each is safe to change.
+RESUMABLE = {
+    "rounds": "extend (or finish) the run: later rounds continue the same sequence",
+    "device": "where it computes (CPU and GPU results differ in the last bits, not in the protocol)",
+    "data_dir": "where the same data lives on this machine",
+    "out": "the run directory is RUN_DIR itself",
+    "log_to": "where metrics are mirrored, not what is trained",
+}
+RUN_FILES = ("config.json", "checkpoint.safetensors", "checkpoint.safetensors.tmp", "metrics.jsonl",
+             "metrics.jsonl.tmp", "accuracy.png", "divergence.png")
+RUN_DIRS = ("adapter", "adapter.tmp", "adapter.old", "generations")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Names (dests) of the ``fedlora run`` options typed in ``argv``, defaults left out.
+
+    Parses ``argv`` again with every default of the run sub-command suppressed, so an option equal
+    to its default still counts as given (``--method flora-na-stable`` on a fedit run is a change).
+    """
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run = subparsers.choices["run"]
+    for action in run._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "verbose"}
+
+
+def _differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    a, b = json.loads(old.to_json()), json.loads(new.to_json())  # as config.json holds them: lists, not tuples
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def _refuse(diffs: dict[str, tuple[Any, Any]], what: str) -> None:
+    fixed = {k: v for k, v in diffs.items() if k not in RESUMABLE}
+    if fixed:
+        name, (old, new) = next(iter(sorted(fixed.items())))
+        more = f" (and {', '.join(sorted(fixed)[1:])})" if len(fixed) > 1 else ""
+        raise ConfigError(f"--resume: {what} sets {name}={new!r}{more} but the checkpoint was trained with "
+                          f"{name}={old!r}; a resumed run must be the same experiment (only "
+                          f"{', '.join(RESUMABLE)} may change); start a new run with another --out instead")
+
+
+def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
+    """The config to resume ``run_dir`` with: the checkpoint's, with the resumable changes of
+    config.json and of ``given`` (options typed on the command line) applied; refuses any other change."""
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / CHECKPOINT_FILE).is_file():
+        raise FileNotFoundError(f"no run to resume in {run_dir} (config.json and {CHECKPOINT_FILE} are needed); "
+                                "--resume takes the --out directory of an earlier run")
+    state = load_state(run_dir)  # verified against its digest
+    on_disk = RunConfig.from_json((run_dir / CONFIG_FILE).read_text()).replace(out=str(run_dir))
+    saved = RunConfig.from_json(state.config).replace(out=str(run_dir)) if state.config else on_disk
+    _refuse(_differences(saved, on_disk), f"{run_dir / CONFIG_FILE} (edited?)")
+    if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
+        raise ConfigError(f"--out {given['out']} with --resume {run_dir}: a resumed run continues in its own "
+                          "directory; drop --out")
+    changes = {k: v for k, v in given.items() if k != "out"}
+    try:
+        config = on_disk.replace(**changes)
+    except ConfigError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    _refuse(_differences(saved, config), "the command line")
+    if config.rounds < state.round:
+        raise ConfigError(f"--resume: --rounds {config.rounds} but {run_dir} has already completed {state.round} "
+                          "rounds; give --rounds >= that to finish or extend the run")
+    schedule = getattr(config, "lr_schedule", "constant")
+    if config.rounds != saved.rounds and schedule != "constant":
+        raise ConfigError(f"--resume: --rounds {config.rounds} (was {saved.rounds}) with --lr-schedule {schedule}: "
+                          "the schedule spans all rounds, so the rounds already trained followed another one; "
+                          "resume without --rounds, or start a new run")
+    return config
+
+
+def check_fresh(out: Path, overwrite: bool) -> None:
+    """Refuse to start over a run already in ``out`` unless ``overwrite``; then remove that run's outputs."""
+    existing = [name for name in ("config.json", CHECKPOINT_FILE, "metrics.jsonl") if (out / name).exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(existing)}); continue it with --resume {out}, "
+                          "replace it with --overwrite, or choose another --out")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
