@@ -159,3 +159,46 @@ def test_every_preset_label_has_its_own_colour_and_marker():
     assert len(styles) == len(_known_labels())
     assert method_style("fedit [alpha=0.1]") == method_style("fedit")
 
+
+
+def test_progress_says_run_k_of_n_and_rescales_the_eta_by_the_measured_speed():
+    from fedlora.progress import RunProgress
+
+    lines: list[str] = []
+    progress = RunProgress([10.0, 10.0, 20.0], log=lines.append)
+    assert progress.remaining_seconds() == 40.0
+    progress.start(0, "fedit")
+    progress.finish(0, "fedit", seconds=20.0)  # twice as slow as estimated: the rest will be too
+    assert progress.remaining_seconds() == 60.0
+    assert lines[0].startswith("[run 1 of 3] fedit: estimated 10 s; overall 40 s left, ETA ")
+    assert "done in 20 s (estimate 10 s); 1/3 done, overall 60 s left" in lines[1] and "2x the estimate" in lines[1]
+    assert RunProgress([10.0, 30.0], log=lines.append, workers=2).remaining_seconds() == 20.0
+
+
+def test_demo_prints_its_plan_and_run_k_of_n_before_running(monkeypatch, capsys):
+    import fedlora.cli as cli
+    import fedlora.simulation as simulation
+
+    ran: list[str] = []
+    monkeypatch.setattr(simulation, "run", lambda config, **kwargs: ran.append(config.method))
+    monkeypatch.setattr(cli, "_compare", lambda runs, out: 0)
+    assert cli.main(["demo", "--rounds", "3", "--out", "unused"]) == 0
+    out = capsys.readouterr().out
+    assert "will run 2 runs on sst2: flora-na-stable, fedit; 3 rounds, 10 clients, α=0.5" in out
+    assert "estimated" in out.splitlines()[1] and "idle 2-core" in out
+    assert "[run 1 of 2] flora-na-stable" in out and "[run 2 of 2] fedit" in out and "ETA" in out
+    assert ran == ["flora-na-stable", "fedit"]
+
+
+def test_bench_grid_prints_its_plan_and_an_overall_eta(tmp_path):
+    from fedlora.bench.grid import expand, run_jobs, select
+    from fedlora.bench.presets import get_preset
+
+    preset = select(get_preset("quick"), ["sst2"], None, [0])
+    jobs = expand(preset, tmp_path, None)
+    lines: list[str] = []
+    run_jobs(jobs, 0.35, runner=lambda config, **kwargs: None, log=lines.append)
+    assert lines[0].startswith(f"will run {len(jobs)} runs on sst2: ")
+    assert all(v.method in lines[0] for v in preset.methods)
+    assert any(line.startswith(f"[run 1 of {len(jobs)}]") and "ETA" in line for line in lines)
+    assert lines[-1].endswith("all done")

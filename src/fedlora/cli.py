@@ -173,8 +173,17 @@ def _demo(args: argparse.Namespace) -> int:
         )
         for method in args.methods
     ]
+    from fedlora.bench.presets import STEP_SECONDS, estimate_seconds
+    from fedlora.progress import RunProgress, plan_text
+
+    estimates = [estimate_seconds(c) for c in configs]
+    print(plan_text(configs, sum(estimates), f"cost model at {STEP_SECONDS} s per training step on an idle 2-core "
+                    "CPU; the ETA below is corrected by each finished run"), flush=True)
     _quiet_libraries()
-    for config in configs:
-        print(f"== {config.method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}")
+    progress = RunProgress(estimates)
+    for index, config in enumerate(configs):
+        what = f"{config.method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}"
+        progress.start(index, what)
         run(config)
+        progress.finish(index, what)
     return _compare([c.out for c in configs], args.out)

@@ -170,9 +170,20 @@ def run_jobs(jobs: list[Job], step_seconds: float, progress: bool = False,
             continue
         todo.append((where, job, state))
 
+    # "run k of n" over the runs this invocation executes, with an overall ETA (fedlora.progress)
+    from fedlora.progress import RunProgress, plan_text
+
+    estimates = [estimate_seconds(job.config, step_seconds) for _, job, _ in todo]
+    order = {id(job): k for k, (_, job, _) in enumerate(todo)}
+    tracker = RunProgress(estimates, log=log, workers=workers if workers > 1 and len(todo) > 1 else 1)
+    if todo:
+        at_once = f"{tracker.workers} at a time" if tracker.workers > 1 else "one at a time"
+        log(plan_text([job.config for _, job, _ in todo], tracker.remaining_seconds(),
+                      f"{at_once}, cost model at {step_seconds:.3g} s per training step"))
+
     def finished(where: str, job: Job, state: str, seconds: float) -> None:
         counts["resumed" if state == "resume" else "new"] += 1
-        log(f"{where}: {state}, {seconds:.0f} s (estimate {estimate_seconds(job.config, step_seconds):.0f} s)")
+        tracker.finish(order[id(job)], f"{where} ({state})", seconds)
 
     if workers > 1 and len(todo) > 1:
         _run_parallel(todo, workers, runner, finished)
@@ -180,6 +191,7 @@ def run_jobs(jobs: list[Job], step_seconds: float, progress: bool = False,
     if runner is None:
         from fedlora.simulation import run as runner
     for where, job, state in todo:
+        tracker.start(order[id(job)], f"{where} ({state})")
         start = time.perf_counter()
         runner(job.config, resume=state == "resume", progress=progress)
         finished(where, job, state, time.perf_counter() - start)
