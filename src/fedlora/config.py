@@ -128,7 +128,7 @@ class RunConfig:
                                  show=lambda v: "iid" if v is None else v, data=True)
     fraction: float = option(1.0, "federation", "share of clients sampled each round")
     min_clients: int = option(1, "federation", "rounds with fewer valid client updates are skipped")
-    clip_factor: float = option(4.0, "federation", "clip each client's update (factors and head) to this many times "
+    clip_factor: float = option(3.0, "federation", "clip each client's update (factors and head) to this many times "
                                 "the round's median update norm; 0: off (README, Failure modes)")
     seed: int = option(0, "federation", "seed of everything: partition, init, batches, client sampling", data=True)
     # -- evaluation

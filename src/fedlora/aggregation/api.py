@@ -18,16 +18,20 @@ convergence test, an SVD's numerical rank) raise an :class:`AggregationError`.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from fedlora.aggregation.communication import round_bytes
 from fedlora.aggregation.divergence import divergence_report
+from fedlora.aggregation.outcome import non_finite, skipped_result
 from fedlora.aggregation.registry import get_method
+from fedlora.aggregation.robust import DEFAULT_CLIP, DEFAULT_WEIGHT_CAP, capped_weights, clip_scale
+from fedlora.aggregation.robust import clipped as clipped_tensor
 from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate, LoraPair
 from fedlora.aggregation.validation import (
     MAX_NUM_EXAMPLES,
@@ -36,6 +40,7 @@ from fedlora.aggregation.validation import (
     collect_problems,
     format_problems,
     norm_outliers,
+    round_norms,
     validate_global,
 )
 from fedlora.aggregation.weights import client_weights
@@ -43,6 +48,7 @@ from fedlora.aggregation.weights import client_weights
 log = logging.getLogger(__name__)
 SERVER_DTYPE = torch.float64
 DEFAULT_NORM_BOUND = 100.0  # reject updates > 100x the round's median norm (scaled or poisoned)
+T = TypeVar("T")
 NO_FLOAT64_DEVICES = ("mps",)  # device types without float64: the server maths runs on the CPU for them
 
 
@@ -82,12 +88,14 @@ def _to_device(value: Any, device: torch.device) -> Any:
 def aggregate(
     method: str,
     global_adapter: Adapter,
-    updates: Sequence[ClientUpdate],
+    updates: Iterable[ClientUpdate],
     *,
     weighting: str = "examples",
     on_invalid: str = "reject",
     min_clients: int = 1,
     norm_bound: float | None = DEFAULT_NORM_BOUND,
+    clip: float | None = DEFAULT_CLIP,
+    weight_cap: float | None = DEFAULT_WEIGHT_CAP,
     max_num_examples: int = MAX_NUM_EXAMPLES,
     round_index: int = 1,
     state: dict[str, Tensor] | None = None,
@@ -100,19 +108,26 @@ def aggregate(
     "uniform", or for flora-na "authors". Other ``options`` go to the method (e.g.
     ``solver="adamw"`` for flora-na, ``seed`` for flora).
 
-    Every client update is validated first: module names, shapes and rank equal to the global
-    adapter's, floating dtype, finite values, ``0 < num_examples <= max_num_examples``, a unique
-    client id, and an update norm ‖update − global‖_F at most ``norm_bound`` × the round's median
-    (``None`` disables it). ``on_invalid="reject"`` (default) drops failing clients for this round,
-    logs them and lists them in ``metrics["rejected"]`` as ``{client, reason}``; if fewer than
-    ``min_clients`` remain the round is skipped: the returned adapter equals the global one,
-    ``base_delta`` is empty and ``metrics["skipped"]`` is True. ``on_invalid="raise"`` raises one
-    :class:`AggregationError` naming every bad client and module instead. Caller errors (unknown
-    method or option, no updates, malformed global adapter, a global adapter spread over several
-    devices) always raise.
+    Every client update is validated first: a non-empty string client id, module names, shapes and
+    rank equal to the global adapter's, dense float16/bfloat16/float32/float64 tensors, finite
+    values, ``0 < num_examples <= max_num_examples``, a unique client id, and an update norm
+    ‖update − global‖_F at most ``norm_bound`` × the round's reference norm (its median; with a
+    single client or a zero median, the global adapter's own norm, at least 1; ``None`` disables
+    it). Accepted updates are then clipped to ``clip`` × the round's median norm, and no client
+    weighs more than ``weight_cap`` / U (pass ``None`` when the counts come from a trusted source,
+    as both engines do); see :mod:`fedlora.aggregation.robust` for the threat model.
+    ``on_invalid="reject"`` (default) drops failing clients for this round, logs them and lists them
+    in ``metrics["rejected"]`` as ``{client, reason}``; if fewer than ``min_clients`` remain the
+    round is skipped: the returned adapter equals the global one, ``base_delta`` is empty,
+    ``metrics["skipped"]`` is True and ``metrics["reason"]`` says why. A result that is not finite
+    (an overflow in the global's dtype) is skipped the same way, never returned.
+    ``on_invalid="raise"`` raises one :class:`AggregationError` naming every bad client and module
+    instead. Caller errors (unknown method or option, no updates, malformed global adapter, a global
+    adapter spread over several devices) always raise.
 
-    Inputs may sit on any one device (the global adapter's); a client whose tensors sit on another
-    device is invalid like any other bad client. The result's tensors come back on that device.
+    ``updates`` may be any iterable (it is materialised once). Inputs may sit on any one device (the
+    global adapter's); a client whose tensors sit on another device is invalid like any other bad
+    client. The result's tensors come back on that device.
     """
     spec = get_method(method)
     if weighting not in spec.weightings:
@@ -120,40 +135,49 @@ def aggregate(
     options = spec.check_options(options, from_user=False)
     if on_invalid not in ("raise", "reject"):
         raise AggregationError(f"on_invalid must be 'raise' or 'reject', got {on_invalid!r}")
-    if min_clients < 1:
-        raise AggregationError(f"min_clients must be >= 1, got {min_clients}")
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+        raise AggregationError(f"min_clients must be an integer >= 1, got {min_clients!r}")
+    for name, value, accepted in (("norm_bound", norm_bound, "> 0"), ("clip", clip, "> 0"), ("weight_cap", weight_cap, ">= 1")):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if value is not None and not (number and (value >= 1 if accepted == ">= 1" else value > 0)):
+            raise AggregationError(f"{name}={value!r} is invalid: use a finite number {accepted}, or None to switch it off")
     validate_global(global_adapter)
     device = adapter_device(global_adapter)
+    updates = materialise(updates)
     if not updates:
         raise AggregationError("no client updates to aggregate: at least one client must report this round")
 
     problems = collect_problems(global_adapter, updates, max_num_examples)
     blamed = {c for c, _ in problems}
     valid = [u for i, u in enumerate(updates) if client_key(u, i) not in blamed]
-    if norm_bound is not None:
-        problems += norm_outliers(global_adapter, valid, norm_bound)
+    norms: list[float] = []
+    reference, from_round = float("nan"), False
+    if device.type != "meta":  # meta tensors have no values to measure
+        norms, reference, from_round = round_norms(global_adapter, valid)
+        if norm_bound is not None:
+            problems += norm_outliers([u.client_id for u in valid], norms, reference, from_round, norm_bound)
     if problems and on_invalid == "raise":
         raise AggregationError(f"invalid client updates for {method!r}: {format_problems(problems)}")
     rejected = [{"client": c, "reason": r} for c, r in problems]
     for entry in rejected:
         log.warning("round update from client %s rejected: %s", entry["client"], entry["reason"])
     blamed = {c for c, _ in problems}
-    updates = [u for u in valid if u.client_id not in blamed]
+    keep = [i for i, u in enumerate(valid) if u.client_id not in blamed]
+    updates = [valid[i] for i in keep]
     if len(updates) < min_clients:
-        log.warning("round skipped: %d valid updates, min_clients=%d; global adapter unchanged", len(updates), min_clients)
-        return AggregationResult(
-            adapter=_cast(global_adapter, next(iter(global_adapter.values())).A.dtype, device),
-            metrics={"method": method, "num_clients": len(updates), "skipped": True, "rejected": rejected,
-                     "divergence": float("nan"), "eckart_young_bound": float("nan"), "solve_seconds": 0.0,
-                     "bytes_up": 0, "bytes_down": 0},
-            state=dict(state or {}),
-        )
+        reason = f"{len(updates)} valid client updates, fewer than min_clients={min_clients}"
+        log.warning("round skipped: %s; global adapter unchanged", reason)
+        return skipped_result(method, global_adapter, state, reason, num_clients=len(updates), rejected=rejected)
 
     out_dtype = next(iter(global_adapter.values())).A.dtype
     server = _server_device(device)
     g64 = _cast(global_adapter, SERVER_DTYPE, server)
     u64 = [ClientUpdate(_cast(u.adapter, SERVER_DTYPE, server), u.num_examples, u.client_id) for u in updates]
-    weights = client_weights(u64, weighting, device=server)
+    clipped: list[dict[str, Any]] = []
+    if clip is not None and from_round:
+        u64, clipped = _clip(g64, u64, [norms[i] for i in keep], clip * reference)
+    weights = capped_weights(client_weights(u64, weighting, device=server), weight_cap)
+    example_weights = capped_weights(client_weights(u64, "examples", device=server), weight_cap)
     if "authors" in spec.weightings:
         options["weighting"] = weighting
     if spec.policy.stateful:
@@ -172,9 +196,11 @@ def aggregate(
     solve_seconds = time.perf_counter() - start
 
     # Divergence is always measured against the example-weighted T, whatever the method solved for.
-    report = divergence_report(result.adapter, u64, client_weights(u64, "examples", device=server), result.base_delta)
+    report = divergence_report(result.adapter, u64, example_weights, result.base_delta)
     ranks = None if client_ranks is None else [client_ranks.get(u.client_id, _rank(global_adapter)) for u in u64]
     bytes_up, bytes_down = round_bytes(spec.policy.for_round(round_index), global_adapter, len(u64), ranks)
+    robust = {"norm_reference": reference, "norm_reference_is_median": from_round, "clipped": clipped,
+              "weights": {u.client_id: float(w) for u, w in zip(u64, example_weights)}}
     metrics = {
         "method": method,
         "num_clients": len(u64),
@@ -186,15 +212,49 @@ def aggregate(
         "bytes_down": bytes_down,
         "rejected": rejected,
         "skipped": False,
+        **robust,
         **result.metrics,
     }
-    return AggregationResult(
+    final = AggregationResult(
         adapter=_cast(result.adapter, out_dtype, device),
         base_delta={m: d.to(device=device, dtype=out_dtype) for m, d in result.base_delta.items()},
         metrics=metrics,
         extras=_to_device(result.extras, device),
         state={k: v.to(device=device, dtype=torch.float32) for k, v in result.state.items()},
     )
+    problem = non_finite(final)
+    if problem is not None:  # finite inputs, non-finite output (an overflow in out_dtype): never applied
+        reason = f"{problem}; the global adapter is left unchanged"
+        log.warning("round skipped: %s", reason)
+        return skipped_result(method, global_adapter, state, reason, num_clients=len(u64), rejected=rejected, **robust)
+    return final
+
+
+def materialise(updates: Iterable[T]) -> list[T]:
+    """``updates`` as a list: any iterable (a generator too) is read once; anything else is refused."""
+    if isinstance(updates, (str, bytes, dict)) or not isinstance(updates, Iterable):
+        raise AggregationError(
+            f"updates must be a list (or any iterable) of client updates, got a {type(updates).__name__}"
+        )
+    return list(updates)
+
+
+def _clip(
+    g64: Adapter, u64: list[ClientUpdate], norms: list[float], bound: float
+) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
+    """Each update with ‖u − g‖ above ``bound`` pulled back onto it: g + (bound / ‖u − g‖)(u − g)."""
+    out, clipped = [], []
+    for update, norm in zip(u64, norms):
+        scale = clip_scale(norm, bound)
+        if scale < 1.0:
+            clipped.append({"client": update.client_id, "norm": norm, "bound": bound})
+            log.info("round update from client %s clipped: norm %.4g to %.4g", update.client_id, norm, bound)
+            update = ClientUpdate(
+                {m: LoraPair(A=clipped_tensor(p.A, g64[m].A, scale), B=clipped_tensor(p.B, g64[m].B, scale))
+                 for m, p in update.adapter.items()},
+                update.num_examples, update.client_id)
+        out.append(update)
+    return out, clipped
 
 
 def _rank(adapter: Adapter) -> int:

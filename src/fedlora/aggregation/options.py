@@ -136,14 +136,18 @@ def _convert(method: str, spec: OptionSpec, value: Any) -> Any:
     if kind in (int, float):
         if isinstance(value, bool):
             raise refuse(f"expected a number ({kind.__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise refuse("must be finite")
         try:
             number = kind(value) if not isinstance(value, str) or kind is float else int(value, 10)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise refuse(f"expected a number ({kind.__name__})") from None
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise refuse("expected a whole number")
         if not math.isfinite(number):
             raise refuse("must be finite")
+        if kind is int and not -(2**63) <= number < 2**63:  # what torch and numpy seeds and counters hold
+            raise refuse("must fit in a signed 64-bit integer")
         for bound in spec.bounds:
             if (why := bound.check(number)) is not None:
                 raise refuse(why)

@@ -13,21 +13,29 @@ carry no values, so the value checks (finite values, update norms) are skipped f
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from fedlora.aggregation.robust import delta_norm, own_norm, reference_norm
 from fedlora.aggregation.types import Adapter, AggregationError, ClientUpdate, LoraPair
 
+# The floating dtypes the server computes with; float8 and friends have no isfinite, no matmul.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-def _tensor_problem(name: str, t: object, ndim: int = 2) -> str | None:
+
+def tensor_problem(name: str, t: object, ndim: int | None = 2) -> str | None:
+    """What is wrong with one tensor a client sent (None: fine); ``ndim`` None: any number of dims."""
     if not isinstance(t, Tensor):
         return f"{name} is a {type(t).__name__}, not a torch.Tensor"
+    if t.layout != torch.strided:
+        return f"{name} is a {t.layout} tensor; send dense tensors (.to_dense())"
     if not t.is_floating_point():
         return f"{name} has dtype {t.dtype}; LoRA factors must be floating point (float32 on the wire)"
-    if t.ndim != ndim:
+    if t.dtype not in FLOAT_DTYPES:
+        return f"{name} has dtype {t.dtype}; use float32, float16, bfloat16 or float64"
+    if ndim is not None and t.ndim != ndim:
         return f"{name} has shape {tuple(t.shape)}; expected a {ndim}-D matrix"
     if not t.is_meta and not bool(torch.isfinite(t).all()):  # meta tensors have no values to check
         return f"{name} contains NaN or Inf values"
@@ -44,7 +52,7 @@ def _pair_problem(module: str, pair: object, device: torch.device | None = None,
     if not isinstance(pair, LoraPair):
         return f"module {module!r}: expected a LoraPair(A, B), got {type(pair).__name__}"
     for label, t in (("A", pair.A), ("B", pair.B)):
-        problem = _tensor_problem(f"module {module!r}: {label}", t)
+        problem = tensor_problem(f"module {module!r}: {label}", t)
         if problem:
             return problem
     if pair.A.device != pair.B.device:
@@ -71,9 +79,14 @@ def validate_global(global_adapter: Adapter) -> None:
         raise AggregationError("the global adapter must be a non-empty dict {module name: LoraPair}")
     device: torch.device | None = None
     for module, pair in global_adapter.items():
+        if not isinstance(module, str):
+            raise AggregationError(f"global adapter: module name {module!r} is a {type(module).__name__}; use str names")
         problem = _pair_problem(module, pair, device, "the global adapter's first module is")
         if problem:
             raise AggregationError(f"global adapter: {problem}")
+        if 0 in pair.B.shape or 0 in pair.A.shape:
+            raise AggregationError(f"global adapter: module {module!r} has A {tuple(pair.A.shape)}, B "
+                                   f"{tuple(pair.B.shape)}; the rank and both dimensions must be >= 1")
         if device is None:
             device = pair.A.device
 
@@ -90,6 +103,8 @@ def update_problems(global_adapter: Adapter, update: object, max_num_examples: i
     if not isinstance(update, ClientUpdate):
         return [f"expected a ClientUpdate(adapter, num_examples, client_id), got {type(update).__name__}"]
     problems: list[str] = []
+    if not isinstance(update.client_id, str) or not update.client_id:
+        problems.append(f"client_id={update.client_id!r}; it must be a non-empty string")
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         problems.append(f"num_examples={n!r}; it must be a positive int (the client's training examples)")
@@ -98,14 +113,14 @@ def update_problems(global_adapter: Adapter, update: object, max_num_examples: i
     adapter = update.adapter
     if not isinstance(adapter, dict):
         return problems + [f"adapter is a {type(adapter).__name__}, not a dict {{module: LoraPair}}"]
-    missing = sorted(set(global_adapter) - set(adapter))
-    extra = sorted(set(adapter) - set(global_adapter))
+    missing = sorted(set(global_adapter) - set(adapter), key=repr)
+    extra = sorted(set(adapter) - set(global_adapter), key=repr)  # names of any type, even mixed
     if missing:
         problems.append(f"missing modules {missing[:3]}{'...' if len(missing) > 3 else ''} ({len(missing)} in all)")
     if extra:
         problems.append(f"unknown modules {extra[:3]}{'...' if len(extra) > 3 else ''} not in the global adapter")
     device = adapter_device(global_adapter)
-    for module in sorted(set(adapter) & set(global_adapter)):
+    for module in sorted(set(adapter) & set(global_adapter), key=repr):
         pair = adapter[module]
         problem = _pair_problem(module, pair, device, "the global adapter is")
         if problem:
@@ -122,6 +137,7 @@ def update_problems(global_adapter: Adapter, update: object, max_num_examples: i
 
 
 def client_key(update: object, index: int) -> str:
+    """The name a client is reported under: its id as a string (``#index`` when it has none)."""
     return str(getattr(update, "client_id", f"#{index}"))
 
 
@@ -147,27 +163,33 @@ def format_problems(problems: Sequence[tuple[str, str]]) -> str:
 
 def update_norm(global_adapter: Adapter, update: ClientUpdate) -> float:
     """‖update − global‖_F over every module and both factors (float64)."""
-    total = 0.0
-    for module, ref in global_adapter.items():
-        pair = update.adapter[module]
-        total += float(((pair.A.double() - ref.A.double()) ** 2).sum() + ((pair.B.double() - ref.B.double()) ** 2).sum())
-    return total**0.5
+    return delta_norm([(update.adapter[m].A, ref.A) for m, ref in global_adapter.items()]
+                      + [(update.adapter[m].B, ref.B) for m, ref in global_adapter.items()])
 
 
-def norm_outliers(global_adapter: Adapter, updates: Sequence[ClientUpdate], bound: float) -> list[tuple[str, str]]:
-    """Clients whose update norm exceeds ``bound`` × the round's median norm (scaled-up or poisoned updates).
+def adapter_norm(adapter: Adapter) -> float:
+    """‖adapter‖_F over every module and both factors (float64): the fallback reference scale."""
+    return own_norm([t for p in adapter.values() for t in (p.A, p.B)])
 
-    Only meaningful with a nonzero median: if most clients did not move, nothing is compared.
-    Nothing is compared on the ``meta`` device either: it has no values.
+
+def round_norms(global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> tuple[list[float], float, bool]:
+    """(each update's norm, the round's reference norm, whether it is the round's median).
+
+    See :func:`fedlora.aggregation.robust.reference_norm`: with one client or a zero median the
+    reference is the global adapter's own norm, so the bound never switches itself off.
     """
-    if adapter_device(global_adapter).type == "meta":
-        return []
     norms = [update_norm(global_adapter, u) for u in updates]
-    median = statistics.median_low(norms) if norms else 0.0  # the lower middle value, as torch.median
-    if median <= 0:
-        return []
+    reference, from_round = reference_norm(norms, adapter_norm(global_adapter))
+    return norms, reference, from_round
+
+
+def norm_outliers(
+    names: Sequence[str], norms: Sequence[float], reference: float, from_round: bool, bound: float
+) -> list[tuple[str, str]]:
+    """``(client, reason)`` for every norm above ``bound`` × ``reference`` (scaled-up or poisoned updates)."""
+    what = "the round's median" if from_round else "the fallback reference (the global's own norm, at least 1)"
     return [
-        (client_key(u, i), f"update norm {n:.4g} is more than {bound:g}x the round's median {median:.4g}")
-        for i, (u, n) in enumerate(zip(updates, norms))
-        if n > bound * median
+        (name, f"update norm {n:.4g} is more than {bound:g}x {what} {reference:.4g}")
+        for name, n in zip(names, norms)
+        if not n <= bound * reference  # NaN-safe
     ]
