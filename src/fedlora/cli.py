@@ -1,11 +1,25 @@
-"""fedlora: federated fine-tuning of LoRA adapters (FLoRA-NA and its baselines), locally or on Flower.
+"""Federated fine-tuning of LoRA adapters: FLoRA-NA and its baselines, simulated on one machine or on Flower.
 
-The command line reads top to bottom: parse → build a RunConfig (validated) → run → save.
+Each client fine-tunes a LoRA adapter on its own (non-IID) share of a task; every round the server
+aggregates the adapters with the chosen method and scores the global model. A run directory gets
+config.json, metrics.jsonl, plots and the trained PEFT adapter.
+
+examples:
+  fedlora demo                                  SST-2, 10 clients, alpha 0.5: FLoRA-NA (stabilised) vs FedIT
+  fedlora run --task toy --rounds 2             a small run that checks the setup
+  fedlora run --task rte --method fedit --rounds 20 --clients 10 --alpha 0.5 --out runs/rte-fedit
+  fedlora run --config run.toml --seed 1        options from a TOML file; flags override it
+  fedlora compare runs/demo/fedit runs/demo/flora-na-stable --out runs/cmp
+  fedlora bench --preset quick --dry-run        what a benchmark grid runs, and its estimated time
+
+`fedlora COMMAND --help` lists a command's options and their defaults; -v (before or after COMMAND)
+logs each round.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
@@ -14,36 +28,91 @@ from pathlib import Path
 from fedlora.config import ConfigError, RunConfig
 from fedlora.config_schema import add_arguments, from_namespace
 
+RUN_EXAMPLES = """\
+examples:
+  fedlora run --task sst2 --method flora-na --rounds 20 --clients 10 --alpha 0.5 --out runs/sst2
+  fedlora run --task rte --lr-schedule cosine --warmup-steps 20 --weight-decay 0.01 --max-grad-norm 1
+  fedlora run --config run.toml --rounds 40     the options from run.toml, --rounds overridden
+  fedlora run --config runs/sst2/config.json --seed 1 --out runs/sst2-seed1    repeat a run, one change
+  fedlora run --resume runs/sst2                continue an interrupted run from its checkpoint
+
+--config FILE: a TOML file with any of the options below, dashed or underscored, at the top level or
+in a table named after the option's section; unknown keys are refused. A run's config.json (JSON)
+works too. Flags typed on the command line override the file.
+    task = "rte"
+    method = "flora-na"
+    rounds = 20
+    [training]
+    lr = 5e-3
+    lr-schedule = "cosine"
+    warmup-steps = 20
+"""
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Every RunConfig field as a flag, generated from its one declaration (fedlora.config)."""
-    add_arguments(parser, RunConfig, defaults={"out": None})
+    """Every RunConfig field as a flag, generated from its one declaration (fedlora.config), and --config.
+
+    Only the options typed on the command line land in the namespace (:func:`config_from_args` layers
+    them over the config file and the declared defaults), so a flag can override a file.
+    """
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="read options from a TOML file (or a run's config.json); flags override it")
+    add_arguments(parser, RunConfig, shown={"out": "runs/<method>-<task>"}, given_only=True)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values = from_namespace(RunConfig, args)
-    values["out"] = values["out"] or f"runs/{values['method']}-{values['task']}"
+    """The validated config: declared defaults, then ``--config FILE``, then the flags typed."""
+    from fedlora.config_file import read_config_file
+
+    values = read_config_file(args.config, RunConfig) if getattr(args, "config", None) else {}
+    typed = from_namespace(RunConfig, args)  # only the options on the command line (given_only)
+    if "method_options" in typed:  # --method-option KEY=VALUE adds to (or replaces one of) the file's
+        typed["method_options"] = {**values.get("method_options", {}), **typed["method_options"]}
+    values.update(typed)
+    if not values.get("out"):
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+        values["out"] = f"runs/{values.get('method', defaults['method'])}-{values.get('task', defaults['task'])}"
     return RunConfig(**values)
 
 
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows its description, its examples and ``-v`` (also accepted here)."""
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,  # keeps a -v given
+                         help="log each round (also accepted before the command)")  # before the command
+    return sub.add_parser(name, help=help, description=help, epilog=examples, parents=[verbose],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each round")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="federated fine-tuning with the local engine")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = _subcommand(sub, "run", "federated fine-tuning with the local engine (every option has a default)",
+                      RUN_EXAMPLES)
+    run.usage = "%(prog)s [-h] [-v] [--config FILE] [--resume RUN_DIR] [--OPTION VALUE ...]"
     add_run_options(run)
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a crashed run from its last checkpoint")
-    compare = sub.add_parser("compare", help="markdown table + overlaid plots of several runs")
-    compare.add_argument("runs", nargs="+")
-    compare.add_argument("--out", default=None, help="write compare.md and plots here")
-    demo = sub.add_parser("demo", help="SST-2, 10 clients, alpha=0.5: the stabilised FLoRA-NA (the default method) vs FedIT")
-    demo.add_argument("--data-dir", default=None)
-    demo.add_argument("--out", default="runs/demo")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    compare = _subcommand(sub, "compare", "markdown table + overlaid plots of several runs",
+                          "example:\n  fedlora compare runs/demo/fedit runs/demo/flora-na-stable --out runs/cmp\n")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.jsonl)")
+    compare.add_argument("--out", default=None, help="also write compare.md and the plots here (default: print "
+                         "the table only)")
+    demo = _subcommand(sub, "demo", "SST-2, 10 clients, alpha=0.5: the stabilised FLoRA-NA (the default method) "
+                       "vs FedIT", "examples:\n  fedlora demo\n  fedlora demo --rounds 4 --out runs/demo-short\n"
+                       "  fedlora demo --methods flora-na-stable flora-na fedit    the paper's FLoRA-NA too\n")
+    demo.add_argument("--data-dir", default=None, help="GLUE folder with SST-2/ (default: $FEDLORA_DATA_DIR, "
+                      "else the Hugging Face hub)")
+    demo.add_argument("--out", default="runs/demo", help="one run directory per method under this (default: "
+                      "%(default)s)")
     demo.add_argument("--methods", nargs="+", default=["flora-na-stable", "fedit"],
                       help="methods to compare (default: flora-na-stable fedit; add flora-na for the paper's method)")
-    demo.add_argument("--rounds", type=int, default=8)
-    from fedlora.bench.cli import add_bench_options  # light: argparse and the preset tables only
+    demo.add_argument("--rounds", type=int, default=8, help="federated rounds per method (default: %(default)s)")
+    from fedlora.bench.cli import BENCH_EXAMPLES, add_bench_options  # light: argparse and the preset tables only
 
-    add_bench_options(sub.add_parser("bench", help="paper benchmark grid: tables, CSV, plots (see docs/results.md)"))
+    add_bench_options(_subcommand(sub, "bench", "paper benchmark grid: tables, CSV, plots (see docs/results.md)",
+                                  BENCH_EXAMPLES))
     return parser
 
 
@@ -125,6 +194,10 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
     try:
         if args.resume:  # compared with the checkpoint under the lock: nobody else writes it meanwhile
             typed = {k: v for k, v in from_namespace(RunConfig, args).items() if k in (given or set())}
+            if getattr(args, "config", None):  # a --config file's options count as given, like flags
+                from fedlora.config_file import read_config_file
+
+                typed = {**read_config_file(args.config, RunConfig), **typed}
             config = resume_config(out, typed)
             atomic_write_text(out / CONFIG_FILE, config.to_json())  # the extended run's config (e.g. more rounds)
         else:

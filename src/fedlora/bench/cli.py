@@ -36,8 +36,25 @@ def _override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+BENCH_EXAMPLES = """\
+examples:
+  fedlora bench --preset quick --out results/quick      the default preset: the CI smoke grid
+  fedlora bench --preset headline --dry-run             the plan and the estimated time, nothing run
+  fedlora bench --preset headline --workers 2           two runs at once (2 cores)
+  fedlora bench --preset headline --tasks sst2 --methods fedit svd flora-na --seeds 0 --set rounds=4
+  fedlora bench --preset comm                           bytes per round: formulas + tiny real runs
+
+Reruns skip finished runs and resume interrupted ones, so the same command continues a grid.
+"""
+
+
 def add_bench_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="quick", choices=list(PRESETS), help="which grid (see docs/results.md)")
+    """The ``fedlora bench`` options (and the preset list and examples in its --help)."""
+    p.epilog = "presets:\n" + "".join(f"  {name:<18}{preset.description}\n" for name, preset in PRESETS.items()) \
+        + "\n" + BENCH_EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--preset", default="quick", choices=list(PRESETS), metavar="NAME",
+                   help="which grid, one of the presets listed below (default: quick; see docs/results.md)")
     p.add_argument("--data-dir", default=None, help=f"data root (GLUE in glue/, gsm8k/, mbpp/) or a GLUE directory; default {DEFAULT_DATA_DIR} if it exists, else $FEDLORA_DATA_DIR")
     p.add_argument("--out", default=None, help="results directory (default results/<preset>)")
     p.add_argument("--tasks", nargs="+", default=None, help="restrict to these tasks")
