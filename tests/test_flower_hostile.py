@@ -357,3 +357,128 @@ def test_writing_a_connection_twice_leaves_valid_toml_and_keeps_the_rest(tmp_pat
                          "sim": {"address": "127.0.0.1:9093", "insecure": True},
                          "deploy": {"address": "127.0.0.1:9093", "root-certificates": str(tmp_path / "ca.crt")}}
     assert Path(home / "config.toml.tmp").exists() is False
+
+
+# -- fuzz: no reply, however crafted, raises out of the parsing -------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fedlora.aggregation import LoraPair  # noqa: E402
+from fedlora.flower.replies import (Expected, TrainReply, expected_arrays, parse_query_reply,  # noqa: E402
+                                    parse_train_reply, to_result)
+from fedlora.flower.wire import model_record  # noqa: E402
+
+FUZZ_ADAPTER = {m: LoraPair(A=torch.randn(2, 5), B=torch.randn(6, 2)) for m in ("layer.0.query", "layer.0.value")}
+FUZZ_HEAD = {"classifier.weight": torch.randn(3, 6), "classifier.bias": torch.randn(3)}
+SERVER_RANK = 3  # the client trains at rank 2 (mixed ranks): its factors are padded back to 3
+
+
+def fuzz_expected(private: bool) -> Expected:
+    return Expected(partition=1, num_examples=40, max_version=4,
+                    arrays=expected_arrays(FUZZ_ADAPTER, FUZZ_HEAD, A=True, B=not private),
+                    eval_B=expected_arrays(FUZZ_ADAPTER, {}, A=False, B=True) if private else None)
+
+
+def npy(value: np.ndarray) -> Array:
+    return Array(value)
+
+
+numbers = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
+                    st.lists(st.integers(-5, 5), max_size=2), st.lists(st.floats(), max_size=2))
+config_values = st.one_of(numbers, st.text(max_size=5), st.booleans(), st.binary(max_size=5))
+shapes = st.lists(st.integers(0, 7), max_size=3).map(tuple)
+bad_arrays = st.one_of(
+    st.tuples(shapes, st.sampled_from(["<f4", "<f8", "<f2", ">f4", "<i4", "|b1", "<c8", "<U2"])).map(
+        lambda sd: npy(np.zeros(sd[0], dtype=sd[1]))),
+    st.builds(lambda data: Array(dtype="float32", shape=(2, 5), stype="numpy.ndarray", data=data), st.binary(max_size=200)),
+    st.just(object_array()), st.just(truncated_array()),
+    st.just(npy(np.full((2, 5), np.inf, dtype=np.float32))),
+    st.just(Array(dtype="float32", shape=(2, 5), stype="torch.Tensor", data=npy(np.zeros((2, 5), np.float32)).data)),
+)
+mutations = st.one_of(
+    st.tuples(st.just("drop-record"), st.sampled_from(["arrays", "metrics", "eval-B"])),
+    st.tuples(st.just("add-record"), st.sampled_from(["config", "base-delta", "extra"])),
+    st.tuples(st.just("retype-record"), st.sampled_from(["arrays", "metrics", "eval-B"])),
+    st.tuples(st.just("drop-metric"), st.sampled_from(["num-examples", "partition-id", "train-loss", "base-version"])),
+    st.tuples(st.just("set-metric"), st.tuples(st.sampled_from(["num-examples", "partition-id", "train-loss",
+                                                                 "base-version", "local.accuracy", "evil"]), numbers)),
+    st.tuples(st.just("drop-array"), st.integers(0, 20)),
+    st.tuples(st.just("set-array"), st.tuples(st.integers(0, 20), bad_arrays)),
+    st.tuples(st.just("add-array"), st.sampled_from(["base_model.model.evil.lora_A.weight", "classifier.weight", ""])),
+)
+harmless = st.one_of(  # changes an honest client could make: the reply stays valid
+    st.tuples(st.just("set-metric"), st.tuples(st.just("train-loss"), st.floats(-1e30, 1e30))),
+    st.tuples(st.just("set-metric"), st.tuples(st.just("base-version"), st.integers(0, 4))),
+    st.tuples(st.just("set-metric"), st.tuples(st.sampled_from(["local.accuracy", "local.f1"]), st.integers(-9, 9))),
+    st.tuples(st.just("drop-metric"), st.just("local.accuracy")),
+)
+edit_lists = st.lists(st.one_of(harmless, mutations), max_size=3)
+
+
+_CLIENT = {m: LoraPair(A=p.A[:2] + 0.1, B=p.B[:, :2]) for m, p in FUZZ_ADAPTER.items()}  # rank 2
+VALID = {private: (dict(model_record(_CLIENT, FUZZ_HEAD, B=not private)), dict(model_record(_CLIENT, {}, A=False)))
+         for private in (False, True)}  # serialised once; each example gets fresh records around them
+
+
+def crafted(private: bool, edits: list) -> RecordDict:
+    """A valid reply for fuzz_expected(private), then the edits applied in order."""
+    arrays, eval_B = VALID[private]
+    content = RecordDict({"arrays": ArrayRecord(dict(arrays)),
+                          "metrics": MetricRecord({"num-examples": 40, "partition-id": 1, "train-loss": 0.3,
+                                                   "base-version": 2, "local.accuracy": 0.5})})
+    if private:
+        content["eval-B"] = ArrayRecord(dict(eval_B))
+    for kind, arg in edits:
+        if kind == "drop-record" and arg in content:
+            del content[arg]
+        elif kind == "add-record":
+            content[arg] = ConfigRecord({"x": 1})
+        elif kind == "retype-record":
+            content[arg] = ConfigRecord({"num-examples": "40"}) if arg == "metrics" else MetricRecord({"x": 1.0})
+        elif kind == "drop-metric" and isinstance(content.get("metrics"), MetricRecord):
+            content["metrics"].pop(arg, None)
+        elif kind == "set-metric" and isinstance(content.get("metrics"), MetricRecord):
+            content["metrics"][arg[0]] = arg[1]
+        elif kind in ("drop-array", "set-array", "add-array") and isinstance(content.get("arrays"), ArrayRecord):
+            arrays = content["arrays"]
+            if kind == "add-array":
+                arrays[arg] = npy(np.zeros((2, 5), np.float32))
+            else:
+                keys = sorted(arrays)
+                index = (arg if kind == "drop-array" else arg[0]) % len(keys) if keys else None
+                if index is not None and kind == "drop-array":
+                    del arrays[keys[index]]
+                elif index is not None:
+                    arrays[keys[index]] = arg[1]
+    return content
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(private=st.booleans(), edits=edit_lists)
+def test_fuzzed_train_replies_are_parsed_or_refused_never_raised(private, edits):
+    """Issue 14: every crafted TRAIN reply is either a valid ClientResult or refused with a reason."""
+    expected = fuzz_expected(private)
+    sent = Message(RecordDict({"config": ConfigRecord({"server-round": 5})}), 7, MessageType.TRAIN)
+    parsed = parse_train_reply(Message(crafted(private, edits), reply_to=sent), expected)
+    if isinstance(parsed, str):
+        assert parsed and "\n" not in parsed
+        return
+    assert isinstance(parsed, TrainReply)
+    assert {k: tuple(v.shape) for k, v in parsed.arrays.items()} == expected.arrays
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in parsed.arrays.values())
+    assert parsed.num_examples == 40 and 0 <= parsed.base_version <= expected.max_version
+    result = to_result(parsed, FUZZ_ADAPTER, rank=2, server_rank=SERVER_RANK, client_id="client-1")
+    assert {m: (p.A.shape, p.B.shape) for m, p in result.update.adapter.items()} == {
+        m: ((SERVER_RANK, 5), (6, SERVER_RANK)) for m in FUZZ_ADAPTER}
+    assert set(result.head) == set(FUZZ_HEAD) and result.update.num_examples == 40
+
+
+@settings(max_examples=300, deadline=None)
+@given(record=st.one_of(st.none(), st.dictionaries(st.sampled_from(["partition-id", "num-partitions", "x"]), numbers)),
+       as_config=st.booleans())
+def test_fuzzed_query_replies_give_a_partition_or_a_reason(record, as_config):
+    sent = Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), 7, MessageType.QUERY)
+    content = RecordDict() if record is None else RecordDict(
+        {"partition": ConfigRecord(record) if as_config else MetricRecord(record)})
+    claimed = parse_query_reply(Message(content, reply_to=sent), CLIENTS)
+    assert (isinstance(claimed, int) and 0 <= claimed < CLIENTS and not as_config) or (isinstance(claimed, str) and claimed)
