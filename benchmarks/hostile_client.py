@@ -33,7 +33,7 @@ from fedlora.synthetic import least_squares_clients
 
 SHAPES = {f"layer{i}.{m}": (48, 32) for i in range(2) for m in ("q", "v")}  # (d, k)
 RANK = 4
-OLD = {"clip": None, "weight_cap": None}  # the defaults before issue 14 (norm_bound=100 unchanged)
+OLD: dict[str, Any] = {"clip": None, "weight_cap": None}  # the defaults before issue 14 (norm_bound=100 unchanged)
 
 
 def product_change(result: AggregationResult, global_adapter: Adapter) -> float:
