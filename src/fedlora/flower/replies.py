@@ -122,6 +122,8 @@ def _metrics(record: MetricRecord, expected: Expected) -> tuple[int, float, int,
     version = _integer(record["base-version"], "base-version", 0, expected.max_version)
     if isinstance(version, str):
         return version
+    # Loss and local metrics are only recorded (the local engine records a NaN too: a causal-LM
+    # client whose local split has no response tokens reports loss NaN), so they need only be numbers.
     loss = _real(record["train-loss"], "train-loss")
     if isinstance(loss, str):
         return loss
@@ -146,8 +148,6 @@ def _integer(value: Any, name: str, low: int, high: int | None) -> int | str:
 def _real(value: Any, name: str) -> float | str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{name}={value!r} is not a number"
-    if not math.isfinite(value):
-        return f"{name}={value} is not finite"
     return float(value)
 
 
