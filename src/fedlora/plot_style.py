@@ -43,7 +43,7 @@ def value_axis(ax: Axes, values: Iterable[float], what: str = "divergence") -> s
 
     An exact method's divergence is 0 up to float rounding (1e-17 .. 1e-8), which would stretch a
     log axis over many empty decades: values below :data:`ZERO_BELOW` times the largest are drawn
-    at the axis' bottom edge, and a note on the plot says so.
+    on a dotted line at the bottom, and a note on the plot says so.
     """
     finite = [v for v in values if v is not None and math.isfinite(v)]
     high = max(finite, default=0.0)
@@ -54,7 +54,7 @@ def value_axis(ax: Axes, values: Iterable[float], what: str = "divergence") -> s
         return what
     low = min(visible)
     bottom = min(low, floor * 10) / 1.5 if len(visible) < len(finite) else low / 1.5
-    for line in ax.get_lines():  # the ≈0 curves sit on the bottom edge instead of leaving the plot
+    for line in ax.get_lines():  # the ≈0 curves sit on the bottom line instead of leaving the plot
         ys = [max(float(y), bottom) for y in np.asarray(line.get_ydata(), dtype=float)]
         line.set_ydata(ys)
     ax.set_yscale("log")
@@ -63,10 +63,11 @@ def value_axis(ax: Axes, values: Iterable[float], what: str = "divergence") -> s
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
     ax.yaxis.set_major_formatter(FuncFormatter(_label))
     ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_ylim(bottom, high * 1.5)
+    ax.set_ylim(bottom / 1.6, high * 1.5)  # room below: markers at ``bottom`` are drawn whole
     if len(visible) < len(finite):
-        ax.text(0.01, 0.01, f"bottom edge: ≈0 (< {floor:.1g}, exact to rounding)", transform=ax.transAxes,
-                fontsize=7, va="bottom", color="dimgrey")
+        ax.axhline(bottom, color="dimgrey", lw=0.6, ls=":")
+        ax.text(0.01, bottom * 1.15, f"dotted line: ≈0 (< {floor:.1g}, exact up to rounding)",
+                transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", color="dimgrey")
     return f"{what}, log scale"
 
 

@@ -75,7 +75,8 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
             for label, seeds in labels.items():
                 rounds, mean, std = _curve(seeds, key)
                 (line,) = ax.plot(rounds, mean, ms=4, label=label, **method_style(label))
-                ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+                band = 0.15 if len(labels) <= 4 else 0.05  # many methods: faint bands keep the lines readable
+                ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=band)
                 values += mean.tolist()
                 if key == "divergence":
                     _, bound, _ = _curve(seeds, "eckart_young_bound")
