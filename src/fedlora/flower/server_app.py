@@ -10,7 +10,7 @@ in ``out`` from its checkpoint, like ``fedlora run --resume``. The final global 
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import ERROR, INFO
 
 import torch
 from flwr.app import Context
@@ -20,6 +20,7 @@ from flwr.supercore import log
 from fedlora.federation import build_federation
 from fedlora.flower import data_cache
 from fedlora.flower.config import run_config_from_flower
+from fedlora.flower.nodes import FederationError
 from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.flower.wire import model_record
 from fedlora.model import build_model
@@ -39,7 +40,11 @@ def main(grid: Grid, context: Context) -> None:
     remaining = len(server.remaining_rounds())
     if remaining:
         strategy = FedLoraStrategy(server, options)
-        strategy.start(grid=grid, initial_arrays=model_record(server.state.adapter, server.state.head),
-                       num_rounds=remaining, timeout=options.round_timeout)
+        try:
+            strategy.start(grid=grid, initial_arrays=model_record(server.state.adapter, server.state.head),
+                           num_rounds=remaining, timeout=options.round_timeout)
+        except FederationError as exc:  # too few usable SuperNodes: say what is missing, not only a traceback
+            log(ERROR, "fedlora: %s", exc)
+            raise
     server.save_final()
     log(INFO, "fedlora: %d rounds of %s written to %s", server.state.round, config.method, config.out)
