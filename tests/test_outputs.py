@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedlora.config import ConfigError, RunConfig
-from fedlora.loggers import check_targets, flatten, open_trackers
+from fedlora.loggers import check_installed, check_targets, flatten, open_trackers
 from fedlora.model_card import MINILM_HUB_ID, portable_reference
 
 pytest.importorskip("tensorboard")
@@ -88,8 +88,11 @@ def test_trackers_fail_in_one_line_naming_the_fix(tmp_path):
         try:
             __import__(name)
         except ImportError:
-            with pytest.raises(ConfigError, match=f"the {name} package is not installed; pip install {name}"):
+            message = f"the {name} package is not installed; pip install {name}"
+            with pytest.raises(ConfigError, match=message):
                 open_trackers([name], tmp_path, "{}")
+            with pytest.raises(ConfigError, match=message):
+                check_installed([name])
 
 
 def test_flatten_keeps_jsonl_names_and_drops_what_is_not_a_number():

@@ -11,6 +11,7 @@ says what to install. Names are those of ``metrics.jsonl``: a top-level number k
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -47,6 +48,16 @@ def check_targets(names: Iterable[str]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
         raise ConfigError(f"--log-to {' '.join(unknown)}: unknown tracker; use any of {', '.join(TRACKERS)}")
+    return names
+
+
+def check_installed(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` validated, and each tracker's package present (ConfigError with the pip command), without
+    importing any: called before a run writes anything, so a missing package costs no run directory."""
+    names = check_targets(names)
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--log-to {name}: the {name} package is not installed; {INSTALL[name]}")
     return names
 
 

@@ -122,6 +122,10 @@ class Server:
              resume: bool = False, keep_merges: bool = False) -> Server:
         """Start a run in ``config.out`` (writing config.json and a round-0 checkpoint) or resume it."""
         out = Path(config.out)
+        if getattr(config, "log_to", ()):
+            from fedlora.loggers import check_installed
+
+            check_installed(config.log_to)  # before anything is written
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             state = load_state(out)
