@@ -6,7 +6,8 @@ the type alone does not say it, how to read it from text. Everything else is der
 one declaration, so nothing can drift:
 
 * ``fedlora run`` flags (:func:`add_arguments`, :func:`from_namespace`): ``--local-steps`` for
-  ``local_steps``, grouped by section, with the default in the help;
+  ``local_steps``, grouped by section, with the default in the help; ``fedlora run --config FILE``
+  reads the same names from a TOML or JSON file (:mod:`fedlora.config_file`, with :func:`read_text`);
 * the Flower app config (:func:`from_flower`, :func:`flower_table`): the same dashed names as keys,
   in ``[tool.flwr.app.config]`` of pyproject.toml (a test checks that table against this);
 * the data-cache key: the fields declared with ``data=True`` (:func:`data_fields`).
