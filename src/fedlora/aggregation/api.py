@@ -200,7 +200,7 @@ def aggregate(
     ranks = None if client_ranks is None else [client_ranks.get(u.client_id, _rank(global_adapter)) for u in u64]
     bytes_up, bytes_down = round_bytes(spec.policy.for_round(round_index), global_adapter, len(u64), ranks)
     robust = {"norm_reference": reference, "norm_reference_is_median": from_round, "clipped": clipped,
-              "weights": {u.client_id: float(w) for u, w in zip(u64, example_weights)}}
+              "weights": {u.client_id: float("nan") if w.is_meta else float(w) for u, w in zip(u64, example_weights)}}
     metrics = {
         "method": method,
         "num_clients": len(u64),

@@ -86,7 +86,7 @@ def capped_weights(weights: Tensor, cap: float | None) -> Tensor:
     order of the honest clients' weights is kept. ``None`` (or a cap >= U) leaves them unchanged.
     """
     U = weights.numel()
-    if cap is None or U == 0 or cap >= U:
+    if cap is None or U == 0 or cap >= U or weights.is_meta:  # meta: no values to compare
         return weights
     limit = cap / U
     w = weights.clone()
