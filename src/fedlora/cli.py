@@ -36,7 +36,7 @@ examples:
   fedlora run --config runs/sst2/config.json --seed 1 --out runs/sst2-seed1    repeat a run, one change
   fedlora run --resume runs/sst2                continue an interrupted run from its checkpoint
 
---config FILE: a TOML file with any of the options below, dashed or underscored, at the top level or
+--config FILE: a TOML file with any of the options above, dashed or underscored, at the top level or
 in a table named after the option's section; unknown keys are refused. A run's config.json (JSON)
 works too. Flags typed on the command line override the file.
     task = "rte"

@@ -151,7 +151,7 @@ class RunConfig:
     device: str = option("auto", "runtime", "auto, cpu, cuda, cuda:N or mps (auto: cuda when available)")
     precision: str = option("fp32", "runtime", "fp32, bf16 or fp16: autocast for training and evaluation "
                             "(frozen-weight merges stay float32)")
-    out: str = option("runs/latest", "runtime", "run directory (fedlora run: default runs/<method>-<task>)")
+    out: str = option("runs/latest", "runtime", "run directory: config.json, metrics.jsonl, plots, the adapter")
 
     def __post_init__(self) -> None:
         _validate(self)
