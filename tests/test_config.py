@@ -35,7 +35,7 @@ def as_cli(config: RunConfig) -> list[str]:
             for k, v in value.items():
                 argv += ["--method-option", f"{k}={v}"]
         elif f.metadata["many"]:
-            argv += [f"--{flag(f.name)}", *map(str, value)]
+            argv += [f"--{flag(f.name)}", *map(str, value)] if value else []  # empty: the default, no flag
         elif value is not None or f.metadata["show"]:  # unset without a spelling: leave the flag out
             shown = f.metadata["show"](value) if f.metadata["show"] else value
             argv += [f"--{flag(f.name)}", str(shown)]

@@ -239,6 +239,10 @@ def test_metrics_are_strict_json(tmp_path):
     text = json.dumps(state.history, allow_nan=False)  # what metrics.jsonl is written from
     assert json.loads(text)[0]["divergence"] is None
     assert load_state(out).history == state.history
+    (out / "metrics.jsonl").write_text(json.dumps(state.history[0], allow_nan=False) + "\n")
+    from fedlora.jsonsafe import read_metrics  # readers get NaN back where a number is always expected
+
+    assert math.isnan(read_metrics(out / "metrics.jsonl")[0]["divergence"])
 
 
 # -- item 14: what a new user hits ----------------------------------------------------------------

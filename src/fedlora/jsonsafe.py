@@ -4,13 +4,22 @@ Python's ``json.dumps`` writes bare ``NaN``/``Infinity``, which is not JSON: ``j
 most JSON-lines tools reject the whole file. A round record holds such values where a quantity was
 not measured or blew up (a skipped round's divergence, a NaN training loss), so records are made
 strict before they are written: a non-finite float becomes ``null``, the JSON for "no value".
-Readers that compute with a field map ``null`` back to NaN with :func:`number`.
+Readers that compute with a field map ``null`` back to NaN with :func:`number`, or read a whole
+``metrics.jsonl`` with :func:`read_metrics`, which restores NaN in the fields that are always
+numbers (so ``np.mean``/``max`` over them behave as they did with bare NaN).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
+
+# Round-record fields that are always numbers: null there can only mean "not finite" (NaN before).
+# Fields where null means "not measured" (local_metric_mean, train_loss of an empty round...) stay None.
+ALWAYS_NUMERIC = ("global_metric", "divergence", "eckart_young_bound", "solve_seconds", "server_seconds",
+                  "wall_seconds")
 
 
 def json_safe(value: Any) -> Any:
@@ -37,3 +46,20 @@ def make_json_safe(records: list[dict[str, Any]]) -> None:
 def number(value: Any) -> float:
     """A record's numeric field as a float: ``null`` (not measured, or not finite) reads as NaN."""
     return math.nan if value is None else float(value)
+
+
+def restore_nan(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with null read back as NaN in :data:`ALWAYS_NUMERIC` fields and in ``global`` metrics."""
+    record = dict(record)
+    for key in ALWAYS_NUMERIC:
+        if key in record and record[key] is None:
+            record[key] = math.nan
+    if isinstance(record.get("global"), dict):
+        record["global"] = {k: math.nan if v is None else v for k, v in record["global"].items()}
+    return record
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (old files with bare NaN read too), NaN restored (:func:`restore_nan`)."""
+    lines = Path(path).read_text().splitlines()
+    return [restore_nan(json.loads(line)) for line in lines if line.strip()]

@@ -43,11 +43,33 @@ def check_model_source(model: str | None) -> None:
                              "does not load (unpickling can run arbitrary code); convert them to model.safetensors "
                              "on a machine where you trust the file, or use a safetensors checkpoint")
         return
-    if offline() and not _cached(model):
+    if _cached(model):
+        return
+    if offline():
         env = next(name for name in OFFLINE_ENV if os.environ.get(name))
-        raise FileNotFoundError(f"--model {model}: not a local folder, and not in the Hugging Face cache "
-                                f"({_cache_dir()}); {env} is set, so the hub is not asked. Download it on a "
-                                "connected machine (huggingface-cli download ...) or pass a local model folder")
+        why = f"{env} is set, so the hub is not asked"
+    elif (host := _unresolvable_hub()) is not None:  # no network: fail now, not after a minute of retries
+        why = f"the hub ({host}) cannot be reached from here (no network?)"
+    else:
+        return  # online: the hub itself says whether the repository exists
+    raise FileNotFoundError(f"--model {model}: not a local folder, and not in the Hugging Face cache ({_cache_dir()}); "
+                            f"{why}. Download it on a connected machine (huggingface-cli download ...) or pass a "
+                            "local model folder")
+
+
+def _unresolvable_hub() -> str | None:
+    """The hub's host name if it does not resolve (a DNS lookup only; nothing is sent to the hub), else None."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return host
+    return None
 
 
 def _cache_dir() -> str:
