@@ -40,10 +40,8 @@ def server_step(
     """
     results = materialise(results)
     if not results:  # no client reported (Flower: every node failed): a skipped round, nothing changes
-        skipped = skipped_result(method, global_adapter, options.get("state"), "no client reported this round",
-                                 num_clients=0, rejected=[])
-        skipped.adapter = global_adapter
-        return skipped, None
+        return skipped_result(method, global_adapter, options.get("state"), "no client reported this round",
+                              num_clients=0, rejected=[]), None
     names = [client_key(getattr(r, "update", None), i) for i, r in enumerate(results)]
     bad_heads = [{"client": n, "reason": p} for n, r in zip(names, results)
                  if (p := "a client result must be a ClientResult" if not isinstance(r, ClientResult)
