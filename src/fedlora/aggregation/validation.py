@@ -1,9 +1,10 @@
 """Input checks for aggregation: every problem names the client, the module and the fix.
 
 Caller errors (a malformed global adapter, no updates) always raise. Per-client problems are
-collected as ``(client_id, reason)`` pairs so that :func:`aggregate` can either raise them all at
-once (``on_invalid="raise"``, the default) or drop those clients for the round
-(``on_invalid="reject"``, for servers facing untrusted clients).
+collected as ``(client_id, reason)`` pairs so that :func:`aggregate` can either drop those clients
+for the round (``on_invalid="reject"``, the default, for servers facing untrusted clients) or raise
+them all at once (``on_invalid="raise"``). Update norms are compared with the round's reference norm
+(:func:`round_norms`; :mod:`fedlora.aggregation.robust` has the threat model and the fallback).
 
 Devices: one aggregation runs on one device, the global adapter's (any: cpu, cuda:n, mps, meta).
 Every tensor of the global adapter must sit on it (a caller error otherwise), and a client whose
