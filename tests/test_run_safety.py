@@ -75,6 +75,13 @@ def test_resume_refuses_a_command_line_that_changes_the_experiment(tmp_path, cap
     assert not engine
 
 
+def test_resume_refuses_a_config_file_that_changes_the_experiment(tmp_path, capsys, engine):
+    make_run(tmp_path / "run")
+    (tmp_path / "run.toml").write_text('method = "fedit"\nrounds = 9\n')
+    assert cli.main(["run", "--resume", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml")]) == 2
+    assert "method='fedit'" in one_line_error(capsys) and not engine
+
+
 def test_resume_refuses_an_edited_config_json(tmp_path, capsys, engine):
     make_run(tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
