@@ -32,7 +32,7 @@ RESUMABLE = {
 }
 RUN_FILES = ("config.json", "checkpoint.safetensors", "checkpoint.safetensors.tmp", "metrics.jsonl",
              "metrics.jsonl.tmp", "accuracy.png", "divergence.png")
-RUN_DIRS = ("adapter", "adapter.tmp", "adapter.old", "generations")
+RUN_DIRS = ("adapter", "adapter.tmp", "adapter.old", "generations", "tensorboard", "wandb")  # --log-to's too
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
