@@ -90,6 +90,12 @@ def test_resume_refuses_an_edited_config_json(tmp_path, capsys, engine):
     assert "method='fedit'" in one_line_error(capsys) and not engine
 
 
+def test_the_engine_refuses_to_resume_another_experiment(tmp_path):
+    config = make_run(tmp_path / "run")
+    with pytest.raises(ConfigError, match="seed=5"):
+        simulation.run(config.replace(seed=5), resume=True, progress=False)
+
+
 def test_resume_with_more_rounds_extends_the_run(tmp_path, engine):
     make_run(tmp_path / "run")
     assert cli.main(["run", "--resume", str(tmp_path / "run"), "--rounds", "20", "--device", "cpu"]) == 0

@@ -63,6 +63,13 @@ def _refuse(diffs: dict[str, tuple[Any, Any]], what: str) -> None:
                           f"{', '.join(RESUMABLE)} may change); start a new run with another --out instead")
 
 
+def check_same_experiment(saved_json: str | None, config: RunConfig) -> None:
+    """Refuse to resume a checkpoint saved under ``saved_json`` with ``config`` unless only :data:`RESUMABLE`
+    fields differ (the engine's own check, for callers of :func:`fedlora.simulation.run` that bypass the CLI)."""
+    if saved_json:
+        _refuse(_differences(RunConfig.from_json(saved_json).replace(out=config.out), config), "the config")
+
+
 def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
     """The config to resume ``run_dir`` with: the checkpoint's, with the resumable changes of
     config.json and of ``given`` (options typed on the command line) applied; refuses any other change."""
