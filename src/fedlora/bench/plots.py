@@ -121,7 +121,7 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
 
 # A fixed style per method, so a method keeps its colour and marker in every plot.
 # tab10 plus four dark extras: no pale shades (tab20's light halves were unreadable as thin lines).
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#8f8f00",
             "#17becf", "#000000", "#b8860b", "#006400", "#4b0082")
 _MARKERS = "osD^v<>pXh*P8d"
 
