@@ -30,7 +30,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("outputs") / "toy-run"
     config = RunConfig(task="toy", method="fedex-lora", rounds=2, clients=2, alpha=0.5, local_steps=1, batch_size=4,
                        max_length=24, max_eval_examples=16, eval_local_every=1, max_local_eval_examples=8,
-                       log_to=("tensorboard",), out=str(out))
+                       log_to="tensorboard", out=str(out))
     run(config, progress=False)
     return out
 
@@ -83,7 +83,10 @@ def test_tensorboard_events_hold_every_round_metric_under_the_jsonl_names(toy_ru
 
 def test_trackers_fail_in_one_line_naming_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="tensorbord: unknown tracker; use any of tensorboard, wandb, mlflow"):
-        check_targets(["tensorbord"])
+        check_targets("tensorbord")
+    assert check_targets("tensorboard,wandb") == check_targets("tensorboard wandb") == ("tensorboard", "wandb")
+    config = RunConfig(log_to="tensorboard,mlflow")
+    assert RunConfig.from_json(config.to_json()) == config  # config.json round-trips (resume compares configs)
     for name in ("wandb", "mlflow"):
         try:
             __import__(name)

@@ -145,8 +145,8 @@ class RunConfig:
                                               parse=parse_optional_int, show=lambda v: "all" if v is None else v)
     exact_match: bool = option(False, "evaluation", "instruct task: also generate and score exact match against the "
                                "response (gsm8k, mbpp and humaneval always generate)")
-    log_to: tuple[str, ...] = option((), "evaluation", "also log every round's metrics to: tensorboard, wandb, "
-                                     "mlflow (any of them; off by default)", many=True)
+    log_to: str = option("", "evaluation", "also log every round's metrics to tensorboard, wandb or mlflow "
+                         "(several: comma-separated; unset: off)")
     # -- runtime
     device: str = option("auto", "runtime", "auto, cpu, cuda, cuda:N or mps (auto: cuda when available)")
     precision: str = option("fp32", "runtime", "fp32, bf16 or fp16: autocast for training and evaluation "

@@ -42,16 +42,16 @@ def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def check_targets(names: Iterable[str]) -> tuple[str, ...]:
-    """``names`` validated against :data:`TRACKERS` (ConfigError naming the bad one)."""
-    names = tuple(names)
+def check_targets(names: str | Iterable[str]) -> tuple[str, ...]:
+    """``names`` ("tensorboard,wandb", or a list) validated against :data:`TRACKERS` (ConfigError naming the bad one)."""
+    names = tuple(names.replace(",", " ").split()) if isinstance(names, str) else tuple(names)
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
         raise ConfigError(f"--log-to {' '.join(unknown)}: unknown tracker; use any of {', '.join(TRACKERS)}")
     return names
 
 
-def check_installed(names: Iterable[str]) -> tuple[str, ...]:
+def check_installed(names: str | Iterable[str]) -> tuple[str, ...]:
     """``names`` validated, and each tracker's package present (ConfigError with the pip command), without
     importing any: called before a run writes anything, so a missing package costs no run directory."""
     names = check_targets(names)
@@ -108,7 +108,7 @@ class _MLflow:
 _OPENERS: dict[str, Callable[[Path, str], Tracker]] = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
 
 
-def open_trackers(names: Iterable[str], out: Path, config_json: str) -> list[Tracker]:
+def open_trackers(names: str | Iterable[str], out: Path, config_json: str) -> list[Tracker]:
     """One tracker per name, writing next to the run (TensorBoard: ``<out>/tensorboard``)."""
     trackers: list[Tracker] = []
     for name in check_targets(names):
