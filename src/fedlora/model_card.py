@@ -37,13 +37,14 @@ def _bundled_paths() -> dict[str, str]:
         paths[str(Path(default_model_path()).resolve())] = MINILM_HUB_ID
     except ImportError:
         pass
-    try:
-        from fedlora.causal_lm import _cache_dir, _gguf_file  # no conversion: only where it would go
-
-        paths[str(Path(_cache_dir(_gguf_file())).resolve())] = SMOLLM2_HUB_ID
-    except (ImportError, ModuleNotFoundError, OSError):
-        pass
     return paths
+
+
+def _is_converted_smollm2(path: Path) -> bool:
+    """A folder fedlora.causal_lm dequantised the bundled GGUF into (``<cache>/smollm2-135m-instruct-<digest>``)."""
+    from fedlora.causal_lm import DEFAULT_MODEL  # light: the name only, no conversion
+
+    return path.is_dir() and path.name.startswith(f"{DEFAULT_MODEL}-")
 
 
 def portable_reference(loaded_from: str, given: str | None) -> tuple[str, str]:
@@ -54,6 +55,8 @@ def portable_reference(loaded_from: str, given: str | None) -> tuple[str, str]:
     path or id means on another machine.
     """
     hub_id = _bundled_paths().get(str(Path(loaded_from).resolve())) if Path(loaded_from).exists() else None
+    if hub_id is None and not given and _is_converted_smollm2(Path(loaded_from)):
+        hub_id = SMOLLM2_HUB_ID
     if hub_id is not None:
         return hub_id, BUNDLED[hub_id]
     if given:
