@@ -34,6 +34,8 @@ class ModelConfig:
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"
+    max_length: int | None = None  # None: the task's default (checked against the model's positions)
+    lora_dropout: float = 0.0
 
 
 # --- resolution ----------------------------------------------------------------------------------

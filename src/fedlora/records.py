@@ -44,6 +44,8 @@ def round_record(
         "lora_bytes_down": agg_metrics["bytes_down"],
         "rejected": agg_metrics["rejected"],
         "skipped": agg_metrics["skipped"],
+        "skip_reason": agg_metrics.get("reason"),  # why a skipped round was skipped (None when it was not)
+        "clipped": agg_metrics.get("clipped", []),  # [{client, norm, bound}]: updates scaled back to the clip bound
         # A method's own diagnostics (FLoRA-NA: objective, coefficient range, factor norms; svd-ef: residual norm)
         **{k: agg_metrics[k] for k in METHOD_DIAGNOSTICS if k in agg_metrics},
     }

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedlora.jsonsafe import read_metrics  # noqa: E402
+
 
 def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(config, per-round records) of a run directory."""
@@ -20,7 +22,7 @@ def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found: is {path} the --out directory of a fedlora run?")
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    return config, [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return config, read_metrics(metrics)  # null (a non-finite value) read back as NaN
 
 
 def _label(config: dict[str, Any], path: Path) -> str:

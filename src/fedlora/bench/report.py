@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from fedlora.bench import comm, plots, stats
 from fedlora.bench.grid import Job, completed_rounds, threads_per_worker
 from fedlora.bench.presets import Preset, STEP_SECONDS
+from fedlora.jsonsafe import read_metrics
 
 
 def commit() -> str:
@@ -33,7 +33,7 @@ def load_runs(jobs: list[Job]) -> list[dict[str, Any]]:
     for job in jobs:
         if completed_rounds(job.path) == 0:
             continue
-        records = [json.loads(line) for line in (job.path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        records = read_metrics(job.path / "metrics.jsonl")  # null (a non-finite value) read back as NaN
         runs.append({"task": job.task, "label": job.label, "seed": job.seed, "path": job.path,
                      "finished": len(records) >= job.config.rounds, "records": records,
                      **stats.summarize_records(records)})
