@@ -10,7 +10,6 @@ last test compares every method's result there with the CPU result.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggregate, available_methods
+from fedlora.aggregation.outcome import walk_tensors
 from fedlora.synthetic import least_squares_clients
 
 SHAPES = {"attn.q": (6, 5), "attn.v": (6, 5), "mlp.up": (4, 7)}  # (d, k): non-square, two of one shape
@@ -66,19 +66,7 @@ def moved_update(update: ClientUpdate, device: str | torch.device) -> ClientUpda
     return ClientUpdate(moved(update.adapter, device), update.num_examples, update.client_id)
 
 
-def tensors(value: Any, path: str = "") -> Iterator[tuple[str, Tensor]]:
-    """Every tensor inside ``value`` (tensors, LoraPairs, dicts, lists, tuples), with where it sits."""
-    if isinstance(value, Tensor):
-        yield path, value
-    elif isinstance(value, LoraPair):
-        yield from tensors(value.A, f"{path}.A")
-        yield from tensors(value.B, f"{path}.B")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from tensors(item, f"{path}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            yield from tensors(item, f"{path}[{index}]")
+tensors = walk_tensors  # every tensor inside a value, with where it sits (the engine's own walker)
 
 
 def result_tensors(result) -> list[tuple[str, Tensor]]:

@@ -33,7 +33,7 @@ def skipped_result(
     )
 
 
-def _tensors(value: Any, path: str) -> Iterator[tuple[str, Tensor]]:
+def walk_tensors(value: Any, path: str = "") -> Iterator[tuple[str, Tensor]]:
     """Every tensor inside ``value`` (tensors, LoraPairs, dicts, lists, tuples), with where it sits."""
     if isinstance(value, Tensor):
         yield path, value
@@ -42,17 +42,17 @@ def _tensors(value: Any, path: str) -> Iterator[tuple[str, Tensor]]:
         yield f"{path}.B", value.B
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _tensors(item, f"{path}[{key!r}]")
+            yield from walk_tensors(item, f"{path}[{key!r}]")
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            yield from _tensors(item, f"{path}[{index}]")
+            yield from walk_tensors(item, f"{path}[{index}]")
 
 
 def non_finite(result: AggregationResult) -> str | None:
     """Where ``result`` holds NaN or Inf (adapter, base_delta, extras, state), or None when it is finite."""
     parts = {"adapter": result.adapter, "base_delta": result.base_delta, "extras": result.extras, "state": result.state}
     for name, value in parts.items():
-        for path, tensor in _tensors(value, name):
+        for path, tensor in walk_tensors(value, name):
             if tensor.is_meta or not tensor.is_floating_point():
                 continue
             if not bool(torch.isfinite(tensor).all()):
