@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.usage = "%(prog)s [-h] [-v] [--config FILE] [--resume RUN_DIR] [--OPTION VALUE ...]"
     add_run_options(run)
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out (its config, checkpoint, metrics, adapter); without it an "
+                          "existing run is refused: continue it with --resume")
     compare = _subcommand(sub, "compare", "markdown table + overlaid plots of several runs",
                           "example:\n  fedlora compare runs/demo/fedit runs/demo/flora-na-stable --out runs/cmp\n")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.jsonl)")
@@ -118,17 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    _add_run_dir_options(parser)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "run":
             from fedlora.run_dir import explicit_options
 
-            fresh = build_parser()  # explicit_options suppresses its defaults: a second parser, not ours
-            _add_run_dir_options(fresh)
-            return _run(args, explicit_options(fresh, argv))
+            # explicit_options suppresses the parser's defaults: a second parser, not the one above
+            return _run(args, explicit_options(build_parser(), argv))
         if args.command == "compare":
             _quiet_libraries()
             return _compare(args.runs, args.out)
@@ -152,15 +152,6 @@ def _one_line(exc: BaseException) -> str:
     """The error's message on one line (KeyError quotes its message; library errors can span lines)."""
     text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
     return " ".join(text.split())
-
-
-def _add_run_dir_options(parser: argparse.ArgumentParser) -> None:
-    """``fedlora run --overwrite`` (run-directory semantics: fedlora.run_dir)."""
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    subparsers.choices["run"].add_argument(
-        "--overwrite", action="store_true",
-        help="replace the run already in --out (its config, checkpoint, metrics, adapter); without it an existing "
-             "run is refused: continue it with --resume")
 
 
 def _quiet_libraries() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -49,7 +50,7 @@ def _styles(runs: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]) -> li
     return styles
 
 
-def plot_runs(paths: list[str | Path], out: Path, prefix: str = "") -> list[Path]:
+def plot_runs(paths: Sequence[str | Path], out: Path, prefix: str = "") -> list[Path]:
     """Overlaid curves of runs: global metric and divergence per round, the SVD bound dashed in each
     run's colour; log divergence axis with labelled ticks, integer rounds, task and setting in the title."""
     from fedlora.plot_style import integer_rounds, linear_axis, setting_title, value_axis
@@ -122,7 +123,7 @@ def _fmt(value: float) -> str:
     return "–" if value != value else f"{value:.4f}"  # NaN: not measured (no local evaluation in that run)
 
 
-def compare_table(paths: list[str | Path]) -> str:
+def compare_table(paths: Sequence[str | Path]) -> str:
     """A markdown table, one row per run."""
     rows = [summarize(p) for p in paths]
     header = "| run | method | rounds | final | best | local (last) | mean divergence | mean SVD bound | MB up/round | MB down/round | server s/round | wall s |"
