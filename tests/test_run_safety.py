@@ -96,6 +96,19 @@ def test_the_engine_refuses_to_resume_another_experiment(tmp_path):
         simulation.run(config.replace(seed=5), resume=True, progress=False)
 
 
+def test_a_flower_resume_refuses_another_experiment_before_loading(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedlora.flower import server_app
+    from fedlora.config_schema import flower_table
+
+    config = make_run(tmp_path / "run")
+    changed = {**flower_table(RunConfig, overrides=dataclasses.asdict(config.replace(method="fedit"))), "resume": True}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=changed)
+    with pytest.raises(ConfigError, match="method"):
+        server_app.main(grid=None, context=context)  # type: ignore[arg-type]  # refused before the grid is used
+
+
 def test_resume_with_more_rounds_extends_the_run(tmp_path, engine):
     make_run(tmp_path / "run")
     assert cli.main(["run", "--resume", str(tmp_path / "run"), "--rounds", "20", "--device", "cpu"]) == 0

@@ -11,12 +11,14 @@ in ``out`` from its checkpoint, like ``fedlora run --resume``. The final global 
 from __future__ import annotations
 
 from logging import ERROR, INFO
+from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedlora.checkpoint import load_state
 from fedlora.federation import build_federation
 from fedlora.flower import data_cache
 from fedlora.flower.config import run_config_from_flower
@@ -25,6 +27,7 @@ from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.flower.wire import model_record
 from fedlora.model import build_model
 from fedlora.rounds import Server
+from fedlora.run_dir import check_same_experiment
 
 app = ServerApp()
 
@@ -32,6 +35,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, options = run_config_from_flower(context.run_config)
+    if options.resume:  # the same experiment or nothing: refused before minutes of loading (as fedlora run --resume)
+        check_same_experiment(load_state(Path(config.out)).config, config)
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
     federation = build_federation(config, tokenizer)
