@@ -218,3 +218,18 @@ def test_the_bundled_smollm2_is_recorded_by_its_hub_id(tmp_path):
     converted.mkdir()
     assert portable_reference(str(converted), None)[0] == SMOLLM2_HUB_ID
     assert portable_reference(str(converted), str(converted))[0] == str(converted)  # --model given: as given
+
+
+def test_the_model_cards_command_rebuilds_the_runs_config() -> None:
+    """The card's `fedlora run ...` line, typed again, is the same experiment (task, method and seed always named)."""
+    import shlex
+
+    from fedlora.cli import build_parser, config_from_args
+    from fedlora.config import RunConfig
+    from fedlora.model_card import command_line
+
+    config = RunConfig(task="toy", method="flora-na", rounds=2, clients=3, alpha=None, target_modules=("query",),
+                       method_options={"solver": "adamw"}, lr_schedule="cosine", out="runs/card")
+    words = shlex.split(command_line(config))
+    assert words[:2] == ["fedlora", "run"] and {"--task", "--method", "--seed"} <= set(words)
+    assert config_from_args(build_parser().parse_args(words[1:])) == config

@@ -51,3 +51,4 @@ def test_reports_read_a_run_whose_divergence_is_null(tmp_path: Path) -> None:
     assert "| run |" in compare_table([run])  # raised TypeError on null before
     assert math.isfinite(summarize_records(records)["final"])
     assert all(p.is_file() for p in plot_runs([run], tmp_path, prefix="cmp_"))
+

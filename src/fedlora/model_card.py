@@ -80,8 +80,12 @@ def base_model_path(adapter_dir: str | Path) -> str:
     return str(reference)
 
 
+ALWAYS_SHOWN = ("task", "method", "seed")
+
+
 def command_line(config: RunConfig) -> str:
-    """The ``fedlora run`` command that makes this run: every option that differs from its default."""
+    """The ``fedlora run`` command that makes this run: the task, the method, the seed and every option that
+    differs from its default (those three always: a later default must not change what the card says ran)."""
     from fedlora.config import RunConfig
     from fedlora.config_schema import default_of, flag, show_value
 
@@ -89,7 +93,8 @@ def command_line(config: RunConfig) -> str:
     defaults = RunConfig()
     for f in dataclasses.fields(RunConfig):
         value = getattr(config, f.name)
-        if json.dumps(value, default=list) == json.dumps(default_of(f), default=list) or value == getattr(defaults, f.name):
+        is_default = json.dumps(value, default=list) == json.dumps(default_of(f), default=list) or value == getattr(defaults, f.name)
+        if is_default and f.name not in ALWAYS_SHOWN:
             continue
         if f.metadata.get("pairs"):
             words += [w for k, v in value.items() for w in (f"--{flag(f.name).removesuffix('s')}", f"{k}={v}")]
