@@ -16,7 +16,6 @@ non-finite arrays are already refused here because nothing downstream needs them
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from fedlora.aggregation import Adapter, ClientUpdate
 from fedlora.aggregation.ranks import pad, truncate
 from fedlora.client import ClientResult
 from fedlora.peft_bridge import PEFT_PREFIX, adapter_to_state_dict
-from fedlora.flower.wire import tensors_to_model
+from fedlora.flower.wire import npy_header, tensors_to_model
 
 TRAIN_METRICS = ("num-examples", "partition-id", "train-loss", "base-version")  # what every TRAIN reply reports
 LOCAL_PREFIX = "local."  # the client's metrics on its local test split
@@ -179,23 +178,18 @@ def decode_array(array: Any) -> np.ndarray | str:
         return f"is a {type(array).__name__}, not an Array"
     if array.stype != "numpy.ndarray" or not isinstance(array.data, bytes):
         return f"serialisation {array.stype!r} is not numpy.ndarray"
-    buffer = io.BytesIO(array.data)
     try:
-        version = np.lib.format.read_magic(buffer)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
-        else:
-            return f".npy version {version} is not supported"
+        version, shape, fortran, dtype, offset = npy_header(array.data)
     except Exception as exc:  # noqa: BLE001 -- any malformed header is a refusal, whatever numpy raises
         return f"is not a .npy buffer ({str(exc)[:120]})"
+    if version not in ((1, 0), (2, 0)):
+        return f".npy version {version} is not supported"
     if dtype.hasobject or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         return f"dtype {dtype} is not float16/32/64"
     count = math.prod(shape)
-    if count * dtype.itemsize != len(array.data) - buffer.tell():
-        return f"holds {len(array.data) - buffer.tell()} bytes, not the {count * dtype.itemsize} its header {shape} says"
-    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=buffer.tell())
+    if count * dtype.itemsize != len(array.data) - offset:
+        return f"holds {len(array.data) - offset} bytes, not the {count * dtype.itemsize} its header {shape} says"
+    flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape, order="F" if fortran else "C").astype(np.float32)  # a copy: writable
 
 

@@ -148,14 +148,20 @@ class WireBytes:
         return {f"wire_{k}_bytes_{direction}": v for k, v in asdict(self).items()}
 
 
-def payload_bytes(array: Array) -> int:
-    """Bytes of tensor data in a serialised Array: its ``.npy`` buffer minus the ``.npy`` header."""
-    buffer = io.BytesIO(array.data)
+def npy_header(data: bytes) -> tuple[tuple[int, int], tuple[int, ...], bool, np.dtype, int]:
+    """``(version, shape, fortran_order, dtype, data offset)`` of a ``.npy`` buffer, read by numpy's own header
+    readers without loading the array (raises whatever numpy raises on a malformed header)."""
+    buffer = io.BytesIO(data)
     version = np.lib.format.read_magic(buffer)
     # version 1.0 has a 2-byte header length, 2.0 and 3.0 a 4-byte one; reading it ends at the data
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    read_header(buffer)
-    return len(array.data) - buffer.tell()
+    shape, fortran, dtype = read_header(buffer)
+    return version, shape, fortran, dtype, buffer.tell()
+
+
+def payload_bytes(array: Array) -> int:
+    """Bytes of tensor data in a serialised Array: its ``.npy`` buffer minus the ``.npy`` header."""
+    return len(array.data) - npy_header(array.data)[4]
 
 
 def content_bytes(content: RecordDict) -> WireBytes:
