@@ -1,6 +1,7 @@
 """fedlora.tasks.scoring on hand-written cases and on the real GSM8K / MBPP / HumanEval files (../shared/data).
 
-The MBPP and HumanEval checks execute every reference solution in the sandbox (about a minute on 2 cores)."""
+The MBPP and HumanEval checks score every reference solution that pass@1 scores (MBPP's test split, all of HumanEval)
+through the sandbox and its judge (about a minute on 2 cores)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from typing import Any
 
 import pytest
 
-from fedlora.sandbox import ExecResult, Limits, run_programs
+from fedlora.sandbox import ExecResult, Limits, run_tests
 from fedlora.tasks.scoring import (
     extract_code,
     gsm8k_reference,
     humaneval_completion,
-    humaneval_program,
+    humaneval_problem,
     last_number,
-    mbpp_program,
+    mbpp_problem,
     numbers_equal,
     pass_at_1,
+    shadowed_builtins,
 )
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
@@ -100,6 +102,7 @@ def test_pass_at_1() -> None:
         pass_at_1([])
 
 
+@pytest.mark.usefixtures("sandbox_ready")
 def test_humaneval_completion_handles_bodies_and_rewrites() -> None:
     prompt = 'import math\n\n\ndef helper(x):\n    return x\n\n\ndef add(a, b):\n    """Add."""\n'
     test = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
@@ -107,7 +110,7 @@ def test_humaneval_completion_handles_bodies_and_rewrites() -> None:
     rewrite = humaneval_completion(prompt, "Sure!\n```python\ndef add(a, b):\n    return helper(a) + b\n```")
     assert body == "    return helper(a) + b\n" and rewrite.startswith("\n\ndef add(")
     wrong = humaneval_completion(prompt, "```python\ndef add(a, b):\n    return a - b\n```", entry_point="add")
-    results = run_programs([humaneval_program(prompt, c, test, "add") for c in (body, rewrite, wrong)], workers=2)
+    results = run_tests([humaneval_problem(prompt, c, test, "add") for c in (body, rewrite, wrong)], workers=2)
     assert [r.passed for r in results] == [True, True, False]
 
 
@@ -121,32 +124,49 @@ def mbpp() -> list[dict[str, Any]]:
     return rows
 
 
+def _mbpp(row: dict[str, Any], code: str | None = None, setup: str | None = None) -> Any:
+    return mbpp_problem(row["code"] if code is None else code, row["test_setup_code"] if setup is None else setup,
+                        row["test_list"], shadowed_builtins(row["code"]))
+
+
 @pytest.fixture(scope="module")
-def mbpp_references(mbpp: list[dict[str, Any]]) -> list[ExecResult]:
+def mbpp_references(mbpp: list[dict[str, Any]], sandbox_ready: None) -> list[ExecResult]:
     # Task 123 (amicable numbers below 9999) needs several CPU-seconds: limits with room for a loaded CI machine.
+    # The test split (what pass@1 scores) plus task 927, the other task with setup code.
     start = time.monotonic()
-    programs = [mbpp_program(r["code"], r["test_setup_code"], r["test_list"]) for r in mbpp]
-    results = run_programs(programs, Limits(timeout_s=60.0, cpu_s=60), workers=2)
-    slowest = max(zip(results, mbpp), key=lambda rr: rr[0].seconds)
-    print(f"\nMBPP: 974 references in {time.monotonic() - start:.1f} s; slowest task {slowest[1]['task_id']}: {slowest[0].seconds:.2f} s")
+    rows = [r for r in mbpp if 11 <= r["task_id"] <= 510 or r["task_id"] == 927]
+    results = run_tests([_mbpp(r) for r in rows], Limits(timeout_s=60.0, cpu_s=60), workers=2)
+    slowest = max(zip(results, rows), key=lambda rr: rr[0].seconds)
+    print(f"\nMBPP: {len(rows)} references in {time.monotonic() - start:.1f} s; slowest task {slowest[1]['task_id']}: {slowest[0].seconds:.2f} s")
     return results
 
 
 def test_mbpp_references_pass(mbpp: list[dict[str, Any]], mbpp_references: list[ExecResult]) -> None:
-    failed = {r["task_id"]: res for r, res in zip(mbpp, mbpp_references) if not res.passed}
-    assert failed == {}  # all 974 pass with their test_setup_code run before the asserts
-    test_split = [res.passed for r, res in zip(mbpp, mbpp_references) if 11 <= r["task_id"] <= 510]
-    assert len(test_split) == 500 and pass_at_1(test_split) == 1.0
+    rows = [r for r in mbpp if 11 <= r["task_id"] <= 510 or r["task_id"] == 927]
+    failed = {r["task_id"]: res.reason for r, res in zip(rows, mbpp_references) if not res.passed}
+    assert failed == {}  # every reference passes, setup-code tasks and task 126 (a function named `sum`) included
+    assert len(rows) == 501 and pass_at_1([res.passed for res in mbpp_references]) == 1.0
 
 
+@pytest.mark.usefixtures("sandbox_ready")
 def test_mbpp_setup_code_is_needed(mbpp: list[dict[str, Any]]) -> None:
     # SOURCES.md's "tasks 367 and 927 fail": they are the only tasks with test_setup_code (the trees the asserts
-    # use); a harness that drops it fails exactly them. mbpp_program runs it.
+    # use); a harness that drops it fails exactly them. mbpp_problem runs it in the candidate's namespace.
     with_setup = [r for r in mbpp if r["test_setup_code"].strip()]
     assert [r["task_id"] for r in with_setup] == [367, 927]
-    results = run_programs([mbpp_program(r["code"], "", r["test_list"]) for r in with_setup], workers=2)
+    results = run_tests([_mbpp(r, setup="") for r in with_setup], workers=2)
     assert [res.status for res in results] == ["failed", "failed"]
-    assert all("NameError" in res.output for res in results)
+    assert all("NameError" in res.reason for res in results)
+
+
+@pytest.mark.usefixtures("sandbox_ready")
+def test_only_builtins_the_reference_redefines_come_from_the_candidate(mbpp: list[dict[str, Any]]) -> None:
+    # Task 126 asks for a function called `sum`: the tests take it from the candidate. Elsewhere a candidate that
+    # redefines a built-in the tests use cannot change what the tests compute with it.
+    assert shadowed_builtins(mbpp[125]["code"]) == ["sum"]
+    honest = _mbpp(mbpp[125])
+    forged = mbpp_problem("def len(x):\n    return 3\ndef f(x):\n    return x\n", "", ["assert len(f([1])) == 3"])
+    assert [r.passed for r in run_tests([honest, forged], workers=2)] == [True, False]
 
 
 def _empty_bodies(code: str) -> str:
@@ -158,10 +178,11 @@ def _empty_bodies(code: str) -> str:
     return ast.unparse(tree)
 
 
+@pytest.mark.usefixtures("sandbox_ready")
 def test_mbpp_empty_functions_score_zero(mbpp: list[dict[str, Any]]) -> None:
     sample = [r for r in mbpp if 11 <= r["task_id"] <= 510][::10]
     assert len(sample) == 50
-    results = run_programs([mbpp_program(_empty_bodies(r["code"]), r["test_setup_code"], r["test_list"]) for r in sample], workers=2)
+    results = run_tests([_mbpp(r, code=_empty_bodies(r["code"])) for r in sample], workers=2)
     assert pass_at_1([res.passed for res in results]) == 0.0
     assert {res.status for res in results} == {"failed"}
 
@@ -169,18 +190,19 @@ def test_mbpp_empty_functions_score_zero(mbpp: list[dict[str, Any]]) -> None:
 # --- HumanEval ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("sandbox_ready")
 def test_humaneval_canonical_solutions_pass_and_pass_bodies_fail() -> None:
     problems = _jsonl(DATA / "humaneval" / "HumanEval.jsonl.gz")
     assert len(problems) == 164
-    canonical = [humaneval_program(p["prompt"], p["canonical_solution"], p["test"], p["entry_point"]) for p in problems]
-    stub = [humaneval_program(p["prompt"], humaneval_completion(p["prompt"], "    pass\n", p["entry_point"]), p["test"], p["entry_point"]) for p in problems]
-    results = run_programs(canonical + stub, workers=2)
+    canonical = [humaneval_problem(p["prompt"], p["canonical_solution"], p["test"], p["entry_point"]) for p in problems]
+    stub = [humaneval_problem(p["prompt"], humaneval_completion(p["prompt"], "    pass\n", p["entry_point"]), p["test"], p["entry_point"]) for p in problems]
+    results = run_tests(canonical + stub, Limits(timeout_s=60.0, cpu_s=60), workers=2)
     good, bad = results[:164], results[164:]
     assert [p["task_id"] for p, r in zip(problems, good) if not r.passed] == []
     assert [p["task_id"] for p, r in zip(problems, bad) if r.passed] == []  # no check accepts None from every call
     # A whole-function rewrite of the canonical solution scores the same as the body.
     rewritten = [
-        humaneval_program(p["prompt"], humaneval_completion(p["prompt"], f"```python\n{p['prompt']}{p['canonical_solution']}```"), p["test"], p["entry_point"])
+        humaneval_problem(p["prompt"], humaneval_completion(p["prompt"], f"```python\n{p['prompt']}{p['canonical_solution']}```"), p["test"], p["entry_point"])
         for p in problems[:20]
     ]
-    assert all(r.passed for r in run_programs(rewritten, workers=2))
+    assert all(r.passed for r in run_tests(rewritten, workers=2))

@@ -145,6 +145,9 @@ class RunConfig:
                                               parse=parse_optional_int, show=lambda v: "all" if v is None else v)
     exact_match: bool = option(False, "evaluation", "instruct task: also generate and score exact match against the "
                                "response (gsm8k, mbpp and humaneval always generate)")
+    allow_unsandboxed_code: bool = option(False, "evaluation", "mbpp/humaneval/mathcode: run generated code even where "
+                                          "the kernel sandbox (bubblewrap + cgroup) cannot be set up; the code can "
+                                          "then read and change your files: at your own risk (README, Sandbox)")
     log_to: str = option("", "evaluation", "also log every round's metrics to tensorboard, wandb or mlflow "
                          "(several: comma-separated; unset: off)")
     # -- runtime
@@ -248,7 +251,7 @@ def _validate(c: RunConfig) -> None:
              "max_eval_generations", c.max_eval_generations, "must be >= 1 (or 'all')")
     _require(_is_int(c.max_new_tokens) and c.max_new_tokens >= 0, "max_new_tokens", c.max_new_tokens,
              "must be an integer >= 0 (0: no generation)")
-    for name in ("gradient_checkpointing", "load_in_4bit", "exact_match"):
+    for name in ("gradient_checkpointing", "load_in_4bit", "exact_match", "allow_unsandboxed_code"):
         _require(isinstance(getattr(c, name), bool), name, getattr(c, name), "must be true or false")
     if c.load_in_4bit and get_method(c.method).policy.merges_into_base:
         _require(False, "load_in_4bit", c.load_in_4bit,

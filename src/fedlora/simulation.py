@@ -25,6 +25,7 @@ from fedlora.federation import build_federation
 from fedlora.model import build_model
 from fedlora.run_dir import check_same_experiment
 from fedlora.runlock import locked
+from fedlora.tasks import task_for
 from fedlora.rounds import Server, sample_clients, train_planned  # noqa: F401  (sample_clients: public API)
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
 
 
 def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]]:
+    task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
     if resume:  # first: a bad checkpoint or another experiment's fails before minutes of loading
         check_same_experiment(load_state(Path(config.out)).config, config)
     torch.manual_seed(config.seed)

@@ -28,6 +28,7 @@ from fedlora.flower.wire import model_record
 from fedlora.model import build_model
 from fedlora.rounds import Server
 from fedlora.run_dir import check_same_experiment
+from fedlora.tasks import task_for
 
 app = ServerApp()
 
@@ -35,6 +36,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, options = run_config_from_flower(context.run_config)
+    task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
     if options.resume:  # the same experiment or nothing: refused before minutes of loading (as fedlora run --resume)
         check_same_experiment(load_state(Path(config.out)).config, config)
     torch.manual_seed(config.seed)

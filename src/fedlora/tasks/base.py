@@ -67,6 +67,11 @@ class Task(ABC):
         """
         return self
 
+    def preflight(self) -> None:
+        """Checks that need this machine rather than the config (e.g. the code sandbox), run before any model or
+        data is loaded; raise with one line saying what is wrong. Nothing to check by default."""
+        return None
+
     def loss_weight(self, batch: dict[str, Any]) -> int:
         """How much ``batch`` counts in a step's mean loss: its rows (a causal LM: its supervised tokens).
 

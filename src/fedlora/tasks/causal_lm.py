@@ -61,6 +61,7 @@ class CausalLMTask(Task):
 
     default_max_length = 512
     max_new_tokens = 256
+    allow_unsandboxed_code = False  # code tasks: run generated code without the kernel sandbox (user's explicit risk)
     max_generations: int | None = None
     generates = True
     load_in_4bit = False
@@ -74,6 +75,7 @@ class CausalLMTask(Task):
         task.max_generations = config.max_eval_generations
         task.load_in_4bit = config.load_in_4bit
         task.gradient_checkpointing = config.gradient_checkpointing
+        task.allow_unsandboxed_code = config.allow_unsandboxed_code
         return task
 
     @abstractmethod

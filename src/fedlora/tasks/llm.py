@@ -36,6 +36,8 @@ from fedlora.tasks.causal_lm import COLUMNS, CausalLMTask
 
 if TYPE_CHECKING:
     import datasets
+
+    from fedlora.sandbox import TestProblem
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
@@ -132,7 +134,10 @@ class GSM8KTask(CausalLMTask):
 def mbpp_row(problem: dict[str, Any]) -> dict[str, str]:
     code = problem["code"].replace("\r\n", "\n").strip()
     tests = "\n".join(problem["test_list"])
-    reference = {"test_list": list(problem["test_list"]), "test_setup_code": problem.get("test_setup_code") or ""}
+    from fedlora.tasks.scoring import shadowed_builtins
+
+    reference = {"test_list": list(problem["test_list"]), "test_setup_code": problem.get("test_setup_code") or "",
+                 "shadows": shadowed_builtins(problem["code"])}
     return {"prompt": f"{problem['text'].strip()}\nYour code should pass these tests:\n{tests}",
             "response": f"```python\n{code}\n```", "reference": json.dumps(reference), "domain": "mbpp"}
 
@@ -155,12 +160,13 @@ def mbpp_problems(data_dir: str | Path | None) -> dict[str, list[dict[str, Any]]
             "test": [p for p in problems if p["task_id"] in MBPP_TEST_IDS]}
 
 
-def run_code(programs: list[str]) -> list[bool]:
-    """Whether each program exits cleanly in the sandbox (a separate, resource-limited process each)."""
-    from fedlora.sandbox import Limits, run_programs
+def run_code(problems: list[TestProblem], allow_unsandboxed: bool) -> list[bool]:
+    """Whether each candidate passed its tests, as judged outside its sandbox (:func:`fedlora.sandbox.run_tests`)."""
+    from fedlora.sandbox import Limits, run_tests
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else tokenizers warns at each sandbox fork
-    return [r.passed for r in run_programs(programs, Limits(timeout_s=CODE_TIMEOUT_S, cpu_s=int(CODE_TIMEOUT_S)))]
+    limits = Limits(timeout_s=CODE_TIMEOUT_S, cpu_s=int(CODE_TIMEOUT_S))
+    return [r.passed for r in run_tests(problems, limits, allow_unsandboxed=allow_unsandboxed)]
 
 
 @register_task("mbpp")
@@ -169,6 +175,13 @@ class MBPPTask(CausalLMTask):
 
     metric = "pass@1"
 
+    def preflight(self) -> None:
+        """Refuse before loading anything when generated code would have to run outside the kernel sandbox."""
+        if self.max_new_tokens > 0:
+            from fedlora.sandbox import boundary_or_refuse
+
+            boundary_or_refuse(self.allow_unsandboxed_code)
+
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
 
@@ -176,11 +189,11 @@ class MBPPTask(CausalLMTask):
         return datasets.DatasetDict({s: split([mbpp_row(p) for p in ps]) for s, ps in problems.items()})
 
     def score(self, rows: list[dict[str, str]], generations: list[str]) -> tuple[dict[str, float], list[bool]]:
-        from fedlora.tasks.scoring import extract_code, mbpp_program
+        from fedlora.tasks.scoring import extract_code, mbpp_problem
 
         refs = [json.loads(r["reference"]) for r in rows]
-        passed = run_code([mbpp_program(extract_code(g), ref["test_setup_code"], ref["test_list"])
-                           for ref, g in zip(refs, generations)])
+        passed = run_code([mbpp_problem(extract_code(g), ref["test_setup_code"], ref["test_list"], ref.get("shadows", ()))
+                           for ref, g in zip(refs, generations)], self.allow_unsandboxed_code)
         return {"pass@1": float(np.mean(passed)) if passed else 0.0}, passed
 
 
@@ -200,11 +213,12 @@ class HumanEvalTask(MBPPTask):
         return datasets.DatasetDict(train=train, test=split([humaneval_row(p) for p in problems]))
 
     def score(self, rows: list[dict[str, str]], generations: list[str]) -> tuple[dict[str, float], list[bool]]:
-        from fedlora.tasks.scoring import humaneval_completion, humaneval_program
+        from fedlora.tasks.scoring import humaneval_completion, humaneval_problem
 
         refs = [json.loads(r["reference"]) for r in rows]
-        passed = run_code([humaneval_program(ref["prompt"], humaneval_completion(ref["prompt"], g, ref["entry_point"]),
-                                             ref["test"], ref["entry_point"]) for ref, g in zip(refs, generations)])
+        passed = run_code([humaneval_problem(ref["prompt"], humaneval_completion(ref["prompt"], g, ref["entry_point"]),
+                                             ref["test"], ref["entry_point"]) for ref, g in zip(refs, generations)],
+                          self.allow_unsandboxed_code)
         return {"pass@1": float(np.mean(passed)) if passed else 0.0}, passed
 
 
@@ -230,6 +244,10 @@ class MathCodeTask(CausalLMTask):
         parts = {name: sub.load(data_dir) for name, sub in self.domains.items()}
         return datasets.DatasetDict({s: datasets.concatenate_datasets([p[s] for p in parts.values()])
                                      for s in ("train", "test")})
+
+    def preflight(self) -> None:
+        for sub in self.domains.values():
+            sub.preflight()
 
     def partition_key(self, train: datasets.Dataset) -> np.ndarray:
         """The domain index of each row (0: gsm8k, 1: mbpp)."""

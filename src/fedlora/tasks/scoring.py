@@ -1,8 +1,8 @@
 """Scoring generated answers: GSM8K exact match of the final number; MBPP / HumanEval programs for pass@1.
 
 Pure string functions (no torch, nothing executed here). Code is run by :mod:`fedlora.sandbox`, never in-process:
-build the program with :func:`mbpp_program` / :func:`humaneval_program`, run it with
-:func:`fedlora.sandbox.run_programs`, and score the ``passed`` flags with :func:`pass_at_1`.
+build the problem with :func:`mbpp_problem` / :func:`humaneval_problem` (the candidate's code apart from the trusted
+tests), score it with :func:`fedlora.sandbox.run_tests`, and the ``passed`` flags with :func:`pass_at_1`.
 
 Numbers are normalised so that "1,200", "1200.00" and "$1200" compare equal: commas between digit groups are
 dropped, trailing fractional zeros removed ("5.0" -> "5", "1234.50" -> "1234.5"), a leading minus kept.
@@ -10,10 +10,15 @@ dropped, trailing fractional zeros removed ("5.0" -> "5", "1234.50" -> "1234.5")
 
 from __future__ import annotations
 
+import ast
+import builtins
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
+
+from fedlora.sandbox.harness import TestProblem
 
 # An optional minus, then digits in comma groups ("1,000,000") or plain ("1000"), then an optional fraction.
 # "3,4" is two numbers (3 and 4), not 34: commas only join groups of exactly three digits.
@@ -91,10 +96,31 @@ def _crlf(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def mbpp_program(code: str, test_setup_code: str, test_list: Sequence[str]) -> str:
-    """The program that scores MBPP code: the code, the setup code, then each assert (line ends normalised)."""
-    parts = [_crlf(code).rstrip(), _crlf(test_setup_code).rstrip(), *(_crlf(t).strip() for t in test_list)]
-    return "\n\n".join(p for p in parts if p) + "\n"
+def mbpp_problem(code: str, test_setup_code: str, test_list: Sequence[str],
+                 shadows: Sequence[str] = ()) -> TestProblem:
+    """An MBPP candidate and its tests: the asserts run in the judge; the setup code (which builds inputs from the
+    candidate's own classes, e.g. a tree of ``Node``) runs after the code in the candidate's namespace.
+    ``shadows``: the built-in names the reference solution redefines (:func:`shadowed_builtins`), which the tests
+    then take from the candidate (task 126 asks for a function called ``sum``); every other built-in stays real."""
+    return TestProblem(candidate=_crlf(code).rstrip() + "\n", setup=_crlf(test_setup_code).strip(),
+                       test="\n".join(_crlf(t).strip() for t in test_list) + "\n", candidate_builtins=tuple(shadows))
+
+
+def shadowed_builtins(code: str) -> list[str]:
+    """Built-in names that ``code`` defines at its top level (functions, classes, assignments), sorted."""
+    try:
+        with warnings.catch_warnings():  # old references hold invalid escapes such as "\w" in plain strings
+            warnings.simplefilter("ignore")
+            tree = ast.parse(_crlf(code))
+    except SyntaxError:
+        return []
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return sorted(n for n in names if hasattr(builtins, n))
 
 
 def _entry_point_of(prompt: str) -> str:
@@ -120,9 +146,11 @@ def humaneval_completion(prompt: str, generation: str, entry_point: str | None =
     return code
 
 
-def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The program that scores a HumanEval completion: prompt + completion + the test's ``check`` + the call."""
-    return f"{_crlf(prompt)}{_crlf(completion)}\n\n{_crlf(test)}\n\ncheck({entry_point})\n"
+def humaneval_problem(prompt: str, completion: str, test: str, entry_point: str) -> TestProblem:
+    """A HumanEval candidate (prompt + completion) and its tests: the judge runs the prompt's helpers and the test's
+    ``check`` in its own namespace and calls ``check`` with the candidate's ``entry_point``."""
+    return TestProblem(candidate=f"{_crlf(prompt)}{_crlf(completion)}\n", test=_crlf(test), prompt=_crlf(prompt),
+                       entry_point=entry_point)
 
 
 def pass_at_1(results: Sequence[bool]) -> float:
