@@ -1,4 +1,9 @@
-"""fedlora.sandbox: hostile programs are contained, scored as failures, and leave the caller untouched."""
+"""fedlora.sandbox's kernel boundary: each attack a hostile program tried against the old Python-level guards
+(issue 21, items 3-6) now meets the kernel, and the caller's files, sockets and processes stay untouched.
+
+Every test here runs real programs in bubblewrap + a cgroup; they skip where the boundary cannot be set up and
+fail in CI (see conftest.sandbox_ready).
+"""
 
 from __future__ import annotations
 
@@ -12,175 +17,189 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.sandbox import ExecResult, Limits, network_isolation, run_program, run_programs
+from fedlora.sandbox import Limits, ProgramResult, run_program
 
-FAST = Limits(timeout_s=2.0, cpu_s=2, memory_mb=512)
+pytestmark = pytest.mark.usefixtures("sandbox_ready")
+FAST = Limits(timeout_s=5.0, cpu_s=5, memory_mb=512)
 
 
-def _processes_with_home(home: str, wait_s: float = 5.0) -> list[int]:
-    """Pids of processes whose environment has HOME=<home> (the sandbox's working directory) still alive after
-    up to ``wait_s``: SIGKILL is delivered asynchronously, so the group may take a few ms to disappear."""
+def _alive_with(marker: str, wait_s: float = 3.0) -> list[int]:
+    """Pids whose command line contains ``marker``, still alive after up to ``wait_s`` (SIGKILL is asynchronous)."""
     deadline = time.monotonic() + wait_s
-    while (found := _scan(home)) and time.monotonic() < deadline:
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and entry.name != str(os.getpid()):
+                try:
+                    if marker.encode() in (entry / "cmdline").read_bytes():
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        if not found or time.monotonic() > deadline:
+            return found
         time.sleep(0.05)
-    return found
-
-
-def _scan(home: str) -> list[int]:
-    found = []
-    needle = f"HOME={home}".encode() + b"\0"
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture
-def parent_unaffected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A sentinel file outside any sandbox; afterwards the parent's cwd, env, sentinel and sandbox still work."""
-    sentinel = tmp_path_factory.mktemp("outside") / "sentinel.txt"
-    sentinel.write_text("keep me")
-    cwd, env = os.getcwd(), {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-    yield sentinel
-    assert os.getcwd() == cwd
-    assert {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"} == env
-    assert sentinel.read_text() == "keep me"
-    assert run_program("assert 1 + 1 == 2", FAST).passed
+def host(tmp_path: Path) -> Iterator[Path]:
+    """A folder of the caller's with a 0600 secret and a sentinel; afterwards both must be exactly as they were."""
+    secret = tmp_path / "token"
+    secret.write_text("hunter2")
+    secret.chmod(0o600)
+    (tmp_path / "sentinel.txt").write_text("keep me")
+    yield tmp_path
+    assert secret.read_text() == "hunter2" and (tmp_path / "sentinel.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sentinel.txt", "token"]
 
 
-def _failed(result: ExecResult, *statuses: str) -> None:
-    assert not result.passed, result
-    assert result.status in statuses, result
+def _exited(result: ProgramResult, code: int = 0) -> str:
+    assert result.status == "exited" and result.returncode == code, result
+    return result.output
 
 
-def test_passing_failing_and_syntax_error() -> None:
-    ok = run_program("assert 1 + 1 == 2", FAST)
-    assert ok.passed and ok.status == "passed" and ok.returncode == 0
-    bad = run_program("print('before')\nassert 1 + 1 == 3", FAST)
-    _failed(bad, "failed")
-    assert "AssertionError" in bad.output and "before" in bad.output
-    syntax = run_program("def f(:\n    pass", FAST)
-    _failed(syntax, "failed")
-    assert "SyntaxError" in syntax.output
+def test_exit_status_output_and_timeouts() -> None:
+    assert _exited(run_program("print('hi')", FAST)) == "hi\n"
+    assert "AssertionError" in _exited(run_program("assert 1 == 2", FAST), 1)
     assert run_program("import sys\nsys.exit(3)", FAST).returncode == 3
+    spin = run_program("while True:\n    pass", Limits(timeout_s=30.0, cpu_s=1))
+    assert spin.status == "timeout" and spin.seconds < 20, spin  # RLIMIT_CPU
+    sleep = run_program("import time\ntime.sleep(60)", Limits(timeout_s=1.0))
+    assert sleep.status == "timeout" and sleep.seconds < 10, sleep  # the wall clock, from outside
+    tail = run_program("print('a' * 100000)\nprint('END')", Limits(max_output_chars=50))
+    assert len(tail.output) == 50 and tail.output.endswith("END\n")
 
 
-def test_infinite_loop_times_out(parent_unaffected: Path) -> None:
-    result = run_program("while True:\n    pass", FAST)
-    _failed(result, "timeout")
-    assert result.seconds < 10
+# --- item 3: files ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["open", "fileio", "sqlite", "posix", "rename", "remove"])
+def test_host_files_are_invisible_and_unchangeable(host: Path, how: str) -> None:
+    secret, sentinel, new = host / "token", host / "sentinel.txt", host / f"new-{uuid.uuid4().hex}"
+    attack = {
+        "open": f"print(open({str(secret)!r}).read())\nopen({str(new)!r}, 'w').write('x')",
+        "fileio": f"FileIO = type(__import__('sys').stdout.buffer.raw)\nprint(FileIO({str(secret)!r}).read())\n"
+                  f"FileIO({str(sentinel)!r}, 'w').write(b'x')",
+        "sqlite": f"import sqlite3\nsqlite3.connect({str(new)!r}).execute('create table t (x)')",
+        "posix": f"import sys\ndel sys.modules['posix']\nimport posix\nfd = posix.open({str(new)!r}, posix.O_CREAT | "
+                 f"posix.O_WRONLY)\nposix.write(fd, b'x')",
+        "rename": f"import os\nos.rename({str(sentinel)!r}, {str(new)!r})",
+        "remove": f"import shutil\nshutil.rmtree({str(host)!r})",
+    }[how]
+    result = run_program(attack, FAST)
+    assert result.status == "exited" and result.returncode != 0, result
+    assert "hunter2" not in result.output
+    assert "FileNotFoundError" in result.output or "OperationalError" in result.output, result.output
 
 
-def test_sleeping_program_times_out_on_wall_clock(parent_unaffected: Path) -> None:
-    result = run_program("import time\ntime.sleep(60)", Limits(timeout_s=1.0))
-    _failed(result, "timeout")
-    assert result.seconds < 10
+def test_the_visible_system_is_read_only_and_the_work_dir_private() -> None:
+    import sys
+
+    target = Path(sys.base_prefix) / f"fedlora-escape-{uuid.uuid4().hex}"
+    for source in (f"open({str(target)!r}, 'w')", f"import sqlite3\nsqlite3.connect({str(target)!r}).execute('create table t (x)')",
+                   "open('/usr/fedlora-escape', 'w')"):
+        result = run_program(source, FAST)
+        assert result.returncode != 0 and ("Read-only file system" in result.output or "unable to open" in result.output), result
+    assert not target.exists() and not Path("/usr/fedlora-escape").exists()
+    marker = f"fedlora-{uuid.uuid4().hex}"  # written to the program's own /tmp: never the host's
+    print_dir = run_program(f"import os\nopen('/tmp/{marker}', 'w').write('x')\nprint(os.getcwd(), sorted(os.listdir('/')))", FAST)
+    assert _exited(print_dir).split(" ", 1)[0] == "/tmp"
+    assert not Path(f"/tmp/{marker}").exists()
+    assert "home" not in print_dir.output and "work" not in print_dir.output and "etc" not in print_dir.output
 
 
-@pytest.mark.parametrize("source", ["x = bytearray(10**10)", "x = []\nwhile True:\n    x.append(bytearray(10**7))"])
-def test_memory_bomb(parent_unaffected: Path, source: str) -> None:
-    # A generous wall clock: filling 256 MB can take seconds on a loaded machine; it must end on the memory limit.
-    _failed(run_program(source, Limits(timeout_s=20.0, memory_mb=256)), "failed", "killed")
+def test_unprivileged_uid_without_capabilities_or_caller_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDLORA_SECRET", "hunter2")
+    source = ("import os, ctypes\nstatus = open('/proc/self/status').read()\n"
+              "cap = [l.split()[1] for l in status.splitlines() if l.startswith('CapEff')][0]\n"
+              "print(os.getuid(), os.getgid(), cap, sorted(os.environ), 'hunter2' in str(os.environ))\n"
+              "print(ctypes.CDLL(None, use_errno=True).unshare(0x10000000))")  # CLONE_NEWUSER: refused
+    lines = _exited(run_program(source, FAST)).splitlines()
+    assert lines[0] == "65534 65534 0000000000000000 ['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR'] False"
+    assert lines[1] == "-1"
 
 
-def test_fork_bomb_leaves_no_process(parent_unaffected: Path) -> None:
-    source = "import os\nprint(os.environ['HOME'], flush=True)\nwhile True:\n    os.fork()"
-    result = run_program(source, FAST)
-    _failed(result, "failed", "timeout")
-    assert _processes_with_home(result.output.splitlines()[0]) == []
+# --- item 4: sockets and network -----------------------------------------------------------------------------------
+def test_host_sockets_and_network_are_unreachable(tmp_path: Path) -> None:
+    path_socket, abstract = str(tmp_path / "host.sock"), f"\0fedlora-{uuid.uuid4().hex}"
+    servers = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX), socket.socket()]
+    servers[0].bind(path_socket)
+    servers[1].bind(abstract)
+    servers[2].bind(("127.0.0.1", 0))
+    port = servers[2].getsockname()[1]
+    accepted: list[object] = []
 
-
-def test_ctypes_fork_past_the_python_guard_is_killed_with_the_group(parent_unaffected: Path) -> None:
-    # A bounded "bomb" (40 sleepers) that bypasses the Python-level fork guard: the kernel layers must clean up.
-    source = (
-        "import ctypes, os, time\nprint(os.environ['HOME'], flush=True)\nlibc = ctypes.CDLL(None)\n"
-        "for _ in range(40):\n    if libc.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\ntime.sleep(60)\n"
-    )
-    result = run_program(source, Limits(timeout_s=1.5))
-    _failed(result, "timeout")
-    assert _processes_with_home(result.output.splitlines()[0]) == []
-
-
-def test_writing_outside_the_working_directory(parent_unaffected: Path) -> None:
-    escape = Path(f"/tmp/fedlora_escape_{uuid.uuid4().hex}.txt")
-    for source in (
-        f"open({str(escape)!r}, 'w').write('x')",
-        f"import pathlib\npathlib.Path({str(escape)!r}).write_text('x')",
-        f"import os\nos.close(os.open({str(escape)!r}, os.O_WRONLY | os.O_CREAT))",
-        f"import os\nos.symlink({str(escape)!r}, 'link')\nopen('link', 'w').write('x')",
-    ):
-        _failed(run_program(source, FAST), "failed")
-        assert not escape.exists()
-    sentinel = str(parent_unaffected)
-    for source in (f"import os\nos.remove({sentinel!r})", f"import shutil\nshutil.rmtree({str(parent_unaffected.parent)!r})",
-                   f"import os\nos.rename({sentinel!r}, 'stolen')", f"open({sentinel!r}, 'a').write('x')"):
-        _failed(run_program(source, FAST), "failed")
-        assert parent_unaffected.read_text() == "keep me"
-    inside = "import os, shutil, tempfile\nos.makedirs('a/b')\nopen('a/b/c', 'w').write('x')\nshutil.rmtree('a')\n"
-    inside += "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('ok')\nprint(open('/dev/null', 'w') and os.listdir())"
-    result = run_program(inside, FAST)
-    assert result.passed, result
-    assert result.output.strip() == "['program.py']"
-
-
-def test_network_is_unreachable(parent_unaffected: Path) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.5)
-    port = listener.getsockname()[1]
-    connections: list[object] = []
-
-    def accept() -> None:
+    def accept(server: socket.socket) -> None:
         try:
-            connections.append(listener.accept())
+            accepted.append(server.accept())
         except OSError:
             pass
 
+    for server in servers:
+        server.listen(4)
+        server.settimeout(1.0)
     try:
-        for source in (
-            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
-            f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=1)",
-        ):
-            _failed(run_program(source, FAST), "failed")
-        thread = threading.Thread(target=accept)
-        thread.start()
-        thread.join()
-        assert connections == []
+        for target in (f"socket.socket(socket.AF_UNIX).connect({path_socket!r})",
+                       f"socket.socket(socket.AF_UNIX).connect({abstract!r})",
+                       f"socket.create_connection(('127.0.0.1', {port}), timeout=1)",
+                       "socket.create_connection(('1.1.1.1', 53), timeout=1)"):
+            result = run_program(f"import socket\n{target}", FAST)
+            assert result.returncode != 0 and ("Error" in result.output), (target, result)
+        assert _exited(run_program("import socket\nprint([n for _, n in socket.if_nameindex()])", FAST)).strip() == "['lo']"
+        threads = [threading.Thread(target=accept, args=(s,)) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert accepted == []
     finally:
-        listener.close()
+        for server in servers:
+            server.close()
 
 
-def test_network_isolation_layer_reported() -> None:
-    layer = network_isolation()
-    assert layer in ("namespace", "python-level")
-    if layer == "namespace":  # the kernel layer on its own: only a (down) loopback interface exists
-        result = run_program("import socket\nprint([name for _, name in socket.if_nameindex()])", FAST)
-        assert result.passed and result.output.strip() == "['lo']", result
+# --- item 5: nothing outlives its run --------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["setsid", "double-fork", "ctypes-setsid"])
+def test_escaping_the_session_does_not_escape_the_kill(how: str) -> None:
+    marker = f"{uuid.uuid4().int % 10**6}.{uuid.uuid4().int % 10**6}"  # a unique sleep argument
+    detach = {"setsid": "os.setsid()", "double-fork": "os.setsid()\nif os.fork():\n    os._exit(0)",
+              "ctypes-setsid": "import ctypes\nctypes.CDLL(None).setsid()"}[how]
+    source = (f"import os\nif os.fork() == 0:\n" + "".join(f"    {line}\n" for line in detach.splitlines())
+              + f"    os.execv('/bin/sleep', ['sleep', '{marker}'])\nimport time\ntime.sleep(0.5)\n")
+    result = run_program(source, FAST)
+    assert result.status == "exited", result
+    assert _alive_with(marker) == []
 
 
-def test_caller_environment_is_not_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FEDLORA_SECRET", "hunter2")
-    result = run_program("import os\nprint(os.environ['FEDLORA_SECRET'])", FAST)
-    _failed(result, "failed")
-    assert "hunter2" not in result.output
-    env = run_program("import os\nprint(sorted(os.environ))", FAST)
-    assert env.output.strip() == "['HOME', 'LANG', 'PATH', 'TMPDIR']"
+# --- item 6: whole-program bounds -------------------------------------------------------------------------------------
+def test_process_count_is_bounded_for_the_whole_program_even_as_root() -> None:
+    marker = f"{uuid.uuid4().int % 10**6}.{uuid.uuid4().int % 10**6}"
+    source = ("import os\nstarted = 0\nfor _ in range(40):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+              f"        break\n    if pid == 0:\n        os.execv('/bin/sleep', ['sleep', '{marker}'])\n    started += 1\n"
+              "print(started, flush=True)\n")
+    result = run_program(source, Limits(timeout_s=10.0, max_processes=16))
+    started = int(_exited(result).split()[0])
+    assert 0 < started <= 16, result  # root on the host: RLIMIT_NPROC would not bind, the cgroup does
+    assert _alive_with(marker) == []
 
 
-def test_output_is_truncated_to_its_tail() -> None:
-    result = run_program("print('a' * 100000)\nprint('END')", Limits(max_output_chars=50))
-    assert result.passed and len(result.output) == 50 and result.output.endswith("END\n")
+def test_memory_is_bounded_for_the_whole_program() -> None:
+    # Four children each hold 200 MB at once; the program may hold 512 MB in all, so at most two can succeed
+    # (under per-process limits alone all four would).
+    source = ("import os, time\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+              "        try:\n            block = bytearray(200 << 20)\n            block[::4096] = b'x' * len(block[::4096])\n"
+              "            time.sleep(2)\n            os._exit(0)\n        except MemoryError:\n            os._exit(1)\n"
+              "    kids.append(pid)\nprint(sum(os.waitpid(k, 0)[1] == 0 for k in kids), flush=True)\n")
+    result = run_program(source, Limits(timeout_s=30.0, memory_mb=512))
+    assert result.status == "exited", result
+    assert int(result.output.split()[-1]) <= 2, result.output
 
 
-def test_run_programs_keeps_order_and_runs_concurrently() -> None:
-    sources = [f"import time\ntime.sleep(0.5)\nprint({i})" for i in range(8)]
-    sources[3] = "assert False"
-    results = run_programs(sources, FAST, workers=4)
-    assert [r.passed for r in results] == [i != 3 for i in range(8)]
-    assert [r.output.strip() for i, r in enumerate(results) if i != 3] == [str(i) for i in range(8) if i != 3]
-    assert run_programs([], FAST) == []
+@pytest.mark.parametrize("source", ["x = bytearray(10**10)", "x = []\nwhile True:\n    x.append(bytearray(10**7))"])
+def test_memory_bomb_ends_the_program(source: str) -> None:
+    result = run_program(source, Limits(timeout_s=20.0, memory_mb=256))
+    assert result.status in ("exited", "killed") and result.returncode != 0, result
+
+
+def test_fork_bomb_is_contained_and_cleaned_up() -> None:
+    marker = f"{uuid.uuid4().int % 10**6}.{uuid.uuid4().int % 10**6}"
+    source = f"import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+    result = run_program(source, Limits(timeout_s=2.0))
+    assert result.status in ("timeout", "exited", "killed"), result
+    assert _alive_with(marker) == []

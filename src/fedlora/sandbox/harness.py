@@ -52,6 +52,8 @@ class Limits:
 class TestProblem:
     """A candidate and its tests. Only ``candidate`` is untrusted; the rest comes from the benchmark."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     candidate: str  # the generated code (HumanEval: prompt + completion), loaded as module "candidate"
     test: str  # trusted test code run by the judge: MBPP's asserts, or HumanEval's test (defines check)
     setup: str = ""  # trusted code run in the candidate's namespace after it (MBPP's test_setup_code)
