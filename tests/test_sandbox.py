@@ -160,7 +160,7 @@ def test_escaping_the_session_does_not_escape_the_kill(how: str) -> None:
     marker = f"{uuid.uuid4().int % 10**6}.{uuid.uuid4().int % 10**6}"  # a unique sleep argument
     detach = {"setsid": "os.setsid()", "double-fork": "os.setsid()\nif os.fork():\n    os._exit(0)",
               "ctypes-setsid": "import ctypes\nctypes.CDLL(None).setsid()"}[how]
-    source = (f"import os\nif os.fork() == 0:\n" + "".join(f"    {line}\n" for line in detach.splitlines())
+    source = ("import os\nif os.fork() == 0:\n" + "".join(f"    {line}\n" for line in detach.splitlines())
               + f"    os.execv('/bin/sleep', ['sleep', '{marker}'])\nimport time\ntime.sleep(0.5)\n")
     result = run_program(source, FAST)
     assert result.status == "exited", result

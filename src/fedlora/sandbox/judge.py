@@ -30,7 +30,7 @@ from typing import Any
 try:  # started with this folder on sys.path: fedlora itself is not importable under -S
     from fedlora.sandbox import plain
 except ImportError:  # pragma: no cover - the subprocess path
-    import plain  # type: ignore[no-redef]
+    import plain  # type: ignore[no-redef,import-not-found]
 
 # Exceptions the candidate may raise "through" to the tests (tests such as ``try: f(x) except ValueError``).
 # StopIteration and friends are not among them: raised from a call inside ``map``/``all`` they would silently end
@@ -135,7 +135,7 @@ class Remote:
         return f"<candidate object #{self._id}>"
 
 
-class TestNamespace(dict):  # type: ignore[type-arg]
+class TestNamespace(dict[str, Any]):
     """The tests' globals: their own names, then the built-ins, then the candidate's names (see module doc)."""
 
     def __init__(self, channel: Channel, candidate_builtins: list[str]) -> None:

@@ -57,8 +57,8 @@ def encode(value: Any, remote: Callable[[Any], int], depth: int = 0) -> Any:
         return ["y", bytes(value).hex()]
     if isinstance(value, types.ModuleType):
         return ["m", value.__name__]
-    if isinstance(value, type) and getattr(builtins, value.__name__, None) is value:
-        return ["T", value.__name__]
+    if isinstance(value, type) and getattr(builtins, name := value.__name__, None) is value:
+        return ["T", name]
     if isinstance(value, list | tuple | set | frozenset):
         tag = "l" if isinstance(value, list) else "t" if isinstance(value, tuple) else \
             "S" if isinstance(value, set) else "F"

@@ -21,7 +21,7 @@ from typing import Any
 try:  # inside the sandbox this folder is on sys.path and fedlora is not importable
     from fedlora.sandbox import plain
 except ImportError:  # pragma: no cover - the sandboxed path
-    import plain  # type: ignore[no-redef]
+    import plain  # type: ignore[no-redef,import-not-found]
 
 _ORDINARY = Exception  # anything else (SystemExit, KeyboardInterrupt, GeneratorExit) ends the candidate's run
 
