@@ -181,13 +181,14 @@ def test_progress_says_run_k_of_n_and_rescales_the_eta_by_the_measured_speed():
     assert RunProgress([10.0, 30.0], log=lines.append, workers=2).remaining_seconds() == 20.0
 
 
-def test_demo_prints_its_plan_and_run_k_of_n_before_running(monkeypatch, capsys):
+def test_demo_prints_its_plan_and_run_k_of_n_before_running(monkeypatch, capsys, tmp_path):
     import fedlora.cli as cli
     import fedlora.simulation as simulation
 
     ran: list[str] = []
     monkeypatch.setattr(simulation, "run", lambda config, **kwargs: ran.append(config.method))
     monkeypatch.setattr(cli, "_compare", lambda runs, out: 0)
+    monkeypatch.chdir(tmp_path)  # the demo locks and marks its run directories under --out
     assert cli.main(["demo", "--rounds", "3", "--out", "unused"]) == 0
     out = capsys.readouterr().out
     assert "will run 2 runs on sst2: flora-na-stable, fedit; 3 rounds, 10 clients, α=0.5" in out
@@ -233,3 +234,43 @@ def test_the_model_cards_command_rebuilds_the_runs_config() -> None:
     words = shlex.split(command_line(config))
     assert words[:2] == ["fedlora", "run"] and {"--task", "--method", "--seed"} <= set(words)
     assert config_from_args(build_parser().parse_args(words[1:])) == config
+
+
+def test_the_model_card_escapes_what_it_quotes_and_names_no_local_path(tmp_path) -> None:
+    """A run folder's name and option values cannot break the card's Python or Markdown (issue 21, item 18),
+    and the card, published with the adapter, holds no absolute path of this machine."""
+    import ast
+    import shlex
+
+    import yaml
+    from markdown_it import MarkdownIt
+
+    from fedlora.model_card import write_model_card
+
+    name = 'run "q" \\ \' `tick` ``x``\n# injected *em* [link](x) <b>|'
+    data, model, adapter = tmp_path / "data", tmp_path / "my-model", tmp_path / "adapter"
+    for folder in (data, model, adapter):
+        folder.mkdir()
+    config = RunConfig(task="toy", out=str(tmp_path / name), data_dir=str(data), model=str(model))
+    card = write_model_card(adapter, config, [{"round": 1, "global": {"main": 0.5, "acc|*x*": 0.25}}],
+                            str(model), f"--model {model} as given (local checkpoint)").read_text()
+    assert str(tmp_path) not in card
+
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front)["base_model"] == "my-model"
+    snippet = re.search(r"```python\n(.*?)```", body, re.S)
+    assert snippet is not None
+    assigned = {n.targets[0].id: n.value.value for n in ast.parse(snippet.group(1)).body  # type: ignore[attr-defined]
+                if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)}
+    assert assigned["adapter"] == f"{name}/adapter"  # the Python snippet names the run exactly
+
+    markdown = MarkdownIt("commonmark").enable("table")
+    tokens = [t for block in markdown.parse(body) for t in [block, *(block.children or [])]]
+    assert [t.tag for t in tokens if t.type == "heading_open"] == ["h1", "h2", "h2"]  # nothing injected
+    assert not [t.type for t in tokens if t.type in ("link_open", "em_open", "html_inline", "html_block")]
+    code = [t.content for t in tokens if t.type == "code_inline"]
+    assert name.replace("\n", "\\n") in code  # the name as one code span, newline shown escaped
+    command = shlex.split(next(c for c in code if c.startswith("fedlora run")))
+    assert command[command.index("--out") + 1] == name.replace("\n", "\\n")  # its folder's name, not a path
+    assert command[command.index("--data-dir") + 1] == "data" and command[command.index("--model") + 1] == "my-model"
+    assert "<td>acc|*x*</td>" in markdown.render(body)  # a metric name stays one table cell, literally

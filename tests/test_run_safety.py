@@ -321,3 +321,209 @@ def test_an_uncached_hub_model_offline_says_what_is_missing_without_the_hub(tmp_
     assert cli.main(["run", "--task", "toy", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "r")]) == 2
     err = one_line_error(capsys)
     assert "no-such-org/no-such-model" in err and "HF_HUB_OFFLINE" in err and "cache" in err
+
+
+# -- issue 21, item 12: --overwrite replaces a fedlora run, never another folder's files ------------
+FOREIGN = {"config.json": '{"name": "my web app"}', "wandb/run.log": "mine", "adapter/weights.bin": "mine",
+           "generations/notes.txt": "mine", "tensorboard/events": "mine", "metrics.jsonl": "mine\n"}
+
+
+def _plant(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def _unchanged(folder: Path, files: dict[str, str]) -> bool:
+    return all((folder / name).read_text() == text for name, text in files.items())
+
+
+@pytest.mark.parametrize("config_json", ["foreign", "fedlora-shaped, no checkpoint"])
+def test_overwrite_refuses_a_folder_that_is_not_a_fedlora_run(tmp_path, capsys, engine, config_json):
+    out = tmp_path / "project"
+    files = dict(FOREIGN)
+    if config_json != "foreign":  # someone's --config file kept next to their own logs: still not a run
+        files["config.json"] = RunConfig(task="toy").to_json()
+    _plant(out, files)
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(["run", "--task", "toy", "--rounds", "1", "--out", str(out), *extra]) == 2
+        err = one_line_error(capsys)
+        assert "not a fedlora run directory" in err and "nothing was changed" in err
+    assert _unchanged(out, files) and not engine
+
+
+def test_the_python_api_refuses_a_foreign_folder_before_loading(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(simulation, "build_model", no_loading)
+    _plant(tmp_path / "project", FOREIGN)
+    with pytest.raises(ConfigError, match="not a fedlora run directory"):
+        simulation.run(RunConfig(task="toy", out=str(tmp_path / "project")), progress=False)
+    assert _unchanged(tmp_path / "project", FOREIGN)
+
+
+def test_a_run_marks_its_directory_and_overwrite_then_replaces_it(tmp_path, capsys, engine):
+    from fedlora.run_dir import RUN_MARKER, is_run
+
+    out = tmp_path / "run"
+    argv = ["run", "--task", "toy", "--rounds", "1", "--out", str(out)]
+    assert cli.main(argv) == 0 and (out / RUN_MARKER).is_file() and is_run(out)
+    _plant(out, {"metrics.jsonl": "{}\n", "wandb/run.log": "the run's own", "mine.txt": "mine"})
+    assert cli.main(argv) == 2 and "--overwrite" in one_line_error(capsys)
+    assert cli.main([*argv, "--overwrite"]) == 0 and len(engine) == 2
+    assert not (out / "wandb").exists() and not (out / "metrics.jsonl").exists() and (out / "mine.txt").exists()
+
+
+# -- item 13: the run lock never writes through a link --------------------------------------------
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "fifo", "symlink to a folder"])
+def test_the_run_lock_refuses_a_lock_file_that_is_not_its_own(tmp_path, capsys, engine, kind):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("someone's data\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".lock"
+    if kind == "symlink":
+        lock.symlink_to(precious)
+    elif kind == "hard link":
+        os.link(precious, lock)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.symlink_to(tmp_path)
+    assert cli.main(["run", "--task", "toy", "--rounds", "1", "--out", str(out)]) == 2
+    assert ".lock" in one_line_error(capsys) and not engine
+    assert precious.read_text() == "someone's data\n"
+
+
+def test_the_run_lock_reuses_its_own_file_without_truncating_it(tmp_path):
+    from fedlora import runlock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("4242\n")  # an older fedlora's stale record
+    with runlock.locked(out):
+        assert (out / ".lock").read_text().split() == [str(os.getpid())]
+    assert (out / ".lock").read_text().split() == [str(os.getpid())]  # left behind, harmless: no lock held
+
+
+# -- item 14: fedlora demo refuses to replace its runs unless --overwrite -------------------------
+def test_demo_refuses_to_replace_existing_runs_unless_overwrite(tmp_path, capsys, engine, monkeypatch):
+    monkeypatch.setattr(cli, "_compare", lambda runs, out: 0)
+    make_run(tmp_path / "demo" / "fedit")
+    argv = ["demo", "--methods", "flora-na-stable", "fedit", "--rounds", "1", "--out", str(tmp_path / "demo")]
+    assert cli.main(argv) == 2
+    err = one_line_error(capsys)
+    assert "fedit already holds a run" in err and "--overwrite" in err and "--resume" not in err
+    assert not engine and (tmp_path / "demo" / "fedit" / CHECKPOINT_FILE).exists()
+    assert not (tmp_path / "demo" / "flora-na-stable" / ".fedlora-run").exists()  # all checked before any change
+    capsys.readouterr()
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert [c.method for c, _ in engine] == ["flora-na-stable", "fedit"]
+    assert not (tmp_path / "demo" / "fedit" / CHECKPOINT_FILE).exists()  # replaced (the stub writes nothing)
+
+
+# -- item 16: "no cap" is spelled all everywhere; 0 is refused everywhere -------------------------
+@pytest.mark.parametrize("name", ["max_eval_examples", "max_eval_generations"])
+def test_a_zero_cap_is_refused_everywhere_and_all_means_no_cap(tmp_path, capsys, name):
+    from fedlora.config_schema import flag
+
+    message = f"--{flag(name)}=0 is invalid: .*write all"
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(task="toy", **{name: 0})
+    with pytest.raises(ConfigError, match=message):
+        cli.config_from_args(cli.build_parser().parse_args(["run", "--task", "toy", f"--{flag(name)}", "0"]))
+    (tmp_path / "run.toml").write_text(f'task = "toy"\n{flag(name)} = 0\n')
+    with pytest.raises(ConfigError, match=message):
+        cli.config_from_args(cli.build_parser().parse_args(["run", "--config", str(tmp_path / "run.toml")]))
+    from fedlora.flower.config import run_config_from_flower
+
+    with pytest.raises(ConfigError, match=message):
+        run_config_from_flower({"task": "toy", flag(name): 0})
+    assert cli.main(["run", "--task", "toy", f"--{flag(name)}", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "write all" in one_line_error(capsys)
+    for spelled in ("all", "ALL"):
+        assert getattr(RunConfig(task="toy", **{name: spelled}), name) is None  # the Python API spells it too
+        parsed = cli.config_from_args(cli.build_parser().parse_args(["run", f"--{flag(name)}", spelled]))
+        assert getattr(parsed, name) is None
+
+
+# -- item 17: a config file's null or boolean, an unknown tracker, an impossible rank -------------
+@pytest.mark.parametrize("key,value", [("device", None), ("device", True), ("target-modules", None),
+                                       ("target-modules", False), ("method-options", None), ("method-options", True),
+                                       ("model", True), ("data-dir", True), ("log-to", None), ("rounds", None),
+                                       ("out", False)])
+def test_a_config_files_null_or_boolean_is_one_line_before_loading(tmp_path, capsys, engine, key, value):
+    out = [] if key == "out" else ["--out", str(tmp_path / "x")]  # a typed --out would override the file's
+    (tmp_path / "run.json").write_text(json.dumps({"task": "toy", key: value}))
+    assert cli.main(["run", "--config", str(tmp_path / "run.json"), *out]) == 2
+    assert f"--{key}=" in one_line_error(capsys) and not engine
+    if isinstance(value, bool):  # TOML has booleans but no null
+        (tmp_path / "run.toml").write_text(f'task = "toy"\n{key} = {str(value).lower()}\n')
+        assert cli.main(["run", "--config", str(tmp_path / "run.toml"), *out]) == 2
+        assert f"--{key}=" in one_line_error(capsys) and not engine
+
+
+def test_an_unknown_tracker_is_refused_when_the_config_is_built(capsys, tmp_path, engine):
+    with pytest.raises(ConfigError, match="--log-to tensorbord: unknown tracker"):
+        RunConfig(task="toy", log_to="tensorboard,tensorbord")
+    assert cli.main(["run", "--task", "toy", "--log-to", "wandbb", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown tracker" in one_line_error(capsys) and not engine
+
+
+def test_a_missing_tracker_package_is_refused_before_loading(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(simulation, "build_model", no_loading)
+    with pytest.raises(ConfigError, match="the mlflow package is not installed"):
+        simulation.run(RunConfig(task="toy", log_to="mlflow", out=str(tmp_path / "run")), progress=False)
+
+
+def test_a_rank_above_the_sanity_bound_is_refused_before_loading():
+    with pytest.raises(ConfigError, match="--rank=100000 is invalid: must be <= "):
+        RunConfig(task="toy", rank=100_000)  # a typo for 10: refused in a second, not after loading
+    RunConfig(task="toy", rank=1024)
+
+
+def test_a_rank_above_a_layers_min_d_k_is_refused_once_the_shapes_are_known():
+    from peft import LoraConfig, get_peft_model
+
+    from fedlora.model_checks import check_built
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.value = torch.nn.Linear(16, 6), torch.nn.Linear(16, 16)  # min(d, k): 6 and 16
+
+    def adapted(rank: int):
+        return get_peft_model(Tiny(), LoraConfig(r=rank, target_modules=["query", "value"]))
+
+    with pytest.raises(ValueError, match=r"--rank 8 is more than tiny's layer .*query allows .*min\(d, k\) = 6"):
+        check_built(adapted(8), ("query", "value"), 16, "tiny")
+    check_built(adapted(6), ("query", "value"), 16, "tiny")  # full rank is the largest a layer allows
+
+
+# -- item 19: fedlora compare on files that are not a run's ---------------------------------------
+@pytest.mark.parametrize("file,text,where", [
+    ("metrics.jsonl", json.dumps(RECORD) + "\n[1, 2]\n", "metrics.jsonl, line 2"),
+    ("metrics.jsonl", '"a string"\n', "metrics.jsonl, line 1"),
+    ("metrics.jsonl", "{not json\n", "metrics.jsonl, line 1"),
+    ("config.json", "[1, 2]", "config.json"),
+    ("config.json", "null", "config.json"),
+    ("config.json", "{not json", "config.json"),
+])
+def test_compare_names_the_file_and_line_that_is_not_a_json_object(tmp_path, capsys, file, text, where):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(RunConfig(task="toy").to_json())
+    (run / "metrics.jsonl").write_text(json.dumps(RECORD) + "\n")
+    (run / file).write_text(text)
+    assert cli.main(["compare", str(run)]) == 2
+    err = one_line_error(capsys)
+    assert str(run / where.split(",")[0]) in err and where.split(", ")[-1] in err

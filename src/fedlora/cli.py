@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if "method_options" in typed:  # --method-option KEY=VALUE adds to (or replaces one of) the file's
         typed["method_options"] = {**values.get("method_options", {}), **typed["method_options"]}
     values.update(typed)
-    if not values.get("out"):
+    if values.get("out", "") == "":  # unset; a null or a boolean is left for validation to refuse
         defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
         values["out"] = f"runs/{values.get('method', defaults['method'])}-{values.get('task', defaults['task'])}"
     return RunConfig(**values)
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", default=["flora-na-stable", "fedit"],
                       help="methods to compare (default: flora-na-stable fedit; add flora-na for the paper's method)")
     demo.add_argument("--rounds", type=int, default=8, help="federated rounds per method (default: %(default)s)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the runs already in --out/METHOD; without it an existing run is refused")
     from fedlora.bench.cli import BENCH_EXAMPLES, add_bench_options  # light: argparse and the preset tables only
 
     add_bench_options(_subcommand(sub, "bench", "paper benchmark grid: tables, CSV, plots (see docs/results.md)",
@@ -169,7 +171,7 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
     """Lock the run directory, check it (fresh, --overwrite or --resume), then run; all before heavy imports."""
     from fedlora import runlock
     from fedlora.checkpoint import CONFIG_FILE, atomic_write_text
-    from fedlora.run_dir import check_fresh, resume_config
+    from fedlora.run_dir import check_fresh, claim, resume_config
 
     if args.resume:
         if getattr(args, "overwrite", False):
@@ -193,6 +195,7 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
             atomic_write_text(out / CONFIG_FILE, config.to_json())  # the extended run's config (e.g. more rounds)
         else:
             check_fresh(out, getattr(args, "overwrite", False))
+            claim(out)  # a fedlora run directory from now on (what a later --overwrite may replace)
         _quiet_libraries()
         from fedlora.simulation import run
 
@@ -227,8 +230,6 @@ def _compare(runs: list[str], out: str | None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedlora.simulation import run
-
     configs = [  # all built (and validated) before the first one runs
         RunConfig(
             task="sst2", data_dir=args.data_dir, method=method, rounds=args.rounds, clients=10, alpha=0.5,
@@ -237,8 +238,31 @@ def _demo(args: argparse.Namespace) -> int:
         )
         for method in args.methods
     ]
+    from fedlora import runlock
+    from fedlora.run_dir import claim, refuse_existing, remove_outputs
+
+    outs = [Path(c.out) for c in configs]
+    held: list[Path] = []
+    try:  # every method's directory locked for the whole demo, and all checked before any is changed
+        for out in outs:
+            runlock.acquire(out)
+            held.append(out)
+        for out in outs:
+            refuse_existing(out, args.overwrite, resume_hint=False)
+        for out in outs:
+            if args.overwrite:
+                remove_outputs(out)
+            claim(out)
+        return _demo_runs(configs, args.out)
+    finally:
+        for out in held:
+            runlock.release(out)
+
+
+def _demo_runs(configs: list[RunConfig], out: str) -> int:
     from fedlora.bench.presets import STEP_SECONDS, estimate_seconds
     from fedlora.progress import RunProgress, plan_text
+    from fedlora.simulation import run
 
     # The cost model is fitted at batch 32 x 64; at the demo's 16 x 48 it predicts 87 s for fedit, which took
     # 221 s on a 2-core AMD EPYC at load 1-2 (fedlora demo, 2026-11-30): scale by that measurement.
@@ -253,4 +277,4 @@ def _demo(args: argparse.Namespace) -> int:
         progress.start(index, what)
         run(config)
         progress.finish(index, what)
-    return _compare([c.out for c in configs], args.out)
+    return _compare([c.out for c in configs], out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,11 @@ def parse_alpha(text: str) -> float | None:
 
 
 def parse_optional_int(text: str) -> int | None:
-    """``""``, ``"0"``, ``"all"`` or ``"auto"`` → None (no cap / the task's default), else the integer."""
-    return None if text.strip().lower() in ("", "0", "all", "none", "auto") else int(text)
+    """``""``, ``"all"`` or ``"auto"`` → None (no cap / the task's default), else the integer.
+
+    ``"0"`` is the integer 0, which validation refuses: "no cap" is spelled ``all`` on the command line,
+    in TOML and in Flower's config alike, as the Python API spells it None (or ``"all"``)."""
+    return None if text.strip().lower() in ("", "all", "none", "auto") else int(text)
 
 
 def parse_optional_str(text: str) -> str | None:
@@ -183,6 +187,21 @@ class RunConfig:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SKEWS = ("auto", "key", "quantity")
+CAPS = ("max_eval_examples", "max_eval_generations")  # None (spelled all) is no cap; 0 is refused, not "all"
+# A cheap bound before loading: far above any LoRA rank in use, below what would allocate absurd factors.
+# The real bound, min(d, k) of the adapted layers, is checked once the model is built
+# (fedlora.model_checks.check_rank), before any training.
+MAX_RANK = 4096
+# What each field's declared type accepts, by kind: a value of another type (JSON null, a TOML boolean
+# for a string...) is refused in one line here, instead of crashing later checks with a traceback.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "text"),
+    "int": (lambda v: _is_int(v), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "tuple": (lambda v: isinstance(v, (tuple, list)), "a list"),
+    "dict": (lambda v: isinstance(v, dict), "a table of KEY=VALUE options"),
+}
 
 
 def _require(ok: bool, option: str, value: Any, accepted: str) -> None:
@@ -198,9 +217,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_types(c: RunConfig) -> None:
+    """Every field holds a value of its declared type (``X | None``: None too); ``"all"`` for a cap is None."""
+    for name in CAPS:
+        if isinstance(getattr(c, name), str) and getattr(c, name).strip().lower() == "all":
+            object.__setattr__(c, name, None)  # the Python API may spell "no cap" as the flag does
+    for f in dataclasses.fields(c):
+        declared = str(f.type).replace(" ", "")
+        optional = declared.endswith("|None")
+        kind = declared.removesuffix("|None").split("[")[0]
+        value = getattr(c, f.name)
+        if kind not in _KINDS or (optional and value is None):
+            continue
+        ok, what = _KINDS[kind]
+        if not ok(value):
+            unset = " or unset (null / \"\")" if optional else ""
+            got = "null" if value is None else type(value).__name__
+            _require(False, f.name, value, f"must be {what}{unset}, not {got}")
+
+
 def _validate(c: RunConfig) -> None:
     from fedlora.aggregation import AggregationError, available_methods, get_method
     from fedlora.tasks import available_tasks, get_task
+
+    _check_types(c)
 
     try:
         task = get_task(c.task)
@@ -226,6 +266,8 @@ def _validate(c: RunConfig) -> None:
         value = getattr(c, name)
         _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
     _require(_is_int(c.seed), "seed", c.seed, "must be an integer")
+    _require(c.rank <= MAX_RANK, "rank", c.rank, f"must be <= {MAX_RANK} (and at most the adapted layers' "
+             "min(d, k), checked when the model is built)")
     for f in dataclasses.fields(c):  # any float option, today's and future ones: inf/nan trains nothing sensible
         value = getattr(c, f.name)
         _require(not isinstance(value, float) or math.isfinite(value), f.name, value, "must be a finite number")
@@ -247,8 +289,9 @@ def _validate(c: RunConfig) -> None:
     _require(c.skew in SKEWS, "skew", c.skew, f"use one of {', '.join(SKEWS)}")
     _require(all(isinstance(m, str) and m for m in c.target_modules), "target_modules", c.target_modules,
              "names of Linear layers, e.g. query value (or auto)")
-    _require(c.max_eval_generations is None or (_is_int(c.max_eval_generations) and c.max_eval_generations >= 1),
-             "max_eval_generations", c.max_eval_generations, "must be >= 1 (or 'all')")
+    for name in CAPS:
+        _require(getattr(c, name) is None or (_is_int(getattr(c, name)) and getattr(c, name) >= 1), name,
+                 getattr(c, name), "must be an integer >= 1, or all for no cap (0 is not 'no cap': write all)")
     _require(_is_int(c.max_new_tokens) and c.max_new_tokens >= 0, "max_new_tokens", c.max_new_tokens,
              "must be an integer >= 0 (0: no generation)")
     for name in ("gradient_checkpointing", "load_in_4bit", "exact_match", "allow_unsandboxed_code"):
@@ -263,12 +306,13 @@ def _validate(c: RunConfig) -> None:
              "must be an integer >= 0 (0 disables local evaluation)")
     _require(_is_number(c.local_test_fraction) and 0 < c.local_test_fraction < 1, "local_test_fraction",
              c.local_test_fraction, "must be in (0, 1)")
-    _require(c.max_eval_examples is None or (_is_int(c.max_eval_examples) and c.max_eval_examples >= 1),
-             "max_eval_examples", c.max_eval_examples, "must be >= 1 (or 'all')")
     _require(_is_int(c.max_local_eval_examples) and c.max_local_eval_examples >= 1, "max_local_eval_examples",
              c.max_local_eval_examples, "must be >= 1")
     _require(c.precision in PRECISIONS, "precision", c.precision, f"use one of {', '.join(PRECISIONS)}")
     _validate_device(c.device)
+    from fedlora.loggers import check_targets  # light: the tracker names only, no tracker imported
+
+    check_targets(c.log_to)
     if c.data_dir is not None:
         _require(Path(c.data_dir).is_dir(), "data_dir", c.data_dir, "no such directory; point it at a data folder "
                  "such as ../shared/data/glue")

@@ -60,6 +60,20 @@ def restore_nan(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (old files with bare NaN read too), NaN restored (:func:`restore_nan`)."""
-    lines = Path(path).read_text().splitlines()
-    return [restore_nan(json.loads(line)) for line in lines if line.strip()]
+    """The records of a ``metrics.jsonl`` (old files with bare NaN read too), NaN restored (:func:`restore_nan`).
+
+    A line that is not JSON, or JSON but not an object, is a ValueError naming the file and the line: such a
+    file was edited or is not a run's (one line for the user, not a traceback from deep in a report)."""
+    records = []
+    for number_, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number_}: not valid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number_}: a round record must be a JSON object, got "
+                             f"{type(record).__name__}")
+        records.append(restore_nan(record))
+    return records

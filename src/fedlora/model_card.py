@@ -7,6 +7,11 @@ user's ``--model`` as given) and says how it was loaded; :func:`base_model_path`
 reference back into something ``from_pretrained`` can open here, offline where a bundled copy is
 installed; :func:`write_model_card` writes ``README.md`` with the run and a snippet that runs as
 written (the test copies a run directory elsewhere and executes that snippet).
+
+The card is published with the adapter, so what goes into it is escaped for where it lands (a
+Python string literal by ``repr``, Markdown text with backslashes, code spans with a fence longer than
+any backtick run, YAML as a JSON string), and no absolute local path is written: ``--out``,
+``--data-dir`` and a local ``--model`` are shown by their folder's name.
 """
 
 from __future__ import annotations
@@ -83,9 +88,20 @@ def base_model_path(adapter_dir: str | Path) -> str:
 ALWAYS_SHOWN = ("task", "method", "seed")
 
 
-def command_line(config: RunConfig) -> str:
+PATH_OPTIONS = ("out", "data_dir", "model")  # options that may hold a local path
+
+
+def local_name(value: str) -> str:
+    """``value`` as a card may show it: an absolute (or ``~``) local path by its last component, else as is."""
+    return Path(value).expanduser().name if Path(value).expanduser().is_absolute() else value
+
+
+def command_line(config: RunConfig, local_paths: bool = True) -> str:
     """The ``fedlora run`` command that makes this run: the task, the method, the seed and every option that
-    differs from its default (those three always: a later default must not change what the card says ran)."""
+    differs from its default (those three always: a later default must not change what the card says ran).
+
+    ``local_paths=False``: absolute paths in :data:`PATH_OPTIONS` are shown by their last component
+    (:func:`local_name`), for a card published away from this machine."""
     from fedlora.config import RunConfig
     from fedlora.config_schema import default_of, flag, show_value
 
@@ -96,6 +112,8 @@ def command_line(config: RunConfig) -> str:
         is_default = json.dumps(value, default=list) == json.dumps(default_of(f), default=list) or value == getattr(defaults, f.name)
         if is_default and f.name not in ALWAYS_SHOWN:
             continue
+        if not local_paths and f.name in PATH_OPTIONS and isinstance(value, str):
+            value = local_name(value)
         if f.metadata.get("pairs"):
             words += [w for k, v in value.items() for w in (f"--{flag(f.name).removesuffix('s')}", f"{k}={v}")]
         elif f.metadata.get("many"):
@@ -117,7 +135,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedlora.model_card import base_model_path  # the recorded hub id -> the bundled copy (offline)
 
-adapter = "{adapter}"
+adapter = {adapter}
 meta = json.loads(Path(adapter, "fedlora_base.json").read_text())
 base_ref = base_model_path(adapter)  # without fedlora: json.load(adapter_config.json)["base_model_name_or_path"]
 base = AutoModelForSequenceClassification.from_pretrained(base_ref, num_labels=meta["num_labels"])
@@ -132,35 +150,72 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
+# What can start inline markup inside a line (emphasis, code, links, HTML, entities, table cells); the card
+# puts a value only after fixed text, so the line-start markers (#, -, 1.) cannot apply.
+_MARKDOWN_SPECIAL = frozenset("\\`*_[]<>|~&")
+
+
+def _printable(text: Any) -> str:
+    """``text`` on one line: newlines and other control characters as their Python escapes (a raw newline
+    would start a new Markdown block: a heading, a list, the end of the front matter)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def markdown_text(text: Any) -> str:
+    """``text`` as literal Markdown: each character that could start inline markup is backslash-escaped
+    (but ``_`` between two letters or digits, which CommonMark never reads as emphasis: package names stay
+    readable in the raw card)."""
+    text = _printable(text)
+
+    def intraword(i: int) -> bool:
+        return text[i] == "_" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
+
+    return "".join(f"\\{c}" if c in _MARKDOWN_SPECIAL and not intraword(i) else c for i, c in enumerate(text))
+
+
+def markdown_code(text: Any) -> str:
+    """``text`` as an inline code span: fenced by more backticks than its longest run (CommonMark), padded
+    with a space where it starts or ends with a backtick."""
+    text = _printable(text)
+    longest = max((len(run) for run in "".join(c if c == "`" else " " for c in text).split()), default=0)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{'`' * (longest + 1)}{pad}{text}{pad}{'`' * (longest + 1)}"
+
+
 def write_model_card(path: str | Path, config: RunConfig, history: list[dict[str, Any]], base_ref: str,
                      loaded_as: str) -> Path:
     """``README.md`` in the adapter directory: the run, its final metrics, and how to load it."""
     path = Path(path)
     last = history[-1] if history else {}
-    metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in (last.get("global") or {}).items())
+    metrics = "\n".join(f"| {markdown_text(k)} | {markdown_text(_fmt(v))} |" for k, v in (last.get("global") or {}).items())
     causal = json.loads((path / "fedlora_base.json").read_text()).get("task_type") == "CAUSAL_LM" \
         if (path / "fedlora_base.json").is_file() else False
-    snippet = SNIPPET.format(adapter=f"{Path(config.out).name}/adapter")  # from the folder holding the run
-    if causal:
-        snippet = (snippet.replace("AutoModelForSequenceClassification", "AutoModelForCausalLM")
-                   .replace(', num_labels=meta["num_labels"]', ""))
+    template = SNIPPET
+    if causal:  # on the template, before the run's name goes in: the name is never rewritten
+        template = (template.replace("AutoModelForSequenceClassification", "AutoModelForCausalLM")
+                    .replace(', num_labels=meta["num_labels"]', ""))
+    run_name = Path(config.out).name
+    snippet = template.format(adapter=repr(f"{run_name}/adapter"))  # from the folder holding the run
+    base_shown = local_name(base_ref)  # a local checkpoint given by absolute path: its folder's name only
+    loaded_shown = loaded_as.replace(base_ref, base_shown) if base_shown != base_ref else loaded_as
+    alpha = config.alpha if config.alpha is not None else "iid"
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {base_ref}",
+        f"base_model: {json.dumps(base_shown)}",  # a JSON string is a YAML string, quotes and all escaped
         "tags: [fedlora, lora, federated-learning]",
         "---",
         "",
-        f"# {config.method} LoRA adapter for {config.task} (fedlora)",
+        f"# {markdown_text(config.method)} LoRA adapter for {markdown_text(config.task)} (fedlora)",
         "",
-        f"Trained federated with fedlora: method `{config.method}`, task `{config.task}`, "
+        f"Trained federated with fedlora: method {markdown_code(config.method)}, task {markdown_code(config.task)}, "
         f"{last.get('round', 0)} of {config.rounds} rounds, {config.clients} clients "
-        f"(Dirichlet α = {config.alpha if config.alpha is not None else 'iid'}, share per round {config.fraction}), "
+        f"(Dirichlet α = {alpha}, share per round {config.fraction}), "
         f"{config.local_steps} local steps at batch {config.batch_size}, lr {config.lr}, LoRA rank {config.rank} "
         f"(alpha {config.lora_alpha}), seed {config.seed}.",
         "",
-        f"- base model: `{base_ref}` ({loaded_as})",
-        f"- made by: `{command_line(config)}`",
+        f"- base model: {markdown_code(base_shown)} ({markdown_text(loaded_shown)})",
+        f"- made by: {markdown_code(command_line(config, local_paths=False))} (local paths by their folder's name)",
         "",
         f"## Final global metrics (round {last.get('round', 0)})",
         "",
@@ -170,7 +225,7 @@ def write_model_card(path: str | Path, config: RunConfig, history: list[dict[str
         "",
         "## Loading it",
         "",
-        f"Plain PEFT, run from the folder that holds the run directory `{Path(config.out).name}` (copy it anywhere):",
+        f"Plain PEFT, run from the folder that holds the run directory {markdown_code(run_name)} (copy it anywhere):",
         "",
         snippet,
         "",

@@ -8,7 +8,9 @@ Each one replaces a failure that used to come late or as a long traceback:
   is asked (it would refuse too, as a traceback); pickle can run code, safetensors cannot;
 * ``--max-length`` above the model's position embeddings: an index error mid-training otherwise;
 * a ``--target-modules`` name that matches no layer: PEFT adapts the names that do match and
-  silently ignores the rest, so ``query nonexistent`` would train ``query`` only.
+  silently ignores the rest, so ``query nonexistent`` would train ``query`` only;
+* a ``--rank`` above an adapted layer's min(d, k): PEFT builds rank-1000 factors on 384-wide layers
+  without a word, an adapter larger than the layer it adapts whose extra components add nothing.
 """
 
 from __future__ import annotations
@@ -121,7 +123,22 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
 
 
+def check_rank(model: nn.Module, model_name: str) -> None:
+    """Every LoRA layer's rank is at most min(d, k) of the layer it adapts (read from PEFT's layers: the
+    shapes are known only once the model is built, and this runs before any training)."""
+    for name, module in model.named_modules():
+        ranks, d, k = getattr(module, "r", None), getattr(module, "out_features", None), getattr(module, "in_features", None)
+        if not isinstance(ranks, dict) or not isinstance(d, int) or not isinstance(k, int):
+            continue  # not a PEFT LoRA layer
+        for rank in ranks.values():
+            if rank > min(d, k):
+                raise ValueError(f"--rank {rank} is more than {model_name}'s layer {name} allows (d={d}, k={k}: "
+                                 f"a LoRA rank is at most min(d, k) = {min(d, k)}); use --rank {min(d, k)} or less")
+
+
 def check_built(model: nn.Module, target_modules: tuple[str, ...], max_length: int, model_name: str) -> None:
-    """The checks that need the loaded model: LoRA targets that exist, a max length that fits."""
+    """The checks that need the loaded model: LoRA targets that exist, ranks the layers allow, a max length
+    that fits."""
     check_target_modules(model, target_modules, model_name)
+    check_rank(model, model_name)
     check_max_length(model, max_length, model_name)

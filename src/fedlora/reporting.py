@@ -22,12 +22,20 @@ def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found: is {path} the --out directory of a fedlora run?")
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    config: Any = {}
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / 'config.json'}: a run's config must be a JSON object, got "
+                             f"{type(config).__name__}")
     return config, read_metrics(metrics)  # null (a non-finite value) read back as NaN
 
 
 def _label(config: dict[str, Any], path: Path) -> str:
-    options = config.get("method_options") or {}
+    options = config.get("method_options") if isinstance(config.get("method_options"), dict) else {}
     extra = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     return f"{config.get('method', path.name)}{f' ({extra})' if extra else ''}"
 
@@ -102,6 +110,16 @@ def summarize(path: str | Path) -> dict[str, Any]:
     config, records = read_run(path)
     if not records:
         raise ValueError(f"{path} has no completed rounds yet")
+    try:
+        return _summary(path, config, records)
+    except KeyError as exc:  # an edited or foreign file: name it, not only the missing key
+        raise ValueError(f"{Path(path) / 'metrics.jsonl'}: a round record has no {exc} field") from None
+    except TypeError as exc:
+        raise ValueError(f"{Path(path) / 'metrics.jsonl'}: a round record has a field of the wrong type "
+                         f"({exc})") from None
+
+
+def _summary(path: str | Path, config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     locals_ = [r["local_metric_mean"] for r in records if r.get("local_metric_mean") is not None]
     return {
         "run": str(path),

@@ -46,6 +46,7 @@ from fedlora.optim import LocalOptim
 from fedlora.peft_bridge import (get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta,
                                  merged_base_weights, restore_base_weights, save_adapter, set_adapter, set_head)
 from fedlora.records import round_record
+from fedlora.run_dir import claim, refuse_existing
 from fedlora.server import server_step
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class Server:
             server._catch_up_merge(pristine)
             log.info("resuming %s after round %d", out, state.round)
         else:
+            refuse_existing(out, overwrite=True)  # a run replaces a run (API, Flower), never someone else's files
+            claim(out)
             state = ServerState(round=0, adapter=get_adapter(model), head=get_head(model))
             server = cls(config, model, tokenizer, federation, state, keep_merges=keep_merges)
             atomic_write_text(out / "config.json", config.to_json())

@@ -4,6 +4,12 @@ A fresh run refuses a directory that already holds a run, so a typo in ``--out``
 replace 12 rounds of someone's results; ``--overwrite`` removes that run's outputs first (only
 files fedlora writes, never anything else in the folder).
 
+What is a fedlora run: a folder holding :data:`RUN_MARKER`, which every run writes when it starts
+(:func:`claim`). Runs from before the marker are recognised by a stricter test: a config.json whose
+keys are RunConfig's *and* a checkpoint whose safetensors header carries fedlora's metadata. Any other
+folder that holds a name fedlora writes (config.json, adapter/, wandb/, ...) is refused, with or
+without ``--overwrite``: fedlora would delete or overwrite someone else's files there.
+
 ``--resume RUN_DIR`` continues *the same experiment*. The checkpoint records the config it was
 saved under; config.json and any option given on the command line are compared with it, and
 only the fields in :data:`RESUMABLE` may differ. Anything else (method, seed, task, clients, lr,
@@ -14,12 +20,13 @@ naming the field and both values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from fedlora.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_state
+from fedlora.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, atomic_write_text, load_state
 from fedlora.config import ConfigError, RunConfig
 
 # Fields a resumed run may change, and why each is safe to change.
@@ -100,16 +107,100 @@ def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
     return config
 
 
+RUN_MARKER = ".fedlora-run"
+MARKER_TEXT = ("This folder is a fedlora run directory. `fedlora run --overwrite` may replace the files fedlora "
+               "wrote here (config.json, checkpoint, metrics, plots, adapter/, generations/, tensorboard/, wandb/).\n")
+# Keys every config.json fedlora ever wrote holds: with all keys RunConfig fields, a pre-marker run's config.
+_CORE_KEYS = frozenset({"task", "method", "rank", "rounds", "clients", "seed", "out"})
+
+
+def is_run(out: Path) -> bool:
+    """Whether ``out`` is a fedlora run directory: it holds :data:`RUN_MARKER`, or it is a run from before the
+    marker (a fedlora config.json and a checkpoint with fedlora's metadata)."""
+    marker = out / RUN_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return True
+    return _fedlora_config(out / CONFIG_FILE) and _fedlora_checkpoint(out / CHECKPOINT_FILE)
+
+
+def _fedlora_config(path: Path) -> bool:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    return isinstance(raw, dict) and _CORE_KEYS <= set(raw) <= known
+
+
+def _fedlora_checkpoint(path: Path) -> bool:
+    """A safetensors file whose header's metadata has fedlora's key (read by hand: 8-byte length, JSON header)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(header, dict) and isinstance(header.get("__metadata__"), dict) \
+        and "fedlora" in header["__metadata__"]
+
+
+def _outputs(out: Path) -> list[str]:
+    """The names fedlora writes that exist in ``out`` (folders with a trailing slash)."""
+    files = [name for name in RUN_FILES if (out / name).is_file() or (out / name).is_symlink()]
+    dirs = [f"{name}/" for name in RUN_DIRS if (out / name).exists() or (out / name).is_symlink()]
+    return files + dirs
+
+
+def check_start(config: RunConfig, resume: bool) -> None:
+    """What an engine checks before loading anything: a fresh run's ``out`` is empty, a fedlora run (which
+    it replaces, as the Python API and Flower always have) or holds none of fedlora's names; each
+    ``--log-to`` tracker is installed (a missing one would otherwise fail after minutes of loading)."""
+    if not resume:
+        refuse_existing(Path(config.out), overwrite=True)
+    if config.log_to:
+        from fedlora.loggers import check_installed
+
+        check_installed(config.log_to)
+
+
 def check_fresh(out: Path, overwrite: bool) -> None:
-    """Refuse to start over a run already in ``out`` unless ``overwrite``; then remove that run's outputs."""
+    """Refuse to start over a run already in ``out`` unless ``overwrite`` (:func:`refuse_existing`); then
+    remove that run's outputs (:func:`remove_outputs`)."""
+    refuse_existing(out, overwrite)
+    if overwrite:
+        remove_outputs(out)
+
+
+def refuse_existing(out: Path, overwrite: bool, resume_hint: bool = True) -> None:
+    """Refuse a run already in ``out`` unless ``overwrite``, and a folder that is not a fedlora run but holds
+    names fedlora writes (whatever ``overwrite`` says). Changes nothing. ``resume_hint``: the refusal
+    suggests ``--resume`` (``fedlora run``; ``fedlora demo`` has none)."""
+    present = _outputs(out)
+    if present and not is_run(out):
+        raise ConfigError(f"--out {out} is not a fedlora run directory (no {RUN_MARKER}, and no fedlora config.json "
+                          f"with its checkpoint) but holds {', '.join(present)}, which a run would overwrite or "
+                          "delete; nothing was changed: choose another --out")
     existing = [name for name in ("config.json", CHECKPOINT_FILE, "metrics.jsonl") if (out / name).exists()]
-    if not existing:
-        return
-    if not overwrite:
-        raise ConfigError(f"--out {out} already holds a run ({', '.join(existing)}); continue it with --resume {out}, "
-                          "replace it with --overwrite, or choose another --out")
+    if existing and not overwrite:
+        resume = f"continue it with --resume {out}, " if resume_hint else ""
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(existing)}); {resume}replace it with "
+                          "--overwrite, or choose another --out")
+
+
+def remove_outputs(out: Path) -> None:
+    """Remove what a fedlora run wrote in ``out`` (a fedlora run: :func:`refuse_existing` first), nothing else."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     for name in RUN_DIRS:
-        if (out / name).is_dir():
+        if (out / name).is_symlink():  # the link, never what it points to (rmtree refuses links anyway)
+            (out / name).unlink()
+        elif (out / name).is_dir():
             shutil.rmtree(out / name)
+
+
+def claim(out: Path) -> None:
+    """Mark ``out`` as a fedlora run directory (:data:`RUN_MARKER`), once; called when a run starts."""
+    marker = out / RUN_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        marker.unlink(missing_ok=True)  # a link there is not ours to write through
+        atomic_write_text(marker, MARKER_TEXT)

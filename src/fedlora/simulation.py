@@ -23,7 +23,7 @@ from fedlora.config import RunConfig
 from fedlora.failpoints import failpoint
 from fedlora.federation import build_federation
 from fedlora.model import build_model
-from fedlora.run_dir import check_same_experiment
+from fedlora.run_dir import check_same_experiment, check_start
 from fedlora.runlock import locked
 from fedlora.tasks import task_for
 from fedlora.rounds import Server, sample_clients, train_planned  # noqa: F401  (sample_clients: public API)
@@ -45,6 +45,7 @@ def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]
     task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
     if resume:  # first: a bad checkpoint or another experiment's fails before minutes of loading
         check_same_experiment(load_state(Path(config.out)).config, config)
+    check_start(config, resume)
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
     federation = build_federation(config, tokenizer)

@@ -27,7 +27,7 @@ from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.flower.wire import model_record
 from fedlora.model import build_model
 from fedlora.rounds import Server
-from fedlora.run_dir import check_same_experiment
+from fedlora.run_dir import check_same_experiment, check_start
 from fedlora.tasks import task_for
 
 app = ServerApp()
@@ -39,6 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
     if options.resume:  # the same experiment or nothing: refused before minutes of loading (as fedlora run --resume)
         check_same_experiment(load_state(Path(config.out)).config, config)
+    check_start(config, options.resume)
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
     federation = build_federation(config, tokenizer)
