@@ -527,3 +527,20 @@ def test_compare_names_the_file_and_line_that_is_not_a_json_object(tmp_path, cap
     assert cli.main(["compare", str(run)]) == 2
     err = one_line_error(capsys)
     assert str(run / where.split(",")[0]) in err and where.split(", ")[-1] in err
+
+
+def test_a_planted_tmp_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
+    # config.json.tmp / checkpoint.safetensors.tmp pointing at a file of the user's: the write must not touch it.
+    from fedlora.checkpoint import ServerState, atomic_write_text, save_state
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json.tmp", "checkpoint.safetensors.tmp"):
+        (run / name).symlink_to(victim)
+    atomic_write_text(run / "config.json", "{}")
+    save_state(ServerState(round=1, adapter={}, head={}), run)
+    assert victim.read_text() == "keep me"
+    assert (run / "config.json").read_text() == "{}" and (run / "checkpoint.safetensors").is_file()
+    assert not (run / "config.json.tmp").exists() and not (run / "checkpoint.safetensors.tmp").is_symlink()

@@ -54,9 +54,23 @@ class ServerState:
     config: str | None = None  # the run's config.json when this round was saved (None: not recorded)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _fresh_tmp(path: Path) -> Path:
+    """``path``'s temporary sibling, with whatever stood there removed first: a planted ``*.tmp`` symlink is
+    unlinked (never followed), so the write that follows cannot truncate the file it pointed to."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise OSError(f"{tmp} is a folder: remove it; fedlora writes its temporary file there") from None
+    return tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _fresh_tmp(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -86,7 +100,7 @@ def save_state(state: ServerState, directory: Path) -> Path:
     text = json.dumps(meta, allow_nan=False)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     path = directory / CHECKPOINT_FILE
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _fresh_tmp(path)  # the run lock keeps anyone else from planting a new one before save_file opens it
     save_file(tensors, str(tmp), metadata={"fedlora": text, DIGEST_KEY: state_digest(tensors, text)})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
