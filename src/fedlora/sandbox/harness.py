@@ -102,9 +102,11 @@ class _Program:
     def __init__(self, inner: list[str], stdin: int, stdout: int | IO[bytes], stderr: IO[bytes], limits: Limits,
                  confined: bool) -> None:
         self.cgroup: Cgroup | None = None
-        if not confined:
-            self.proc = subprocess.Popen(inner, stdin=stdin, stdout=stdout, stderr=stderr, env=_ENV, cwd=_scratch(),
-                                         start_new_session=True, close_fds=True)
+        self.scratch: tempfile.TemporaryDirectory[str] | None = None
+        if not confined:  # an empty working directory, never the caller's cwd
+            self.scratch = tempfile.TemporaryDirectory(prefix="fedlora-unsandboxed-")
+            self.proc = subprocess.Popen(inner, stdin=stdin, stdout=stdout, stderr=stderr, env=_ENV,
+                                         cwd=self.scratch.name, start_new_session=True, close_fds=True)
             return
         self.cgroup = Cgroup.create(limits.max_processes + _EXTRA_TASKS, limits.memory_mb << 20)
         # The shell waits for one line on stdin before it becomes bwrap, so the program is inside the cgroup
@@ -131,15 +133,12 @@ class _Program:
             proc.wait()
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.scratch is not None:
+            self.scratch.cleanup()
         return proc.returncode if proc is not None else None
 
 
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-
-
-def _scratch() -> str:
-    """Working directory of an unconfined program: an empty folder (never the caller's cwd)."""
-    return tempfile.mkdtemp(prefix="fedlora-unsandboxed-")
 
 
 def _boot(module: str, confined: bool, *args: object) -> list[str]:
