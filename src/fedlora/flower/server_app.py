@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedlora.checkpoint import load_state
-from fedlora.federation import build_federation
+from fedlora.federation import build_federation, load_data
 from fedlora.flower import data_cache
 from fedlora.flower.config import run_config_from_flower
 from fedlora.flower.nodes import FederationError
@@ -37,9 +37,10 @@ def main(grid: Grid, context: Context) -> None:
     config, options = run_config_from_flower(context.run_config)
     if options.resume:  # the same experiment or nothing: refused before minutes of loading (as fedlora run --resume)
         check_same_experiment(load_state(Path(config.out)).config, config)
+    raw = load_data(config)  # before the model: a bad data file is one line in seconds
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
-    federation = build_federation(config, tokenizer)
+    federation = build_federation(config, tokenizer, raw)
     data_cache.warm(config, tokenizer, federation)  # SuperNodes sharing this disk (simulation, tests) reuse it
     server = Server.open(config, model, tokenizer, federation, resume=options.resume, keep_merges=True)
     remaining = len(server.remaining_rounds())

@@ -57,16 +57,21 @@ def find_file(data_dir: str | Path, folder: str, name: str) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file (optionally gzip); a malformed line is reported with its number."""
+    """Rows of a JSON-lines file (optionally gzip); a malformed line, or one that is valid JSON but not an
+    object (a string, number, list or null), is reported with its number."""
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}); each line must be one object") from None
+                if not isinstance(row, dict):  # callers index rows by field name: a str or int would crash them
+                    kind = "null" if row is None else {bool: "boolean", str: "string", list: "list"}.get(type(row), "number")
+                    raise ValueError(f"{path}:{number} is a JSON {kind}, not an object; each line must be one object")
+                rows.append(row)
     return rows
 
 
