@@ -23,7 +23,7 @@ from fedlora.config import RunConfig
 from fedlora.failpoints import failpoint
 from fedlora.federation import build_federation, load_data
 from fedlora.model import build_model
-from fedlora.run_dir import check_same_experiment
+from fedlora.run_dir import check_resume
 from fedlora.runlock import locked
 from fedlora.rounds import Server, sample_clients, train_planned  # noqa: F401  (sample_clients: public API)
 
@@ -42,7 +42,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
 
 def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]]:
     if resume:  # first: a bad checkpoint or another experiment's fails before minutes of loading
-        check_same_experiment(load_state(Path(config.out)).config, config)
+        check_resume(load_state(Path(config.out)), config)
     raw = load_data(config)  # before the model: a bad data file is one line in seconds
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)

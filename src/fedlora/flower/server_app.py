@@ -27,7 +27,7 @@ from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.flower.wire import model_record
 from fedlora.model import build_model
 from fedlora.rounds import Server
-from fedlora.run_dir import check_same_experiment
+from fedlora.run_dir import check_resume
 
 app = ServerApp()
 
@@ -36,7 +36,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config, options = run_config_from_flower(context.run_config)
     if options.resume:  # the same experiment or nothing: refused before minutes of loading (as fedlora run --resume)
-        check_same_experiment(load_state(Path(config.out)).config, config)
+        check_resume(load_state(Path(config.out)), config)
     raw = load_data(config)  # before the model: a bad data file is one line in seconds
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)

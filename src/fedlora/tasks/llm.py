@@ -114,6 +114,10 @@ class GSM8KTask(CausalLMTask):
 
     metric = "exact_match"
 
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        root = local_dir(data_dir)
+        return [] if root is None else [find_file(root, "gsm8k", f"{s}.jsonl") for s in ("train", "test")]
+
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
 
@@ -174,6 +178,10 @@ class MBPPTask(CausalLMTask):
 
     metric = "pass@1"
 
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        root = local_dir(data_dir)
+        return [] if root is None else [find_file(root, "mbpp", "mbpp.jsonl")]
+
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
 
@@ -192,6 +200,10 @@ class MBPPTask(CausalLMTask):
 @register_task("humaneval")
 class HumanEvalTask(MBPPTask):
     """Trains on MBPP's train split; tests on HumanEval's 164 problems; metric: pass@1 (greedy)."""
+
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        root = local_dir(data_dir)
+        return [] if root is None else [find_file(root, "humaneval", "HumanEval.jsonl.gz"), *super().data_files(root)]
 
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
@@ -228,6 +240,9 @@ class MathCodeTask(CausalLMTask):
         assert isinstance(task, MathCodeTask)
         task.domains = {name: sub.configure(config) for name, sub in self.domains.items()}
         return task
+
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        return [path for sub in self.domains.values() for path in sub.data_files(data_dir)]
 
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
