@@ -147,7 +147,36 @@ def test_the_loss_is_on_the_response_only_and_the_prompt_is_what_generation_star
     for row, full in zip(short, enc):
         response = sum(y != IGNORE for y in full["labels"])
         assert len(row["input_ids"]) <= 64 and sum(y != IGNORE for y in row["labels"]) >= min(32, response)
-        assert row["prompt_ids"] == full["prompt_ids"][len(full["prompt_ids"]) - len(row["prompt_ids"]):]  # cut left
+        kept = sum(y == IGNORE for y in row["labels"])  # the training row's prompt is cut from the left...
+        assert row["input_ids"][:kept] == full["prompt_ids"][len(full["prompt_ids"]) - kept:]
+        assert row["prompt_ids"] == full["prompt_ids"]  # ...the generation prompt is not: no answer to make room for
+
+
+@needs_data
+def test_no_generation_prompt_is_cut_for_the_reference_answers_length(smollm2_path) -> None:
+    """HumanEval at the default --max-length 512 lost 21 of 164 prompts' chat header, imports or signature
+    (and MBPP one) to the reference answer's budget; every prompt here is shorter than the model's room."""
+    from transformers import AutoTokenizer
+
+    from fedlora.causal_lm import format_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    for name in ("humaneval", "mbpp"):
+        test = get_task(name).load(DATA)["test"]
+        encoded = get_task(name).encode(test, tokenizer, max_length=512)
+        whole = tokenizer([format_prompt(tokenizer, p) for p in test["prompt"]], add_special_tokens=False)["input_ids"]
+        cut = [i for i, (ids, w) in enumerate(zip(encoded["prompt_ids"], whole)) if list(ids) != w]
+        assert cut == [], f"{name}: {len(cut)} of {len(test)} generation prompts cut"
+        assert max(len(ids) for ids in encoded["input_ids"]) <= 512  # the training rows keep their budget
+
+
+def test_generation_cuts_only_what_exceeds_the_models_positions(tiny) -> None:
+    model, tokenizer = tiny  # 512 positions
+    rng = np.random.default_rng(0)
+    long = rng.integers(100, 1000, size=600).tolist()
+    assert generate(model, tokenizer, [long], 4, CPU, batch_size=1) == generate(model, tokenizer, [long[-508:]], 4, CPU, 1)
+    with pytest.raises(ValueError, match="--max-new-tokens 512 leaves no room for a prompt in the model's 512 positions"):
+        generate(model, tokenizer, [long[:10]], 512, CPU, batch_size=1)
 
 
 @needs_data
@@ -209,6 +238,13 @@ def test_evaluate_writes_samples_and_caps_generations(tiny, gsm8k) -> None:
     assert set(samples[0]) == {"domain", "prompt", "reference", "generation", "correct"}
     no_gen = get_task("gsm8k").configure(config.replace(max_new_tokens=0)).evaluate(model, enc, tokenizer, CPU)
     assert "exact_match" not in no_gen and no_gen["main"] == no_gen["token_accuracy"]
+
+
+def test_a_max_new_tokens_the_model_cannot_hold_is_refused_when_the_model_is_built(tiny_llama_path) -> None:
+    from fedlora.model import build_model
+
+    with pytest.raises(ValueError, match="--max-new-tokens 512 leaves no room"):
+        build_model(RunConfig(task="gsm8k", model=tiny_llama_path, max_new_tokens=512))
 
 
 # -- config ------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ fields live in the safetensors metadata. Writes go to a temporary file then ``os
 crash leaves either the previous checkpoint or the new one, never half of one.
 
 Integrity: the metadata also holds the run's config (config.json as it was when the round was
-saved) and a SHA-256 digest over every tensor (name, dtype, shape, bytes) and the rest of the
-metadata. :func:`load_state` recomputes it, so flipped bytes, a float16 rewrite, an edited round
-number or history, or a checkpoint spliced from another run are refused with one line instead of
-resuming as a different experiment. The digest detects accidents and careless edits; it is not a
+saved), the fingerprint of the data it trained on (:mod:`fedlora.data_fingerprint`) and a SHA-256
+digest over every tensor (name, dtype, shape, bytes) and the rest of the metadata. :func:`load_state`
+recomputes it, so flipped bytes, a float16 rewrite, an edited round number or history, or a
+checkpoint spliced from another run are refused with one line instead of resuming as a different
+experiment. The digest detects accidents and careless edits; it is not a
 signature (anyone who can write the file can recompute it).
 """
 
@@ -52,6 +53,7 @@ class ServerState:
     init_seed: int = -1  # seed of the last server-drawn adapter re-init (FLoRA); -1: the initial adapter
     method_state: dict[str, Tensor] = field(default_factory=dict)  # a stateful method's tensors (svd-ef's residual)
     config: str | None = None  # the run's config.json when this round was saved (None: not recorded)
+    data: dict[str, Any] | None = None  # fedlora.data_fingerprint.record of the data trained on (None: not recorded)
 
 
 def _fresh_tmp(path: Path) -> Path:
@@ -96,7 +98,8 @@ def save_state(state: ServerState, directory: Path) -> Path:
     config_file = directory / CONFIG_FILE
     if config_file.is_file():
         state.config = config_file.read_text()
-    meta = {"round": state.round, "history": state.history, "init_seed": state.init_seed, "config": state.config}
+    meta = {"round": state.round, "history": state.history, "init_seed": state.init_seed, "config": state.config,
+            "data": state.data}
     text = json.dumps(meta, allow_nan=False)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     path = directory / CHECKPOINT_FILE
@@ -146,12 +149,15 @@ def load_state(directory: Path) -> ServerState:
 
 
 def _state_from(tensors: dict[str, Tensor], meta: dict[str, Any]) -> ServerState:
+    from fedlora.data_fingerprint import check_record
+
     adapter: dict[str, dict[str, Tensor]] = {}
     history = meta["history"]
     if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
         raise ValueError("history is not a list of round records")
     state = ServerState(round=int(meta["round"]), adapter={}, head={}, history=list(history),
-                        init_seed=int(meta.get("init_seed", -1)), config=meta.get("config"))
+                        init_seed=int(meta.get("init_seed", -1)), config=meta.get("config"),
+                        data=check_record(meta.get("data")))
     if state.round < 0 or len(history) != state.round:
         raise ValueError(f"round {state.round} but {len(history)} round records")
     for key, value in tensors.items():

@@ -39,8 +39,26 @@ class Federation:
     histogram: str  # per-client sizes and partition-key counts, for the log
 
 
-def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Federation:
-    """Load, split, cap and encode ``config.task``'s data for ``config.clients`` clients.
+def load_data(config: RunConfig) -> datasets.DatasetDict:
+    """``config.task``'s raw train and test splits from ``config.data_dir``. The engines call it before
+    loading the model, so a missing or malformed file is one line in seconds, not after minutes of loading.
+
+    Raises:
+        ValueError: a malformed file (the task's message names file and line), or no train or test split.
+    """
+    task = task_for(config)
+    raw = task.load(config.data_dir)
+    missing = sorted({"train", "test"} - set(raw))
+    if missing:
+        raise ValueError(f"task {task.name!r} loaded splits {sorted(raw)}; it must provide train and test "
+                         f"(missing {missing})")
+    return raw
+
+
+def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase,
+                     raw: datasets.DatasetDict | None = None) -> Federation:
+    """Load (unless ``raw``, :func:`load_data`'s result, is given), split, cap and encode ``config.task``'s
+    data for ``config.clients`` clients.
 
     Reads ``task, data_dir, clients, alpha, skew, seed, max_length, local_test_fraction,
     max_local_eval_examples, max_eval_examples`` (and the task's own settings, :meth:`Task.configure`).
@@ -51,11 +69,7 @@ def build_federation(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> F
     """
     task = task_for(config)
     max_length = config.max_length or task.default_max_length
-    raw = task.load(config.data_dir)
-    missing = sorted({"train", "test"} - set(raw))
-    if missing:
-        raise ValueError(f"task {task.name!r} loaded splits {sorted(raw)}; it must provide train and test "
-                         f"(missing {missing})")
+    raw = load_data(config) if raw is None else raw
     keys = task.partition_key(raw["train"]) if config.skew != "quantity" else None
     if config.alpha is not None and (config.skew == "quantity" or (config.skew == "auto" and keys is None)):
         parts = quantity_partition(raw["train"], config.clients, config.alpha, seed=config.seed)

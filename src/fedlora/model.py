@@ -159,6 +159,10 @@ def build_model(config: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
         config.model, config.rank, config.lora_alpha, list(config.target_modules), config.seed
     )
     check_built(model, config.target_modules, config.max_length or task.default_max_length, config.model or "the default model")
+    if getattr(task, "generates", False) and getattr(task, "max_new_tokens", 0) > 0:
+        from fedlora.tasks.causal_lm import prompt_room
+
+        prompt_room(model, task.max_new_tokens)  # a --max-new-tokens the model cannot hold: now, not at round 1's end
     set_lora_dropout(model, getattr(config, "lora_dropout", 0.0))  # after build: every task, custom ones too
     attach_runtime(model, runtime)
     return model, tokenizer

@@ -40,6 +40,7 @@ from fedlora.aggregation.ranks import assign_ranks, is_mixed, pad, restrict, to_
 from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
 from fedlora.client import ClientResult, derived_seed, evaluate_on, train_client
 from fedlora.config import RunConfig
+from fedlora.data_fingerprint import record as data_record
 from fedlora.failpoints import failpoint
 from fedlora.federation import ClientData, Federation
 from fedlora.optim import LocalOptim
@@ -130,6 +131,8 @@ class Server:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             state = load_state(out)
+            if state.data is None:  # a checkpoint from before data fingerprints: record the data from now on
+                state.data = data_record(config)
             pristine = frozen_weights(model)  # before the checkpoint's merged weights replace them
             restore_base_weights(model, state.base_weights)
             server = cls(config, model, tokenizer, federation, state, keep_merges=keep_merges)
@@ -138,7 +141,7 @@ class Server:
         else:
             refuse_existing(out, overwrite=True)  # a run replaces a run (API, Flower), never someone else's files
             claim(out)
-            state = ServerState(round=0, adapter=get_adapter(model), head=get_head(model))
+            state = ServerState(round=0, adapter=get_adapter(model), head=get_head(model), data=data_record(config))
             server = cls(config, model, tokenizer, federation, state, keep_merges=keep_merges)
             atomic_write_text(out / "config.json", config.to_json())
             save_state(state, out)  # round 0: a crash in the first round can resume too

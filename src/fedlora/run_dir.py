@@ -14,7 +14,9 @@ without ``--overwrite``: fedlora would delete or overwrite someone else's files 
 saved under; config.json and any option given on the command line are compared with it, and
 only the fields in :data:`RESUMABLE` may differ. Anything else (method, seed, task, clients, lr,
 ...) would make the resumed rounds a different experiment glued to the old ones, and is refused
-naming the field and both values.
+naming the field and both values. ``data_dir`` may change, but the data may not: the checkpoint
+records the content hashes of the files the run trained on (:mod:`fedlora.data_fingerprint`), and a
+folder with other content is refused naming both folders (a moved copy of the same files resumes).
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedlora.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, atomic_write_text, load_state
+from fedlora.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, ServerState, atomic_write_text, load_state
 from fedlora.config import ConfigError, RunConfig
+from fedlora.data_fingerprint import check_same_data
 
 # Fields a resumed run may change, and why each is safe to change.
 RESUMABLE = {
     "rounds": "extend (or finish) the run: later rounds continue the same sequence",
     "device": "where it computes (CPU and GPU results differ in the last bits, not in the protocol)",
-    "data_dir": "where the same data lives on this machine",
+    "data_dir": "where the same data lives on this machine (its content is checked: fedlora.data_fingerprint)",
     "out": "the run directory is RUN_DIR itself",
     "log_to": "where metrics are mirrored, not what is trained",
 }
@@ -55,6 +58,15 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[st
     return set(vars(parser.parse_args(argv))) - {"command", "verbose"}
 
 
+def _saved(text: str, **now: Any) -> RunConfig:
+    """A saved config (config.json, or the checkpoint's copy) with ``now``'s values of resumable fields
+    put in before it is validated: the old ``data_dir`` may no longer exist (the data was moved)."""
+    raw = json.loads(text)
+    if isinstance(raw, dict):
+        raw.update(now)
+    return RunConfig.from_json(json.dumps(raw))
+
+
 def _differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
     a, b = json.loads(old.to_json()), json.loads(new.to_json())  # as config.json holds them: lists, not tuples
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
@@ -74,7 +86,14 @@ def check_same_experiment(saved_json: str | None, config: RunConfig) -> None:
     """Refuse to resume a checkpoint saved under ``saved_json`` with ``config`` unless only :data:`RESUMABLE`
     fields differ (the engine's own check, for callers of :func:`fedlora.simulation.run` that bypass the CLI)."""
     if saved_json:
-        _refuse(_differences(RunConfig.from_json(saved_json).replace(out=config.out), config), "the config")
+        _refuse(_differences(_saved(saved_json, out=config.out, data_dir=config.data_dir), config), "the config")
+
+
+def check_resume(state: ServerState, config: RunConfig) -> None:
+    """The engines' own resume check (for callers of :func:`fedlora.simulation.run` and the Flower
+    ServerApp, which bypass the CLI): the same experiment (:func:`check_same_experiment`) on the same data."""
+    check_same_experiment(state.config, config)
+    check_same_data(state.data, config)
 
 
 def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
@@ -84,8 +103,9 @@ def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
         raise FileNotFoundError(f"no run to resume in {run_dir} (config.json and {CHECKPOINT_FILE} are needed); "
                                 "--resume takes the --out directory of an earlier run")
     state = load_state(run_dir)  # verified against its digest
-    on_disk = RunConfig.from_json((run_dir / CONFIG_FILE).read_text()).replace(out=str(run_dir))
-    saved = RunConfig.from_json(state.config).replace(out=str(run_dir)) if state.config else on_disk
+    on_disk = _saved((run_dir / CONFIG_FILE).read_text(), out=str(run_dir),
+                     **({"data_dir": given["data_dir"]} if "data_dir" in given else {}))
+    saved = _saved(state.config, out=str(run_dir), data_dir=on_disk.data_dir) if state.config else on_disk
     _refuse(_differences(saved, on_disk), f"{run_dir / CONFIG_FILE} (edited?)")
     if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
         raise ConfigError(f"--out {given['out']} with --resume {run_dir}: a resumed run continues in its own "
@@ -104,6 +124,7 @@ def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"--resume: --rounds {config.rounds} (was {saved.rounds}) with --lr-schedule {schedule}: "
                           "the schedule spans all rounds, so the rounds already trained followed another one; "
                           "resume without --rounds, or start a new run")
+    check_same_data(state.data, config)  # after the rest: hashing reads the data files
     return config
 
 

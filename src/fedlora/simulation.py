@@ -21,9 +21,9 @@ from fedlora.checkpoint import load_state
 from fedlora.client import evaluate_on  # noqa: F401  (re-exported: tests patch it to simulate crashes)
 from fedlora.config import RunConfig
 from fedlora.failpoints import failpoint
-from fedlora.federation import build_federation
+from fedlora.federation import build_federation, load_data
 from fedlora.model import build_model
-from fedlora.run_dir import check_same_experiment, check_start
+from fedlora.run_dir import check_resume, check_start
 from fedlora.runlock import locked
 from fedlora.tasks import task_for
 from fedlora.rounds import Server, sample_clients, train_planned  # noqa: F401  (sample_clients: public API)
@@ -44,11 +44,12 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[
 def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]]:
     task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
     if resume:  # first: a bad checkpoint or another experiment's fails before minutes of loading
-        check_same_experiment(load_state(Path(config.out)).config, config)
+        check_resume(load_state(Path(config.out)), config)
     check_start(config, resume)
+    raw = load_data(config)  # before the model: a bad data file is one line in seconds
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
-    federation = build_federation(config, tokenizer)
+    federation = build_federation(config, tokenizer, raw)
     if progress:  # the partition is part of the experiment: show it
         print(f"{config.clients} clients, alpha={config.alpha if config.alpha is not None else 'iid'}, "
               f"partition:\n{federation.histogram}")

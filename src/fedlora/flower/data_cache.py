@@ -7,8 +7,10 @@ client's ``ClientData`` (Arrow files, exact round-trip); later ones memory-map t
 
 The key covers every input of :func:`fedlora.federation.build_federation` -- the config fields
 declared ``data=True`` in :class:`fedlora.config.RunConfig` (derived, never listed here), the
-resolved data directory, the tokenizer and the source of the data and task code -- so a changed
-option or a changed partitioner never reads stale data. Location: ``$FEDLORA_CACHE_DIR`` or
+resolved data directory, the content of the task's data files (size, mtime and SHA-256 of each,
+:mod:`fedlora.data_fingerprint`: not the path alone, or an edited file would train clients on the old
+rows while the server evaluates the new ones), the tokenizer and the source of the data and task
+code -- so a changed option, file or partitioner never reads stale data. Location: ``$FEDLORA_CACHE_DIR`` or
 ``~/.cache/fedlora``; delete it freely.
 """
 
@@ -35,6 +37,7 @@ from fedlora.tasks import Task, task_for
 from fedlora.config import RunConfig
 from fedlora.config_schema import data_fields
 from fedlora.data.loading import resolve_data_dir
+from fedlora.data_fingerprint import fingerprint
 from fedlora.federation import ClientData, Federation, build_federation
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
@@ -47,7 +50,8 @@ def cache_root() -> Path:
 def federation_key(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     fields = {name: getattr(config, name) for name in data_fields(RunConfig)}
     data_dir = resolve_data_dir(config.data_dir)
-    fields |= {"data_dir": str(data_dir) if data_dir else None, "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer)}
+    fields |= {"data_dir": str(data_dir) if data_dir else None, "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer),
+               "files": [[f.name, f.size, f.mtime_ns, f.sha256] for f in fingerprint(config)]}
     code = "".join(inspect.getsource(module) for module in _data_code())
     return hashlib.sha256((json.dumps(fields, sort_keys=True, default=str) + code).encode()).hexdigest()[:20]
 

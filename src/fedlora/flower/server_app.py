@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedlora.checkpoint import load_state
-from fedlora.federation import build_federation
+from fedlora.federation import build_federation, load_data
 from fedlora.flower import data_cache
 from fedlora.flower.config import run_config_from_flower
 from fedlora.flower.nodes import FederationError
@@ -27,7 +27,7 @@ from fedlora.flower.strategy import FedLoraStrategy
 from fedlora.flower.wire import model_record
 from fedlora.model import build_model
 from fedlora.rounds import Server
-from fedlora.run_dir import check_same_experiment, check_start
+from fedlora.run_dir import check_resume, check_start
 from fedlora.tasks import task_for
 
 app = ServerApp()
@@ -38,11 +38,12 @@ def main(grid: Grid, context: Context) -> None:
     config, options = run_config_from_flower(context.run_config)
     task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
     if options.resume:  # the same experiment or nothing: refused before minutes of loading (as fedlora run --resume)
-        check_same_experiment(load_state(Path(config.out)).config, config)
+        check_resume(load_state(Path(config.out)), config)
     check_start(config, options.resume)
+    raw = load_data(config)  # before the model: a bad data file is one line in seconds
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
-    federation = build_federation(config, tokenizer)
+    federation = build_federation(config, tokenizer, raw)
     data_cache.warm(config, tokenizer, federation)  # SuperNodes sharing this disk (simulation, tests) reuse it
     server = Server.open(config, model, tokenizer, federation, resume=options.resume, keep_merges=True)
     remaining = len(server.remaining_rounds())

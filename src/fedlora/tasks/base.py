@@ -91,6 +91,23 @@ class Task(ABC):
         ``data_dir`` is the user's ``--data-dir`` (a task with built-in data ignores it).
         """
 
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        """The files :meth:`load` reads from ``data_dir``, in a fixed order (their content is the run's data:
+        a resume on other content is refused, and the Flower data cache is keyed by it). [] when the data
+        is built in or comes from the hub. Default, for tasks that do not say: every file under the data
+        folder (``data_dir``, else ``$FEDLORA_DATA_DIR``), sorted, less hidden ones (``.git``, ``.cache``:
+        not data, and they change); override it to name only the files read.
+        """
+        from fedlora.data.loading import resolve_data_dir
+
+        root = resolve_data_dir(data_dir)
+        if root is None or not root.exists():
+            return []
+        if root.is_file():
+            return [root]
+        return sorted(p for p in root.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
     def partition_key(self, train: datasets.Dataset) -> np.ndarray | None:
         """(n,) int64 key per training row whose mix the Dirichlet split skews (labels, topics...).
 

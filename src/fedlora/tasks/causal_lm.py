@@ -10,7 +10,9 @@ default SmolLM2-135M-Instruct) and the evaluation loop are shared here.
 Encoding: ``input_ids = prompt tokens + response tokens (+ end-of-turn)``, ``labels`` the same with
 the prompt positions set to -100, so the loss is on the response only. Longer rows than
 ``max_length`` keep at least half of their budget for the response and cut the prompt from the left.
-``prompt_ids`` (the formatted prompt, left-truncated) is what generation starts from.
+``prompt_ids`` (the whole formatted prompt, encoded on its own) is what generation starts from: the
+reference answer's length is a training budget and must not cut the prompt a model answers. Only
+what exceeds the model's positions less ``max_new_tokens`` is cut, from the left, at generation.
 
 Evaluation: the mean token NLL and next-token accuracy on the response tokens (teacher forcing:
 cheap, and the signal that separates methods on small models), then, unless ``max_new_tokens`` is 0,
@@ -99,14 +101,14 @@ class CausalLMTask(Task):
             p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
             r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
             out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_ids": []}
-            for p, r in zip(p_ids, r_ids):
-                p = bos + p
-                r = r[: max(max_length // 2, max_length - len(p))]  # the response keeps >= half the budget
-                p = p[len(p) - (max_length - len(r)):] if len(p) + len(r) > max_length else p
+            for whole, r in zip(p_ids, r_ids):
+                whole = bos + whole
+                r = r[: max(max_length // 2, max_length - len(whole))]  # the response keeps >= half the budget
+                p = whole[len(whole) - (max_length - len(r)):] if len(whole) + len(r) > max_length else whole
                 out["input_ids"].append(p + r)
                 out["attention_mask"].append([1] * (len(p) + len(r)))
                 out["labels"].append([IGNORE] * len(p) + r)
-                out["prompt_ids"].append(p)
+                out["prompt_ids"].append(whole)  # not p: generation has no reference answer to make room for
             return out
 
         return ds.map(encode_batch, batched=True, desc=f"encoding {self.name}")
@@ -204,6 +206,9 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
 
     pad = _pad_id(tokenizer)
     stop = sorted({i for i in (tokenizer.eos_token_id, _end_of_turn_id(tokenizer)) if i is not None})
+    room = prompt_room(model, max_new_tokens)
+    if room is not None:  # only what the model cannot hold goes, from the left (the question is at the end)
+        prompts = [p[len(p) - room:] if len(p) > room else p for p in prompts]
     order = np.argsort([len(p) for p in prompts], kind="stable")
     texts: list[str] = [""] * len(prompts)
     was_training = model.training
@@ -234,6 +239,19 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     bar.close()
     model.train(was_training)
     return texts
+
+
+def prompt_room(model: nn.Module, max_new_tokens: int) -> int | None:
+    """The longest prompt ``model`` can continue by ``max_new_tokens`` tokens (None: its positions are not limited)."""
+    from fedlora.model_checks import max_positions
+
+    limit = max_positions(model)
+    if limit is None:
+        return None
+    if max_new_tokens >= limit:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's {limit} "
+                         f"positions; use --max-new-tokens {limit // 2} or less")
+    return limit - max_new_tokens
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -38,6 +38,17 @@ class GlueTask(SequenceClassificationTask):
 
         return load_glue(self.spec, data_dir)
 
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        """The task folder's train (when present) and dev files, as :func:`fedlora.data.load_glue` finds them."""
+        from fedlora.data.glue_files import find_layout
+        from fedlora.data.loading import resolve_data_dir
+
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            return []
+        folder, layout = find_layout(self.spec, root)
+        return [folder / name for name in (layout.train, layout.test) if name is not None]
+
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Accuracy (+ F1 for MRPC/QQP, MCC for CoLA), Pearson/Spearman for STS-B; see compute_metrics."""
         from fedlora.data.metrics import compute_metrics

@@ -53,6 +53,12 @@ class InstructTask(CausalLMTask):
         task.metric = "exact_match" if config.exact_match else "token_accuracy"
         return task
 
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        if data_dir is None:
+            return []  # load() says what is missing
+        root = Path(data_dir).expanduser()
+        return [root / name for name in ("train.jsonl", "test.jsonl") if (root / name).is_file()]
+
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
 

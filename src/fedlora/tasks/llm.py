@@ -59,16 +59,21 @@ def find_file(data_dir: str | Path, folder: str, name: str) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file (optionally gzip); a malformed line is reported with its number."""
+    """Rows of a JSON-lines file (optionally gzip); a malformed line, or one that is valid JSON but not an
+    object (a string, number, list or null), is reported with its number."""
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}); each line must be one object") from None
+                if not isinstance(row, dict):  # callers index rows by field name: a str or int would crash them
+                    kind = "null" if row is None else {bool: "boolean", str: "string", list: "list"}.get(type(row), "number")
+                    raise ValueError(f"{path}:{number} is a JSON {kind}, not an object; each line must be one object")
+                rows.append(row)
     return rows
 
 
@@ -110,6 +115,10 @@ class GSM8KTask(CausalLMTask):
     """Grade-school maths word problems; metric: exact match of the final number."""
 
     metric = "exact_match"
+
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        root = local_dir(data_dir)
+        return [] if root is None else [find_file(root, "gsm8k", f"{s}.jsonl") for s in ("train", "test")]
 
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
@@ -182,6 +191,10 @@ class MBPPTask(CausalLMTask):
 
             boundary_or_refuse(self.allow_unsandboxed_code)
 
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        root = local_dir(data_dir)
+        return [] if root is None else [find_file(root, "mbpp", "mbpp.jsonl")]
+
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
 
@@ -200,6 +213,10 @@ class MBPPTask(CausalLMTask):
 @register_task("humaneval")
 class HumanEvalTask(MBPPTask):
     """Trains on MBPP's train split; tests on HumanEval's 164 problems; metric: pass@1 (greedy)."""
+
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        root = local_dir(data_dir)
+        return [] if root is None else [find_file(root, "humaneval", "HumanEval.jsonl.gz"), *super().data_files(root)]
 
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets
@@ -237,6 +254,9 @@ class MathCodeTask(CausalLMTask):
         assert isinstance(task, MathCodeTask)
         task.domains = {name: sub.configure(config) for name, sub in self.domains.items()}
         return task
+
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        return [path for sub in self.domains.values() for path in sub.data_files(data_dir)]
 
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         import datasets

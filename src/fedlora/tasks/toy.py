@@ -62,6 +62,9 @@ class ToyTask(SequenceClassificationTask):
     num_labels = 2
     metric = "accuracy"
 
+    def data_files(self, data_dir: str | Path | None) -> list[Path]:
+        return []  # generated: no file is read, whatever --data-dir says
+
     def load(self, data_dir: str | Path | None = None) -> datasets.DatasetDict:
         """The fixed train/test splits; ``data_dir`` is ignored (the data is generated)."""
         import datasets
