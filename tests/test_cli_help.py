@@ -14,7 +14,7 @@ from fedlora import cli
 from fedlora.config import ConfigError, RunConfig
 from fedlora.config_schema import flag, help_line
 
-COMMANDS = ("run", "compare", "demo", "bench")
+COMMANDS = ("run", "compare", "demo", "bench", "methods", "tasks")
 # Every kind of field: a pairs dict, tuples, an optional float spelled 'iid', optional ints, bools, the knobs.
 SET = dict(task="rte", max_length=40, rank=4, lora_alpha=8.0, client_ranks=(2, 4, 3), rank_map="svd",
            target_modules=("query", "key", "value"), local_steps=3, batch_size=6, grad_accum=2, lr=1e-3,
@@ -130,6 +130,82 @@ def test_verbose_works_before_or_after_the_command(argv: list[str]) -> None:
 @pytest.mark.parametrize("argv", [["run"], ["compare", "a"], ["demo"], ["bench"]])
 def test_verbose_is_off_unless_given(argv: list[str]) -> None:
     assert cli.build_parser().parse_args(argv).verbose is False
+
+
+# --- misspelt and abbreviated options ------------------------------------------------------------
+
+# (command's arguments before the bad option, the misspelt option, the option meant)
+MISSPELT = [(["run"], "--local-step", "--local-steps"), (["run"], "--lr-shedule", "--lr-schedule"),
+            (["compare", "runs/a"], "--ot", "--out"), (["demo"], "--round", "--rounds"),
+            (["bench"], "--dryrun", "--dry-run"), (["methods"], "--formt", "--format"), (["tasks"], "--fromat", "--format")]
+
+
+@pytest.mark.parametrize("before, wrong, meant", MISSPELT)
+@pytest.mark.parametrize("with_value", [False, True])
+def test_a_misspelt_option_gets_one_line_naming_the_closest_option(before, wrong, meant, with_value, capsys) -> None:
+    argv = [*before, f"{wrong}=3" if with_value else wrong]
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"fedlora {before[0]}: error: unknown option {wrong}; did you mean {meant}?\n"
+
+
+def test_an_option_nothing_resembles_points_to_help_and_a_stray_word_is_named(capsys) -> None:
+    for argv, expected in ((["run", "--zzzzzz"], "fedlora run: error: unknown option --zzzzzz; `fedlora run --help` "
+                            "lists the options\n"),
+                           (["run", "stray"], "fedlora run: error: unexpected argument 'stray'; `fedlora run --help` "
+                            "lists what it takes\n")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2 and capsys.readouterr().err == expected
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_no_prefix_of_an_option_is_accepted_for_it(command: str, capsys) -> None:
+    # argparse's default took `--local-step 3` as --local-steps: a prefix must be an error, for every option
+    parser = subparser(command)
+    assert not parser.allow_abbrev and not cli.build_parser().allow_abbrev
+    options = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}  # noqa: SLF001
+    before = ["compare", "runs/a"] if command == "compare" else [command]
+    for option in options:
+        prefix = option[:-1]
+        if any(o.startswith(prefix) and o != option for o in options) or prefix in options:
+            continue  # ambiguous or itself an option: argparse never expanded these
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([*before, prefix, "1"])
+        assert f"unknown option {prefix};" in capsys.readouterr().err, option
+
+
+def test_the_bench_entry_point_of_benchmarks_paper_py_refuses_prefixes_too(capsys) -> None:
+    from fedlora.bench.cli import main as bench_main
+
+    for argv, meant in ((["--dry"], "--dry-run"), (["--dryrun"], "--dry-run")):
+        with pytest.raises(SystemExit) as info:
+            bench_main(argv)
+        assert info.value.code == 2
+        assert capsys.readouterr().err == f"fedlora bench: error: unknown option {argv[0]}; did you mean {meant}?\n"
+
+
+def test_bench_and_compare_options_still_parse_when_spelt_in_full() -> None:
+    args = cli.build_parser().parse_args(
+        ["bench", "--preset", "quick", "--data-dir", "d", "--out", "o", "--tasks", "sst2", "--methods", "fedit",
+         "--seeds", "0", "1", "--set", "rounds=2", "--step-seconds", "0.5", "--calibrate", "--dry-run", "--report-only",
+         "--progress", "--workers", "2", "--reuse", "r"])
+    assert (args.preset, args.data_dir, args.out, args.tasks, args.methods, args.seeds) == \
+        ("quick", "d", "o", ["sst2"], ["fedit"], [0, 1])
+    assert args.overrides == [("rounds", 2)] and args.step_seconds == 0.5 and args.workers == 2
+    assert args.calibrate and args.dry_run and args.report_only and args.progress and [str(p) for p in args.reuse] == ["r"]
+    args = cli.build_parser().parse_args(["compare", "runs/a", "runs/b", "--out", "runs/cmp", "-v"])
+    assert (args.runs, args.out, args.verbose) == (["runs/a", "runs/b"], "runs/cmp", True)
+
+
+def test_the_first_examples_name_a_local_data_dir_and_say_what_happens_without_one() -> None:
+    # A newcomer's first command, copied from --help, failed offline: it had no --data-dir.
+    for text in (cli.build_parser().format_help(), subparser("demo").format_help(), subparser("run").format_help()):
+        first = next(line for line in text.splitlines() if re.match(r"^  fedlora \w+ ", line))
+        assert "--data-dir ../shared/data/glue" in first, first
+        assert "$FEDLORA_DATA_DIR, else the Hugging Face hub" in " ".join(text.split()), "what happens without it"
 
 
 # --- --config FILE -------------------------------------------------------------------------------

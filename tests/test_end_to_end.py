@@ -75,7 +75,7 @@ def check_outputs_and_reload(config: RunConfig, history: list[dict]) -> None:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [r["round"] for r in history]
     assert RunConfig.from_json((out / "config.json").read_text()) == config
-    assert (out / "accuracy.png").stat().st_size > 0 and (out / "divergence.png").stat().st_size > 0
+    assert (out / "global_accuracy.png").stat().st_size > 0 and (out / "divergence.png").stat().st_size > 0
     model, tokenizer = load_model_with_adapter(out / "adapter")
     from fedlora.client import evaluate_on
     from fedlora.federation import build_federation

@@ -274,3 +274,126 @@ def test_the_model_card_escapes_what_it_quotes_and_names_no_local_path(tmp_path)
     assert command[command.index("--out") + 1] == name.replace("\n", "\\n")  # its folder's name, not a path
     assert command[command.index("--data-dir") + 1] == "data" and command[command.index("--model") + 1] == "my-model"
     assert "<td>acc|*x*</td>" in markdown.render(body)  # a metric name stays one table cell, literally
+
+
+# --- plots say what they show; the demo says where its outputs are; the LLM card says how data was split ---
+
+def _write_llm_run(path: Path, exact_match: list[float], loss: list[float], token_accuracy: list[float]) -> Path:
+    """A synthetic `--task instruct --exact-match` run: exact match flat at 0 while loss and token accuracy move."""
+    path.mkdir(parents=True)
+    config = json.loads(RunConfig(task="instruct", exact_match=True, rounds=len(loss), clients=4, alpha=0.5).to_json())
+    (path / "config.json").write_text(json.dumps(config))
+    records = [{"round": t, "global_metric": em, "divergence": 0.1, "eckart_young_bound": 0.05, "bytes_up": 1,
+                "bytes_down": 1, "server_seconds": 0.1, "wall_seconds": 1.0, "local_metric_mean": None,
+                "global": {"loss": lo, "perplexity": math.exp(lo), "token_accuracy": ta, "exact_match": em, "main": em}}
+               for t, (em, lo, ta) in enumerate(zip(exact_match, loss, token_accuracy), 1)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_an_llm_run_plots_each_metric_under_its_own_name_on_a_nonnegative_axis(tmp_path, monkeypatch):
+    from fedlora.reporting import plot_run
+
+    figures = _captured_figures(monkeypatch)
+    run = _write_llm_run(tmp_path / "run", [0.0, 0.0, 0.0], [2.1, 1.7, 1.5], [0.40, 0.45, 0.47])
+    written = plot_run(run)
+    assert [p.name for p in written] == ["global_exact_match.png", "global_loss.png", "global_token_accuracy.png",
+                                         "divergence.png"]
+    assert not (run / "accuracy.png").exists() and all(p.stat().st_size > 0 for p in written)
+    for fig, name, ys in zip(figures, ("exact_match", "loss", "token_accuracy"),
+                             ([0.0] * 3, [2.1, 1.7, 1.5], [0.40, 0.45, 0.47])):
+        ax = fig.axes[0]
+        assert ax.get_ylabel() == f"global {name}"  # what is plotted, not the registered token_accuracy
+        assert list(ax.get_lines()[0].get_ydata()) == ys
+        assert ax.get_ylim()[0] >= 0, f"{name}'s axis runs negative: {ax.get_ylim()}"
+
+
+def test_a_signed_metric_keeps_its_negative_axis_and_a_glue_run_plots_its_metric_only(tmp_path, monkeypatch):
+    from fedlora.reporting import plot_runs
+
+    figures = _captured_figures(monkeypatch)
+    run = _write_run(tmp_path / "cola", "fedit", [0.3, 0.2, 0.1])
+    config = json.loads((run / "config.json").read_text()) | {"task": "cola"}
+    (run / "config.json").write_text(json.dumps(config))
+    records = [json.loads(line) | {"global_metric": 0.0} for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # the majority class: MCC 0
+    written = plot_runs([run], tmp_path / "plots", prefix="compare_")
+    assert [p.name for p in written] == ["compare_global_matthews_correlation.png", "compare_divergence.png"]
+    assert figures[0].axes[0].get_ylabel() == "global matthews_correlation"
+    assert figures[0].axes[0].get_ylim()[0] < 0  # a correlation can be negative: its axis may say so
+
+
+def test_compare_shows_the_local_column_only_when_a_run_measured_it(tmp_path):
+    from fedlora.reporting import compare_table
+
+    runs = [_write_run(tmp_path / "a", "fedit", [0.3, 0.2, 0.1]), _write_run(tmp_path / "b", "svd", [0.0, 0.0, 0.0])]
+    header, _, row, _ = compare_table(runs).splitlines()
+    assert "local" not in header and header.count("|") == row.count("|")  # every column filled
+    records = [json.loads(line) for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    records[-1]["local_metric_mean"] = 0.75
+    (runs[1] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = compare_table(runs).splitlines()
+    assert "local (last)" in lines[0] and "| – |" in lines[2] and "| 0.7500 |" in lines[3]
+
+
+def test_the_demo_ends_saying_where_its_table_runs_and_adapters_are(monkeypatch, capsys, tmp_path):
+    import fedlora.cli as cli
+    import fedlora.simulation as simulation
+
+    def fake_run(config, **kwargs):  # what a real run leaves: config.json, metrics.jsonl, adapter/
+        _write_run(Path(config.out + ".src"), config.method, [0.2, 0.1, 0.05])
+        for name in ("config.json", "metrics.jsonl"):
+            (Path(config.out) / name).write_text((Path(config.out + ".src") / name).read_text())
+        (Path(config.out) / "adapter").mkdir()
+
+    monkeypatch.setattr(simulation, "run", fake_run)
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--rounds", "3", "--out", "demo"]) == 0
+    out = capsys.readouterr().out
+    tail = out[out.index("demo outputs"):]
+    assert (tmp_path / "demo" / "compare.md").is_file() and "demo/compare.md" in tail
+    for method in ("flora-na-stable", "fedit"):
+        assert f"demo/{method}/ " in tail and f"demo/{method}/adapter/ " in tail
+    assert "local" not in (tmp_path / "demo" / "compare.md").read_text()  # the demo never evaluates locally
+
+
+@pytest.mark.parametrize("task, skew, alpha, expected", [
+    ("gsm8k", "auto", 0.5, "quantity skew: client sizes ~ Dirichlet(α = 0.5), rows IID"),  # no key: auto = quantity
+    ("sst2", "quantity", 0.1, "quantity skew: client sizes ~ Dirichlet(α = 0.1), rows IID"),
+    ("sst2", "auto", 0.5, "Dirichlet α = 0.5"),
+    ("gsm8k", "auto", None, "IID split"),
+])
+def test_the_model_card_says_how_the_clients_data_was_split(tmp_path, task, skew, alpha, expected):
+    from fedlora.model_card import write_model_card
+
+    config = RunConfig(task=task, skew=skew, alpha=alpha, out=str(tmp_path / "run"))
+    card = write_model_card(tmp_path, config, [], "base", "as loaded").read_text()
+    assert f"clients ({expected}, share per round" in card
+    assert ("Dirichlet α" in card) == (expected == "Dirichlet α = 0.5")
+
+
+def test_the_base_record_of_a_causal_lm_has_no_classifier_head_fields():
+    from types import SimpleNamespace
+
+    from fedlora.peft_bridge import base_meta
+
+    head = SimpleNamespace(num_labels=2, problem_type=None)  # what transformers' config says for any model
+    llm = base_meta("CAUSAL_LM", head, "HuggingFaceTB/SmolLM2-135M-Instruct", "/x", "as loaded", [])
+    assert "num_labels" not in llm and "problem_type" not in llm and llm["task_type"] == "CAUSAL_LM"
+    classifier = base_meta("SEQ_CLS", SimpleNamespace(num_labels=1, problem_type="regression"), "m", "/x", "as", [])
+    assert (classifier["num_labels"], classifier["problem_type"]) == (1, "regression")
+
+
+def test_overwrite_removes_the_per_metric_plots_and_nothing_else(tmp_path):
+    from fedlora.run_dir import claim, refuse_existing, remove_outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("global_exact_match.png", "global_loss.png", "divergence.png", "notes.png"):
+        (out / name).write_bytes(b"png")
+    with pytest.raises(ConfigError, match="holds divergence.png, global_exact_match.png, global_loss.png"):
+        refuse_existing(out, overwrite=True)  # not a fedlora run: its plot-named files are not ours to delete
+    claim(out)
+    remove_outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == [".fedlora-run", "notes.png"]

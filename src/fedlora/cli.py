@@ -5,12 +5,16 @@ aggregates the adapters with the chosen method and scores the global model. A ru
 config.json, metrics.jsonl, plots and the trained PEFT adapter.
 
 examples:
-  fedlora demo                                  SST-2, 10 clients, alpha 0.5: FLoRA-NA (stabilised) vs FedIT
-  fedlora run --task toy --rounds 2             a small run that checks the setup
-  fedlora run --task rte --method fedit --rounds 20 --clients 10 --alpha 0.5 --out runs/rte-fedit
+  fedlora demo --data-dir ../shared/data/glue   SST-2, 10 clients, alpha 0.5: FLoRA-NA (stabilised) vs FedIT,
+                                                read from local GLUE files; without --data-dir the data comes
+                                                from $FEDLORA_DATA_DIR, else the Hugging Face hub (network)
+  fedlora run --task toy --rounds 2             a small run that checks the setup (built-in data, no files)
+  fedlora run --task rte --data-dir ../shared/data/glue --method fedit --rounds 20 --clients 10 --out runs/rte
   fedlora run --config run.toml --seed 1        options from a TOML file; flags override it
   fedlora compare runs/demo/fedit runs/demo/flora-na-stable --out runs/cmp
   fedlora bench --preset quick --dry-run        what a benchmark grid runs, and its estimated time
+  fedlora methods                               every aggregation method: options, secure aggregation, source
+  fedlora tasks                                 every task: model family, metric, where its data comes from
 
 `fedlora COMMAND --help` lists a command's options and their defaults; -v (before or after COMMAND)
 logs each round.
@@ -25,16 +29,23 @@ import sys
 import warnings
 from pathlib import Path
 
+from fedlora.cli_parser import Parser
 from fedlora.config import ConfigError, RunConfig
 from fedlora.config_schema import add_arguments, from_namespace
+from fedlora.demo import DEMO_EXAMPLES
+
+FORMATS = ("text", "markdown")  # fedlora.catalog.FORMATS; repeated so that building the parser imports nothing
 
 RUN_EXAMPLES = """\
 examples:
-  fedlora run --task sst2 --method flora-na --rounds 20 --clients 10 --alpha 0.5 --out runs/sst2
-  fedlora run --task rte --lr-schedule cosine --warmup-steps 20 --weight-decay 0.01 --max-grad-norm 1
+  fedlora run --task sst2 --data-dir ../shared/data/glue --method flora-na --rounds 20 --clients 10 --out runs/sst2
+  fedlora run --task rte --data-dir ../shared/data/glue --lr-schedule cosine --warmup-steps 20 --max-grad-norm 1
   fedlora run --config run.toml --rounds 40     the options from run.toml, --rounds overridden
   fedlora run --config runs/sst2/config.json --seed 1 --out runs/sst2-seed1    repeat a run, one change
   fedlora run --resume runs/sst2                continue an interrupted run from its checkpoint
+
+Without --data-dir the data comes from $FEDLORA_DATA_DIR, else the Hugging Face hub, which needs the
+network; `fedlora tasks` says where each task's data comes from. The toy task needs no data.
 
 --config FILE: a TOML file with any of the options above, dashed or underscored, at the top level or
 in a table named after the option's section; unknown keys are refused. A run's config.json (JSON)
@@ -77,16 +88,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     """A sub-command whose --help shows its description, its examples and ``-v`` (also accepted here)."""
-    verbose = argparse.ArgumentParser(add_help=False)
+    verbose = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,  # keeps a -v given
                          help="log each round (also accepted before the command)")  # before the command
-    return sub.add_parser(name, help=help, description=help, epilog=examples, parents=[verbose],
+    return sub.add_parser(name, help=help, description=help, epilog=examples, parents=[verbose], allow_abbrev=False,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="fedlora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each round")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = _subcommand(sub, "run", "federated fine-tuning with the local engine (every option has a default)",
@@ -103,10 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default=None, help="also write compare.md and the plots here (default: print "
                          "the table only)")
     demo = _subcommand(sub, "demo", "SST-2, 10 clients, alpha=0.5: the stabilised FLoRA-NA (the default method) "
-                       "vs FedIT", "examples:\n  fedlora demo\n  fedlora demo --rounds 4 --out runs/demo-short\n"
-                       "  fedlora demo --methods flora-na-stable flora-na fedit    the paper's FLoRA-NA too\n")
+                       "vs FedIT", DEMO_EXAMPLES)
     demo.add_argument("--data-dir", default=None, help="GLUE folder with SST-2/ (default: $FEDLORA_DATA_DIR, "
-                      "else the Hugging Face hub)")
+                      "else the Hugging Face hub, which needs the network)")
     demo.add_argument("--out", default="runs/demo", help="one run directory per method under this (default: "
                       "%(default)s)")
     demo.add_argument("--methods", nargs="+", default=["flora-na-stable", "fedit"],
@@ -118,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_options(_subcommand(sub, "bench", "paper benchmark grid: tables, CSV, plots (see docs/results.md)",
                                   BENCH_EXAMPLES))
+    for name, what in (("methods", "aggregation method: what clients train and upload, options and defaults, "
+                                    "secure aggregation, mixed ranks, source"),
+                       ("tasks", "task: model family, metric, what is learned, where the data comes from")):
+        listing = _subcommand(sub, name, f"every registered {what} (docs/{name}.md is its Markdown)",
+                              f"examples:\n  fedlora {name}\n  fedlora {name} --format markdown > docs/{name}.md    "
+                              "regenerate the docs' table\n")
+        listing.add_argument("--format", choices=FORMATS, default="text",
+                             help="text: one block per entry; markdown: the docs' tables (default: %(default)s)")
     return parser
 
 
@@ -135,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_libraries()
             return _compare(args.runs, args.out)
         if args.command == "demo":
-            return _demo(args)
+            from fedlora.demo import run_demo
+
+            return run_demo(args)
+        if args.command in ("methods", "tasks"):
+            from fedlora.catalog import render
+
+            print(render(args.command, args.format), end="" if args.format == "markdown" else "\n")
+            return 0
         if args.command == "bench":
             _quiet_libraries()
             from fedlora.bench import run_from_args
@@ -227,54 +251,3 @@ def _compare(runs: list[str], out: str | None) -> int:
         for path in plot_runs(runs, Path(out), prefix="compare_"):
             print(f"wrote {path}")
     return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    configs = [  # all built (and validated) before the first one runs
-        RunConfig(
-            task="sst2", data_dir=args.data_dir, method=method, rounds=args.rounds, clients=10, alpha=0.5,
-            local_steps=5, batch_size=16, lr=5e-3, max_length=48, eval_local_every=0, max_eval_examples=None,
-            out=str(Path(args.out) / method),
-        )
-        for method in args.methods
-    ]
-    from fedlora import runlock
-    from fedlora.run_dir import claim, refuse_existing, remove_outputs
-
-    outs = [Path(c.out) for c in configs]
-    held: list[Path] = []
-    try:  # every method's directory locked for the whole demo, and all checked before any is changed
-        for out in outs:
-            runlock.acquire(out)
-            held.append(out)
-        for out in outs:
-            refuse_existing(out, args.overwrite, resume_hint=False)
-        for out in outs:
-            if args.overwrite:
-                remove_outputs(out)
-            claim(out)
-        return _demo_runs(configs, args.out)
-    finally:
-        for out in held:
-            runlock.release(out)
-
-
-def _demo_runs(configs: list[RunConfig], out: str) -> int:
-    from fedlora.bench.presets import STEP_SECONDS, estimate_seconds
-    from fedlora.progress import RunProgress, plan_text
-    from fedlora.simulation import run
-
-    # The cost model is fitted at batch 32 x 64; at the demo's 16 x 48 it predicts 87 s for fedit, which took
-    # 221 s on a 2-core AMD EPYC at load 1-2 (fedlora demo, 2026-11-30): scale by that measurement.
-    measured_scale = 2.5
-    estimates = [estimate_seconds(c) * measured_scale for c in configs]
-    print(plan_text(configs, sum(estimates), f"cost model at {STEP_SECONDS} s per step x {measured_scale}, as "
-                    "measured for fedit on a 2-core CPU; the ETA below is corrected by each finished run"), flush=True)
-    _quiet_libraries()
-    progress = RunProgress(estimates)
-    for index, config in enumerate(configs):
-        what = f"{config.method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}"
-        progress.start(index, what)
-        run(config)
-        progress.finish(index, what)
-    return _compare([c.out for c in configs], out)

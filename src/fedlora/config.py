@@ -347,7 +347,7 @@ def _validate_ranks(c: RunConfig) -> None:
     _require(policy.mixed_ranks, "client_ranks", c.client_ranks,
              f"--method {c.method} does not support mixed client ranks; drop --client-ranks or use one of "
              + ", ".join(m for m in _method_names() if get_method(m).policy.mixed_ranks))
-    _require(c.rank_map == "truncate" or (policy.train_A and not policy.private_factors and not policy.alternate),
+    _require(c.rank_map in policy.rank_maps,
              "rank_map", c.rank_map,
              f"--method {c.method} keeps a frozen or client-held factor that an SVD re-factorisation would replace; "
              "use --rank-map truncate")

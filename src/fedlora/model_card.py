@@ -182,6 +182,22 @@ def markdown_code(text: Any) -> str:
     return f"{'`' * (longest + 1)}{pad}{text}{pad}{'`' * (longest + 1)}"
 
 
+def split_text(config: RunConfig) -> str:
+    """How the clients' data was split, as :func:`fedlora.federation.build_federation` does it: an IID split,
+    a Dirichlet skew of each client's mix over the task's partition key (GLUE: labels), or a quantity skew
+    (IID rows, client sizes ~ Dirichlet), which ``--skew auto`` means for a task without a key (LLM tasks)."""
+    if config.alpha is None:
+        return "IID split"
+    from fedlora.tasks import get_task
+    from fedlora.tasks.base import Task
+
+    # A task without a key does not override partition_key (which then returns None, whatever the data).
+    keyless = type(get_task(config.task)).partition_key is Task.partition_key
+    if config.skew == "quantity" or (config.skew == "auto" and keyless):
+        return f"quantity skew: client sizes ~ Dirichlet(α = {config.alpha}), rows IID"
+    return f"Dirichlet α = {config.alpha}"
+
+
 def write_model_card(path: str | Path, config: RunConfig, history: list[dict[str, Any]], base_ref: str,
                      loaded_as: str) -> Path:
     """``README.md`` in the adapter directory: the run, its final metrics, and how to load it."""
@@ -198,7 +214,6 @@ def write_model_card(path: str | Path, config: RunConfig, history: list[dict[str
     snippet = template.format(adapter=repr(f"{run_name}/adapter"))  # from the folder holding the run
     base_shown = local_name(base_ref)  # a local checkpoint given by absolute path: its folder's name only
     loaded_shown = loaded_as.replace(base_ref, base_shown) if base_shown != base_ref else loaded_as
-    alpha = config.alpha if config.alpha is not None else "iid"
     lines = [
         "---",
         "library_name: peft",
@@ -210,7 +225,7 @@ def write_model_card(path: str | Path, config: RunConfig, history: list[dict[str
         "",
         f"Trained federated with fedlora: method {markdown_code(config.method)}, task {markdown_code(config.task)}, "
         f"{last.get('round', 0)} of {config.rounds} rounds, {config.clients} clients "
-        f"(Dirichlet α = {alpha}, share per round {config.fraction}), "
+        f"({split_text(config)}, share per round {config.fraction}), "
         f"{config.local_steps} local steps at batch {config.batch_size}, lr {config.lr}, LoRA rank {config.rank} "
         f"(alpha {config.lora_alpha}), seed {config.seed}.",
         "",

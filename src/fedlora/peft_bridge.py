@@ -272,17 +272,20 @@ def save_adapter(model: PeftModel, path: str | Path, *, given_model: str | None 
         save_file(base_weights, str(path / BASE_WEIGHTS_FILE))
     elif (path / BASE_WEIGHTS_FILE).exists():  # stale file from an earlier save into the same dir
         (path / BASE_WEIGHTS_FILE).unlink()
-    config = model.get_base_model().config
-    meta = {
-        "base_model": reference,
-        "base_model_loaded_from": loaded_from,
-        "base_model_loaded_as": loaded_as,
-        "task_type": str(getattr(peft_config.task_type, "value", peft_config.task_type)),  # SEQ_CLS or CAUSAL_LM
-        "num_labels": int(config.num_labels),
-        "problem_type": config.problem_type,
-        "merged_modules": merged,
-    }
+    task_type = str(getattr(peft_config.task_type, "value", peft_config.task_type))  # SEQ_CLS or CAUSAL_LM
+    meta = base_meta(task_type, model.get_base_model().config, reference, loaded_from, loaded_as, merged)
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def base_meta(task_type: str, config: Any, reference: str, loaded_from: str, loaded_as: str,
+              merged: list[str]) -> dict[str, Any]:
+    """What ``fedlora_base.json`` records. A classifier's head size and loss (``num_labels``, ``problem_type``)
+    only where there is a head: a causal LM has neither (transformers' config still says num_labels=2)."""
+    meta: dict[str, Any] = {"base_model": reference, "base_model_loaded_from": loaded_from,
+                            "base_model_loaded_as": loaded_as, "task_type": task_type}
+    if task_type != "CAUSAL_LM":
+        meta |= {"num_labels": int(config.num_labels), "problem_type": config.problem_type}
+    return meta | {"merged_modules": merged}
 
 
 def _load_base_causal_lm(model: str) -> tuple[Any, PreTrainedTokenizerBase]:

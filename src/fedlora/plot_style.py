@@ -37,6 +37,18 @@ def linear_axis(ax: Axes) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(_label))
 
 
+SIGNED_METRICS = frozenset({"matthews_correlation", "pearson", "spearman"})  # correlations: [-1, 1]; the rest are >= 0
+
+
+def nonnegative_axis(ax: Axes, values: Iterable[float]) -> None:
+    """Call after plotting: a y axis that does not run below 0 when no value does (a flat line at 0 was drawn
+    on -0.05..0.05, suggesting negative exact matches). Metrics that can be negative: :data:`SIGNED_METRICS`."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    low, high = ax.get_ylim()
+    if finite and min(finite) >= 0 and low < 0:
+        ax.set_ylim(0, high if high > 0 else 1)
+
+
 def value_axis(ax: Axes, values: Iterable[float], what: str = "divergence") -> str:
     """Call after plotting: log scale with labelled ticks for ``values`` spanning more than
     :data:`LINEAR_RANGE`, else linear. Returns the y label to use.
@@ -51,6 +63,7 @@ def value_axis(ax: Axes, values: Iterable[float], what: str = "divergence") -> s
     visible = [v for v in finite if v > floor]
     if high <= 0 or max(visible) / min(visible) < LINEAR_RANGE:
         linear_axis(ax)
+        nonnegative_axis(ax, finite)  # a divergence is a norm ratio
         return what
     low = min(visible)
     bottom = min(low, floor * 10) / 1.5 if len(visible) < len(finite) else low / 1.5

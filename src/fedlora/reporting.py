@@ -1,8 +1,16 @@
-"""Plots and tables from runs' ``metrics.jsonl``: one run's curves, or several runs side by side."""
+"""Plots and tables from runs' ``metrics.jsonl``: one run's curves, or several runs side by side.
+
+Plots are named and labelled by the metric they show (``global_exact_match.png``, y axis "global
+exact_match"), the main metric as the run's task was configured (``--task instruct --exact-match``:
+exact_match, not the registered token_accuracy). A decoder-LLM run's main metric often stays at 0 for
+a small model while its test loss and token accuracy move, so those are plotted too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -41,8 +49,34 @@ def _label(config: dict[str, Any], path: Path) -> str:
 
 
 def plot_run(path: str | Path) -> list[Path]:
-    """accuracy.png (global metric vs round) and divergence.png (with the Eckart–Young bound)."""
+    """``global_<metric>.png`` per plotted metric (:func:`plotted_metrics`) and divergence.png (with the
+    Eckart–Young bound)."""
     return plot_runs([path], Path(path))
+
+
+EXTRA_METRICS = ("loss", "token_accuracy")  # a causal-LM evaluation's teacher-forced metrics: they move first
+
+
+def plot_file_name(metric: str) -> str:
+    """``global_<metric>.png`` with a file-safe metric name (pass@1: ``global_pass_at_1.png``)."""
+    return "global_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_")) + ".png"
+
+
+def plotted_metrics(config: dict[str, Any], records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(metric name, record key) per global-metric plot: the main metric (key ``global_metric``), then each of
+    :data:`EXTRA_METRICS` the records' ``global`` dicts hold (key ``global/<name>``)."""
+    seen = {k for r in records if isinstance(r.get("global"), dict) for k in r["global"]}
+    main = _metric_name(config)
+    if seen and main not in seen and "token_accuracy" in seen:
+        main = "token_accuracy"  # a causal-LM run that did not generate: main falls back to it (CausalLMTask.evaluate)
+    return [(main, "global_metric"), *((m, f"global/{m}") for m in EXTRA_METRICS if m in seen and m != main)]
+
+
+def _values(records: list[dict[str, Any]], key: str) -> list[float]:
+    if key.startswith("global/"):
+        name = key.removeprefix("global/")
+        return [float("nan") if (g := r.get("global")) is None or g.get(name) is None else g[name] for r in records]
+    return [r[key] for r in records]
 
 
 def _styles(runs: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -61,21 +95,22 @@ def _styles(runs: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]) -> li
 def plot_runs(paths: Sequence[str | Path], out: Path, prefix: str = "") -> list[Path]:
     """Overlaid curves of runs: global metric and divergence per round, the SVD bound dashed in each
     run's colour; log divergence axis with labelled ticks, integer rounds, task and setting in the title."""
-    from fedlora.plot_style import integer_rounds, linear_axis, setting_title, value_axis
+    from fedlora.plot_style import SIGNED_METRICS, integer_rounds, linear_axis, nonnegative_axis, setting_title, value_axis
 
     out.mkdir(parents=True, exist_ok=True)
     runs = [(Path(p), *read_run(p)) for p in paths]
-    metric = _metric_name(runs[0][1]) if runs else "metric"
+    metrics = plotted_metrics(runs[0][1], runs[0][2]) if runs else [("metric", "global_metric")]
     styles = _styles(runs)
     tasks = "/".join(dict.fromkeys(str(c.get("task", "?")) for _, c, _ in runs))
     title = setting_title(tasks, [c for _, c, _ in runs])
+    plots = [(plot_file_name(name).removesuffix(".png"), key, f"global {name}", name) for name, key in metrics]
     written = []
-    for name, key, ylabel in (("accuracy", "global_metric", f"global {metric}"), ("divergence", "divergence", "aggregation divergence")):
+    for name, key, ylabel, metric in [*plots, ("divergence", "divergence", "aggregation divergence", "divergence")]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         values: list[float] = []
         for (path, config, records), style in zip(runs, styles):
             rounds = [r["round"] for r in records]
-            ys = [r[key] for r in records]
+            ys = _values(records, key)
             values += ys
             ax.plot(rounds, ys, ms=5, lw=1.5, label=_label(config, path), **style)
             if key == "divergence":
@@ -87,6 +122,8 @@ def plot_runs(paths: Sequence[str | Path], out: Path, prefix: str = "") -> list[
             ax.plot([], [], ls="--", color="grey", label="SVD (Eckart–Young) bound, in the method's colour")
         else:
             linear_axis(ax)
+            if metric not in SIGNED_METRICS:
+                nonnegative_axis(ax, values)
         integer_rounds(ax)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
@@ -101,9 +138,19 @@ def plot_runs(paths: Sequence[str | Path], out: Path, prefix: str = "") -> list[
 
 
 def _metric_name(config: dict[str, Any]) -> str:
-    from fedlora.tasks import get_task
+    """The main metric of the run's task as the run configured it (Task.configure), else as registered."""
+    from fedlora.config import RunConfig
+    from fedlora.tasks import get_task, task_for
 
-    return get_task(config.get("task", "sst2")).metric
+    known = {f.name for f in dataclasses.fields(RunConfig)} - {"data_dir", "model"}  # paths of another machine
+    try:
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
+        return task_for(RunConfig(**fields)).metric
+    except (TypeError, ValueError):  # an older or edited config.json (ConfigError is a ValueError)
+        try:
+            return get_task(str(config.get("task", "sst2"))).metric
+        except ValueError:  # a task registered by code not imported here
+            return "metric"
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -142,13 +189,19 @@ def _fmt(value: float) -> str:
 
 
 def compare_table(paths: Sequence[str | Path]) -> str:
-    """A markdown table, one row per run."""
+    """A markdown table, one row per run; "local (last)" only when some run evaluated its clients locally
+    (``--eval-local-every``): the demo never does, and its column was always empty."""
     rows = [summarize(p) for p in paths]
-    header = "| run | method | rounds | final | best | local (last) | mean divergence | mean SVD bound | MB up/round | MB down/round | server s/round | wall s |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {Path(r['run']).name} | {r['method']} | {r['rounds']} | {r['final']:.4f} | {r['best']:.4f} | {_fmt(r['local'])} | "
-            f"{r['divergence']:.4g} | {r['bound']:.4g} | {r['mb_up']:.3f} | {r['mb_down']:.3f} | {r['server_s']:.3f} | {r['wall_s']:.0f} |"
-        )
+    columns: list[tuple[str, Any]] = [
+        ("run", lambda r: Path(r["run"]).name), ("method", lambda r: r["method"]), ("rounds", lambda r: r["rounds"]),
+        ("final", lambda r: f"{r['final']:.4f}"), ("best", lambda r: f"{r['best']:.4f}"),
+        ("local (last)", lambda r: _fmt(r["local"])), ("mean divergence", lambda r: f"{r['divergence']:.4g}"),
+        ("mean SVD bound", lambda r: f"{r['bound']:.4g}"), ("MB up/round", lambda r: f"{r['mb_up']:.3f}"),
+        ("MB down/round", lambda r: f"{r['mb_down']:.3f}"), ("server s/round", lambda r: f"{r['server_s']:.3f}"),
+        ("wall s", lambda r: f"{r['wall_s']:.0f}"),
+    ]
+    if all(r["local"] != r["local"] for r in rows):  # NaN everywhere: no run measured it
+        columns = [c for c in columns if c[0] != "local (last)"]
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)

@@ -41,7 +41,8 @@ RESUMABLE = {
     "log_to": "where metrics are mirrored, not what is trained",
 }
 RUN_FILES = ("config.json", "checkpoint.safetensors", "checkpoint.safetensors.tmp", "metrics.jsonl",
-             "metrics.jsonl.tmp", "accuracy.png", "divergence.png")
+             "metrics.jsonl.tmp", "accuracy.png", "divergence.png")  # accuracy.png: the plot's name before 2026-12
+RUN_PLOTS = "global_*.png"  # one plot per metric, named by it (fedlora.reporting.plot_file_name)
 RUN_DIRS = ("adapter", "adapter.tmp", "adapter.old", "generations", "tensorboard", "wandb")  # --log-to's too
 
 
@@ -168,6 +169,7 @@ def _fedlora_checkpoint(path: Path) -> bool:
 def _outputs(out: Path) -> list[str]:
     """The names fedlora writes that exist in ``out`` (folders with a trailing slash)."""
     files = [name for name in RUN_FILES if (out / name).is_file() or (out / name).is_symlink()]
+    files += sorted(p.name for p in out.glob(RUN_PLOTS) if p.is_file() or p.is_symlink())
     dirs = [f"{name}/" for name in RUN_DIRS if (out / name).exists() or (out / name).is_symlink()]
     return files + dirs
 
@@ -212,6 +214,9 @@ def remove_outputs(out: Path) -> None:
     """Remove what a fedlora run wrote in ``out`` (a fedlora run: :func:`refuse_existing` first), nothing else."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    for plot in out.glob(RUN_PLOTS):
+        if plot.is_file() or plot.is_symlink():
+            plot.unlink()
     for name in RUN_DIRS:
         if (out / name).is_symlink():  # the link, never what it points to (rmtree refuses links anyway)
             (out / name).unlink()

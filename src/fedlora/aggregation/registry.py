@@ -33,6 +33,8 @@ class MethodSpec:
     # Weightings the method understands; "authors" exists only for flora-na.
     weightings: tuple[str, ...] = ("examples", "uniform")
     option_specs: dict[str, OptionSpec] = field(default_factory=dict)
+    # Where the method comes from (a citation, or "this project"): shown by `fedlora methods` and docs/methods.md.
+    source: str = ""
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -64,13 +66,14 @@ def register_method(
     policy: TrainingPolicy = TrainingPolicy(),
     summary: str,
     weightings: tuple[str, ...] = ("examples", "uniform"),
+    source: str = "",
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator: ``@register_method("fedit", summary=...)`` over a method function."""
+    """Decorator: ``@register_method("fedit", summary=..., source="Zhang et al., ICASSP 2024")`` over a method function."""
 
     def wrap(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"aggregation method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, option_specs(fn))
+        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, option_specs(fn), source)
         return fn
 
     return wrap

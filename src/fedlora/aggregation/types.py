@@ -134,6 +134,14 @@ class TrainingPolicy:
         return ("B",) if self.local_B else ()
 
     @property
+    def rank_maps(self) -> tuple[str, ...]:
+        """The ``--rank-map`` modes mixed client ranks may use: "svd" re-factorises both factors, which would
+        replace a frozen, client-held or alternating factor, so such methods take "truncate" only."""
+        if not self.mixed_ranks:
+            return ()
+        return ("truncate", "svd") if self.train_A and not self.private_factors and not self.alternate else ("truncate",)
+
+    @property
     def merges_into_base(self) -> bool:
         """The method changes the frozen weights (its result carries a ``base_delta``)."""
         return self.download_residual or self.download_stacked

@@ -130,7 +130,9 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for benchmarks/paper.py (same options as `fedlora bench`)."""
-    parser = argparse.ArgumentParser(prog="fedlora bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fedlora.cli_parser import Parser  # no prefixes, a did-you-mean: as `fedlora bench`
+
+    parser = Parser(prog="fedlora bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_options(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)

@@ -57,6 +57,15 @@ class Task(ABC):
     name: str = ""
     metric: str = ""
     default_max_length: int = 64  # tokens per example when the run says --max-length auto
+    # What `fedlora tasks` and docs/tasks.md say about the task (fedlora.catalog): one line each.
+    summary: str = ""  # what is learned; "" shows the class docstring's first line
+    data: str = ""  # where the data comes from (hub id, files under --data-dir) and its train/test splits
+
+    @property
+    def family(self) -> str:
+        """The kind of model and problem ("encoder classification", "decoder LLM", ...); the shared base
+        classes say theirs, so a task written on one of them needs nothing here."""
+        return ""
 
     def configure(self, config: RunConfig) -> Task:
         """This task with the run's task-specific settings applied (a configured copy; the registered

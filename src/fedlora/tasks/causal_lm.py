@@ -71,6 +71,10 @@ class CausalLMTask(Task):
     eval_batch_size = 8
     system_prompt: str | None = None
 
+    @property
+    def family(self) -> str:
+        return "decoder LLM (causal LM, prompt-masked loss)"
+
     def configure(self, config: RunConfig) -> CausalLMTask:
         task = copy.copy(self)
         task.max_new_tokens = config.max_new_tokens

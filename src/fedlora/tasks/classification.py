@@ -43,6 +43,10 @@ class SequenceClassificationTask(Task):
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
+    @property
+    def family(self) -> str:
+        return "encoder regression" if self.is_regression else f"encoder classification ({self.num_labels} classes)"
+
     @abstractmethod
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Metrics from logits ``(n, num_labels)`` (``(n,)`` for regression) and labels ``(n,)``,

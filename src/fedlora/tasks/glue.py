@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     import datasets
 
 
+SUMMARIES = {  # what each task asks, for `fedlora tasks`
+    "sst2": "sentiment of a movie-review sentence (negative / positive)",
+    "mrpc": "are two news sentences paraphrases of each other?",
+    "rte": "does the first text entail the second?",
+    "cola": "is the sentence grammatically acceptable?",
+    "qnli": "does the sentence answer the question?",
+    "qqp": "are two Quora questions duplicates?",
+    "mnli": "premise and hypothesis: entailment, neutral or contradiction",
+    "stsb": "semantic similarity of two sentences, a score in [0, 5]",
+}
+
+
 class GlueTask(SequenceClassificationTask):
     """A GLUE task; ``spec`` holds its static facts (text fields, labels, metric, dev split)."""
 
@@ -31,6 +43,9 @@ class GlueTask(SequenceClassificationTask):
         self.text_fields = spec.text_fields
         self.num_labels = spec.num_labels
         self.metric = spec.metric
+        self.summary = SUMMARIES.get(spec.name, "")
+        self.data = (f"nyu-mll/glue `{spec.name}` from the hub, or `--data-dir` a GLUE folder (the original "
+                     f"files); train / the labelled {spec.eval_split} split as test")
 
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         """Train split and labelled dev split (as ``test``); see :func:`fedlora.data.load_glue`."""

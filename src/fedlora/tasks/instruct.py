@@ -41,6 +41,10 @@ class InstructTask(CausalLMTask):
     """Your prompt/response pairs; metric: token accuracy, or exact match with ``--exact-match``."""
 
     metric = "token_accuracy"
+    summary = ("your prompt/response pairs; metric: next-token accuracy on the responses, or exact match "
+               "with `--exact-match`")
+    data = ("your `--data-dir`: train.jsonl (and test.jsonl; without it a fixed 10% of train is the test set), "
+            "one JSON object per line")
     generates = False
     prompt_field = ""
     response_field = ""

@@ -115,6 +115,9 @@ class GSM8KTask(CausalLMTask):
     """Grade-school maths word problems; metric: exact match of the final number."""
 
     metric = "exact_match"
+    summary = "grade-school maths word problems, trained on worked solutions; scored on the final number"
+    data = ("openai/gsm8k `main` from the hub, or `--data-dir` holding gsm8k/train.jsonl and test.jsonl; "
+            "train 7,473 / test 1,319")
 
     def data_files(self, data_dir: str | Path | None) -> list[Path]:
         root = local_dir(data_dir)
@@ -183,6 +186,9 @@ class MBPPTask(CausalLMTask):
     """Mostly Basic Python Problems; metric: pass@1 (greedy) of the generated function on the three asserts."""
 
     metric = "pass@1"
+    summary = "Mostly Basic Python Problems: write the function; greedy pass@1 on its three asserts, run in the sandbox"
+    data = ("google-research-datasets/mbpp `full` from the hub, or `--data-dir` holding mbpp/mbpp.jsonl; "
+            "train task_ids 601–974 (374) / test 11–510 (500)")
 
     def preflight(self) -> None:
         """Refuse before loading anything when generated code would have to run outside the kernel sandbox."""
@@ -213,6 +219,10 @@ class MBPPTask(CausalLMTask):
 @register_task("humaneval")
 class HumanEvalTask(MBPPTask):
     """Trains on MBPP's train split; tests on HumanEval's 164 problems; metric: pass@1 (greedy)."""
+
+    summary = "complete the function: trains on MBPP, greedy pass@1 on HumanEval's tests, run in the sandbox"
+    data = ("train: MBPP's (as mbpp); test: openai/openai_humaneval from the hub, or `--data-dir` holding "
+            "humaneval/HumanEval.jsonl.gz (164 problems)")
 
     def data_files(self, data_dir: str | Path | None) -> list[Path]:
         root = local_dir(data_dir)
@@ -245,6 +255,8 @@ class MathCodeTask(CausalLMTask):
     """GSM8K + MBPP; ``--alpha`` skews each client's domain mix; metrics per domain and their mean."""
 
     metric = "domain_mean"
+    summary = "GSM8K and MBPP rows mixed; `--alpha` skews each client's domain mix; metrics per domain and their mean"
+    data = "gsm8k's and mbpp's (as those tasks), concatenated: train 7,847 / test 1,819"
 
     def __init__(self) -> None:
         self.domains: dict[str, CausalLMTask] = {"gsm8k": GSM8KTask(), "mbpp": MBPPTask()}

@@ -21,7 +21,8 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 @register_method(
     "fedex-lora",
     policy=TrainingPolicy(download_residual=True),
-    summary="FedIT + residual T - B̄Ā merged into W0 (Singhal et al. 2024)",
+    summary="FedIT + residual T - B̄Ā merged into W0",
+    source="Singhal et al., 2024",
 )
 def fedex_lora(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     adapter = fedit_average(updates, weights)

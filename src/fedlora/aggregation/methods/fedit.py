@@ -28,7 +28,8 @@ def fedit_average(updates: Sequence[ClientUpdate], weights: Tensor) -> Adapter:
 @register_method(
     "fedit",
     policy=TrainingPolicy(needs_individual_updates=False),
-    summary="FedAvg of A and B separately (Zhang et al. 2024)",
+    summary="FedAvg of A and B separately",
+    source="Zhang et al., ICASSP 2024",
 )
 def fedit(
     global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor, *, rebalance: bool = False

@@ -54,7 +54,8 @@ def align_to_global(global_adapter: Adapter, updates: Sequence[ClientUpdate]) ->
 @register_method(
     "fedrot-lora",
     policy=TrainingPolicy(),
-    summary="rotate each client's (B, A) onto the global adapter (Procrustes), then FedIT (Zhang et al. 2026)",
+    summary="rotate each client's (B, A) onto the global adapter (Procrustes), then FedIT",
+    source="after Zhang et al., 2026 (FedRot-LoRA)",
 )
 def fedrot_lora(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     return AggregationResult(adapter=fedit_average(align_to_global(global_adapter, updates), weights))

@@ -20,7 +20,8 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 @register_method(
     "fedsa-lora",
     policy=TrainingPolicy(upload_B=False, local_B=True, needs_individual_updates=False),
-    summary="share A, keep B local; server B = mean, for evaluation only (Guo et al. 2025)",
+    summary="share A, keep B local; server B = mean, for evaluation only",
+    source="Guo et al., ICLR 2025",
 )
 def fedsa_lora(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     # The server needs the clients' B only to report a global model and its divergence; in a

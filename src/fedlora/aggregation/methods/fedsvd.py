@@ -62,7 +62,8 @@ def svd_refactor(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @register_method(
     "fedsvd",
     policy=TrainingPolicy(train_A=False, upload_A=False, download_full_adapter=True, needs_individual_updates=False),
-    summary="train B only; server re-factorises B̄A by SVD: A = V_rᵀ (orthonormal), B = U_rΣ_r (Lee et al. 2025)",
+    summary="train B only; server re-factorises B̄A by SVD: A = V_rᵀ (orthonormal), B = U_rΣ_r",
+    source="Lee et al., NeurIPS 2025",
 )
 def fedsvd(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     adapter: Adapter = {}

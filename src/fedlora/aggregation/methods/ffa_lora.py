@@ -19,7 +19,8 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 @register_method(
     "ffa-lora",
     policy=TrainingPolicy(train_A=False, upload_A=False, needs_individual_updates=False),
-    summary="A frozen at its init, average B (Sun et al. 2024)",
+    summary="A frozen at its init, average B",
+    source="Sun et al., ICLR 2024",
 )
 def ffa_lora(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     out: Adapter = {}

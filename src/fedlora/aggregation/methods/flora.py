@@ -29,7 +29,8 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
     "flora",
     # Mixed ranks: the stacked download would carry every client's zero-padded blocks; not implemented.
     policy=TrainingPolicy(download_stacked=True, server_seed=True, mixed_ranks=False),
-    summary="stack factors, merge T into W0, re-initialise LoRA (Wang et al. 2024)",
+    summary="stack factors, merge T into W0, re-initialise LoRA",
+    source="Wang et al., NeurIPS 2024",
 )
 def flora(
     global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor, *, seed: int = 0

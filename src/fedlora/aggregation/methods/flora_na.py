@@ -65,7 +65,8 @@ STEP_BACK_GRID = 11  # t_max · {0, 0.1, …, 1} when max_deviation scales the s
 
 @register_method(
     "flora-na",
-    summary="server-optimised client coefficients p, q so that B̂Â ≈ Σ w_u B_u A_u (Nguyen et al. 2025)",
+    summary="server-optimised client coefficients p, q so that B̂Â ≈ Σ w_u B_u A_u",
+    source="Nguyen et al., 2025, Eq. 6",
     weightings=("examples", "uniform", "authors"),
 )
 def flora_na(

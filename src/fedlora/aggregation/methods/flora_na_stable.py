@@ -39,6 +39,7 @@ REBALANCE = True  # broadcast the product as balanced factors
 @register_method(
     "flora-na-stable",
     summary="FLoRA-NA's product broadcast as balanced factors (same divergence and bytes); beats FedIT on SST-2",
+    source="this project (docs/results.md, the frontier)",
     weightings=("examples", "uniform", "authors"),
 )
 def flora_na_stable(

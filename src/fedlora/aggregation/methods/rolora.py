@@ -31,7 +31,8 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
 @register_method(
     "rolora",
     policy=TrainingPolicy(alternate=True, download_full_adapter=True, needs_individual_updates=False),
-    summary="alternate: train/average B in odd rounds, A in even rounds; exact (Chen et al. 2025)",
+    summary="alternate: train/average B in odd rounds, A in even rounds; exact",
+    source="Chen et al., 2025 (RoLoRA)",
 )
 def rolora(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     # Which factor moved this round is the engines' business (policy.for_round); the average of

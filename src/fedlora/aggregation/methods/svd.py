@@ -20,7 +20,11 @@ from fedlora.aggregation.registry import register_method
 from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, LoraPair
 
 
-@register_method("svd", summary="truncated SVD of T = Σ w_u B_u A_u, the Eckart–Young optimum")
+@register_method(
+    "svd",
+    summary="truncated SVD of T = Σ w_u B_u A_u, the Eckart–Young optimum",
+    source="yardstick (Eckart & Young, 1936)",
+)
 def svd(global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
     adapter: Adapter = {}
     for module, pair in global_adapter.items():

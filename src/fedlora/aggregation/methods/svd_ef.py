@@ -56,6 +56,7 @@ def dense_truncated_svd(X: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     "svd-ef",
     policy=TrainingPolicy(stateful=True),
     summary="truncated SVD of T + residual; the truncation error is fed back next round (error feedback)",
+    source="error feedback (Seide et al. 2014; Karimireddy et al. 2019)",
 )
 def svd_ef(
     global_adapter: Adapter,
