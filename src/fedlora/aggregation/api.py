@@ -180,6 +180,8 @@ def aggregate(
     example_weights = capped_weights(client_weights(u64, "examples", device=server), weight_cap)
     if "authors" in spec.weightings:
         options["weighting"] = weighting
+    if spec.policy.alternate:  # which factor trained (and which stays the global's) depends on the round
+        options["round_index"] = round_index
     if spec.policy.stateful:
         options["state"] = {k: v.to(device=server, dtype=SERVER_DTYPE) for k, v in (state or {}).items()}
 
