@@ -334,3 +334,13 @@ def test_one_full_rank_attacker_among_low_rank_clients_moves_the_global_no_more_
     for against in ("start", "global"):
         push = full_rank_push(method, (1, 1, 2), against)
         assert push is None or push <= 1.5 * equal, (method, against, push, equal)
+
+
+def test_client_ranks_and_rank_map_that_cannot_describe_the_round_are_one_aggregation_error(clients):
+    g, honest = clients
+    for bad, needle in (({"client-0": 0}, "from 1 to the global adapter's rank 2"), ({"client-0": RANK + 1}, "from 1"),
+                        ({"client-0": True}, "from 1"), ([2, 2, 2], "pass a dict")):
+        with pytest.raises(AggregationError, match=needle):
+            aggregate("fedit", g, honest, client_ranks=bad)  # type: ignore[arg-type]
+    with pytest.raises(AggregationError, match="rank_map='bogus' is invalid"):
+        aggregate("fedit", g, honest, rank_map="bogus")
