@@ -1,4 +1,4 @@
-"""Issue 14, items 4-8: no single client dominates, crashes or poisons an aggregation.
+"""Issue 14, items 4-8 (and issue 21, item 7): no single client dominates, crashes or poisons an aggregation.
 
 Each test states the promise a hostile (or careless) client must not break; each failed before the
 robust defaults of :mod:`fedlora.aggregation.robust` (a 99x client moved the global product
@@ -9,12 +9,15 @@ checked, non-finite results were applied, odd inputs raised raw TypeErrors).
 from __future__ import annotations
 
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggregate, available_methods
+from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggregate, available_methods, get_method
+from fedlora.aggregation.ranks import sent_start
+from fedlora.aggregation.validation import update_norm
 from fedlora.client import ClientResult
 from fedlora.config import ConfigError, RunConfig
 from fedlora.rounds import Server
@@ -253,3 +256,91 @@ def test_method_option_from_the_command_line_is_one_config_error():
         RunConfig(method="flora-na", method_options={"max_sweeps": "abc"})
     with pytest.raises(ConfigError, match="steps=.-1. is invalid"):
         RunConfig(method="flora-na", method_options={"steps": "-1"})
+
+
+# -- issue 21, item 7: with mixed client ranks, each update is judged against the start it was sent --------------------
+MIXED = [m for m in ALL if get_method(m).policy.mixed_ranks]
+FULL = 4  # the server's rank in these tests
+
+
+def mixed_clients(ranks: tuple[int, ...], rank_map: str = "truncate"):
+    """Honest clients trained at ``ranks`` from what they were sent, with fine-tuning-sized steps (far below ‖A‖)."""
+    g, honest = least_squares_clients(SHAPES, FULL, len(ranks), seed=0, client_ranks=ranks, rank_map=rank_map,
+                                      step_size=0.005)
+    return g, honest, {u.client_id: r for u, r in zip(honest, ranks)}
+
+
+@pytest.mark.parametrize("ranks,rank_map", [((4, 4, 4, 4, 1), "truncate"), ((4, 4, 2, 1), "truncate"),
+                                            ((4, 4, 2, 1), "svd")])
+def test_honest_mixed_rank_clients_are_neither_rejected_nor_clipped(ranks, rank_map):
+    g, honest, client_ranks = mixed_clients(ranks, rank_map)
+    for method in MIXED if rank_map == "truncate" else ["fedit", "svd"]:
+        mapped = {} if rank_map == "truncate" else {"rank_map": rank_map}  # truncate: the default
+        result = aggregate(method, g, honest, client_ranks=client_ranks, **mapped)
+        assert (result.metrics["rejected"], result.metrics["clipped"]) == ([], []), (method, ranks)
+
+
+def test_equal_client_ranks_give_exactly_the_aggregate_without_ranks(clients):
+    g, honest = clients
+    attack = honest + [scaled(g, honest[0], 99.0)]  # something to clip
+    for method in ALL:
+        plain = aggregate(method, g, attack, **options(method))
+        ranked = aggregate(method, g, attack, client_ranks={u.client_id: RANK for u in attack}, rank_map="svd",
+                           **options(method))
+        assert ranked.metrics["clipped"] == plain.metrics["clipped"] != [], method
+        assert ranked.metrics["norm_reference"] == plain.metrics["norm_reference"], method
+        for m in g:
+            assert torch.equal(ranked.adapter[m].A, plain.adapter[m].A) and torch.equal(ranked.adapter[m].B, plain.adapter[m].B)
+            assert m not in plain.base_delta or torch.equal(ranked.base_delta[m], plain.base_delta[m])
+
+
+def product_gap(a, b) -> float:
+    """‖(B'A' + base_delta)_a − (B'A' + base_delta)_b‖_F over the modules: how far apart two results' products are."""
+    zero = torch.zeros((), dtype=torch.float64)
+    return math.sqrt(sum(float(((a.adapter[m].B.double() @ a.adapter[m].A.double() + a.base_delta.get(m, zero).double()
+                                 - b.adapter[m].B.double() @ b.adapter[m].A.double() - b.base_delta.get(m, zero).double())
+                                ** 2).sum()) for m in a.adapter))
+
+
+def full_rank_push(method: str, ranks: tuple[int, ...], against: str) -> float | None:
+    """How far one full-rank attacker pushes the global product, in honest steps (None: it was rejected).
+
+    The attacker sends honest client 0's step, scaled to 99x the round's median norm measured from each
+    client's start (``against="start"``) or from the full-rank global (the measure before issue 21). Its
+    push is measured against the same round with the attacker sending its start back, so that a full-rank
+    client's mere presence (it keeps the components the low-rank clients were never sent) is not counted.
+    """
+    g, honest, client_ranks = mixed_clients(ranks)
+    starts = [sent_start(g, r, "truncate") for r in ranks]
+    median = statistics.median_low(update_norm(s if against == "start" else g, u) for u, s in zip(honest, starts))
+    step0 = {m: (honest[0].adapter[m].A - starts[0][m].A, honest[0].adapter[m].B - starts[0][m].B) for m in g}
+    scale = 99.0 * median / update_norm(starts[0], honest[0])
+    evil = ClientUpdate({m: LoraPair(A=g[m].A + scale * dA, B=g[m].B + scale * dB) for m, (dA, dB) in step0.items()},
+                        honest[1].num_examples, "evil")
+    idle = unchanged(g, honest[1], "evil")
+    ranked = client_ranks | {"evil": FULL}
+    attacked = aggregate(method, g, honest + [evil], client_ranks=ranked)
+    if attacked.metrics["rejected"]:
+        return None
+    baseline = aggregate(method, g, honest + [idle], client_ranks=ranked)
+    step = statistics.median(moved(s, u) for u, s in zip(honest, starts))  # each honest product step from its start
+    return product_gap(attacked, baseline) / step
+
+
+@pytest.mark.parametrize("method", MIXED)
+def test_one_full_rank_attacker_among_low_rank_clients_moves_the_global_no_more_than_with_equal_ranks(method):
+    equal = full_rank_push(method, (FULL, FULL, FULL), "start")
+    assert equal is not None and equal < 1.5  # about clip x weight share (3 x 1/4) honest steps (README)
+    for against in ("start", "global"):
+        push = full_rank_push(method, (1, 1, 2), against)
+        assert push is None or push <= 1.5 * equal, (method, against, push, equal)
+
+
+def test_client_ranks_and_rank_map_that_cannot_describe_the_round_are_one_aggregation_error(clients):
+    g, honest = clients
+    for bad, needle in (({"client-0": 0}, "from 1 to the global adapter's rank 2"), ({"client-0": RANK + 1}, "from 1"),
+                        ({"client-0": True}, "from 1"), ([2, 2, 2], "pass a dict")):
+        with pytest.raises(AggregationError, match=needle):
+            aggregate("fedit", g, honest, client_ranks=bad)  # type: ignore[arg-type]
+    with pytest.raises(AggregationError, match="rank_map='bogus' is invalid"):
+        aggregate("fedit", g, honest, rank_map="bogus")

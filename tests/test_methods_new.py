@@ -146,6 +146,20 @@ def test_rolora_is_exact_when_the_frozen_factor_is_shared_and_uploads_alternate(
     assert (policy.for_round(2).train_A, policy.for_round(2).train_B) == (True, False)
 
 
+@pytest.mark.parametrize("round_index,frozen", [(1, "A"), (2, "B"), (3, "A")])
+def test_a_client_that_changes_rolora_frozen_factor_has_no_effect_on_it(round_index, frozen):
+    """Issue 21, item 8: the frozen factor is the global's (as ffa-lora's A), not an average one client can move."""
+    g = random_global(6)
+    honest = clients_like(g, 7 + round_index, train="B" if frozen == "A" else "A")
+    evil = clients_like(g, 40 + round_index, train="AB")[0]  # moves the frozen factor too, within the clip
+    evil = ClientUpdate(evil.adapter, evil.num_examples, "evil")
+    attacked = aggregate("rolora", g, honest + [evil], round_index=round_index)
+    assert attacked.metrics["rejected"] == []
+    for m in SHAPES:
+        moved = float((getattr(attacked.adapter[m], frozen) - getattr(g[m], frozen)).abs().max())
+        assert moved == 0.0, (m, frozen, moved)
+
+
 # FedRot-LoRA
 
 

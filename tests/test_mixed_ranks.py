@@ -168,3 +168,11 @@ def test_a_client_cannot_write_beyond_its_rank(tmp_path, monkeypatch):
     simulation.run(tiny(tmp_path, client_ranks=(1, 4, 4), rounds=1), progress=False)
     for pair in seen[0][0].adapter.values():
         assert not pair.A[1:].any() and not pair.B[:, 1:].any()
+
+
+@pytest.mark.slow
+def test_honest_mixed_rank_clients_of_a_toy_run_are_neither_clipped_nor_rejected(tmp_path):
+    """Issue 21, item 7: each update is measured from what its client was sent, not from the full-rank global
+    (whose components beyond r_u made a rank-1 client's norm ~50x the median: clipped every round)."""
+    history = simulation.run(tiny(tmp_path, rounds=1, client_ranks=(4, 4, 1), lr=2e-4), progress=False)
+    assert [(r["clipped"], r["rejected"]) for r in history] == [([], [])]

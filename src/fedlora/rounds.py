@@ -36,7 +36,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec, get_method
-from fedlora.aggregation.ranks import assign_ranks, is_mixed, pad, restrict, to_client
+from fedlora.aggregation.ranks import assign_ranks, is_mixed, restrict, sent_start
 from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
 from fedlora.client import ClientResult, derived_seed, evaluate_on, train_client
 from fedlora.config import RunConfig
@@ -178,10 +178,7 @@ class Server:
         With mixed ranks: mapped to the client's rank (``--rank-map``) and zero-padded back to the
         server's, the form a rank-r_u client trains in (:mod:`fedlora.aggregation.ranks`).
         """
-        adapter = self.state.adapter
-        rank = self.rank_of.get(client_id, self.config.rank)
-        if rank < self.config.rank:
-            adapter = pad(to_client(adapter, rank, self.config.rank_map), self.config.rank)
+        adapter = sent_start(self.state.adapter, self.rank_of.get(client_id, self.config.rank), self.config.rank_map)
         private = self.state.local_B.get(client_id)
         if private is not None:
             adapter = {m: LoraPair(A=p.A, B=private[m]) for m, p in adapter.items()}
@@ -215,6 +212,7 @@ class Server:
                                 min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
                                 weight_cap=None,  # counts are the partition table's (bounded), not claims
                                 round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
+                                rank_map=self.config.rank_map,  # each update is measured from what client_start sent
                                 **plan.options)
         failpoint("aggregate", plan.round)
         if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides

@@ -7,15 +7,20 @@ runs a few steps of gradient descent on its own least-squares regression, from t
 with a client target G_u = G_shared + h · G_u,own (low rank, so nothing d×k is ever formed)
 and client inputs X_u (n, k) whose feature scales differ per client. Heterogeneity h and the
 input skew make the clients' (A_u, B_u) disagree the way non-IID fine-tuning does.
+With ``client_ranks``, client u starts from what a rank-r_u client is sent
+(:func:`fedlora.aggregation.ranks.sent_start`): its components beyond r_u are zero and stay zero
+under gradient descent (both gradients vanish there), as in the engines.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from fedlora.aggregation.ranks import sent_start
 from fedlora.aggregation.types import Adapter, ClientUpdate, LoraPair
 
 
@@ -31,10 +36,12 @@ def _spectral_norm_sq(X: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0)
 
 
-def _gradient_descent(A: Tensor, B: Tensor, P: Tensor, Q: Tensor, X: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+def _gradient_descent(
+    A: Tensor, B: Tensor, P: Tensor, Q: Tensor, X: Tensor, steps: int, step_size: float = 0.5
+) -> tuple[Tensor, Tensor]:
     """``steps`` of GD on ½‖(B A − P Q) Xᵀ‖² / n for a batch of M modules.
 
-    A (M, r, k), B (M, d, r), P (M, d, 2s), Q (M, 2s, k), X (M, n, k). Step sizes 0.5 / (the
+    A (M, r, k), B (M, d, r), P (M, d, 2s), Q (M, 2s, k), X (M, n, k). Step sizes ``step_size`` / (the
     curvature of each block), from spectral norms of r×r and n×n Grams (no SVD of a big matrix).
     """
     n = X.shape[1]
@@ -46,8 +53,8 @@ def _gradient_descent(A: Tensor, B: Tensor, P: Tensor, Q: Tensor, X: Tensor, ste
         grad_B = R @ XA / n  # (M, d, r)
         grad_A = (B.mT @ R) @ X / n  # (M, r, k)
         # Step sizes from the curvature of each block keep plain GD stable at any shape.
-        lr_B = 0.5 / (_spectral_norm_sq(XA) / n + 1e-12)  # (M,)
-        lr_A = 0.5 / (_spectral_norm_sq(B) * X_sq / n + 1e-12)  # (M,)
+        lr_B = step_size / (_spectral_norm_sq(XA) / n + 1e-12)  # (M,)
+        lr_A = step_size / (_spectral_norm_sq(B) * X_sq / n + 1e-12)  # (M,)
         A, B = A - lr_A[:, None, None] * grad_A, B - lr_B[:, None, None] * grad_B
     return A, B
 
@@ -63,11 +70,19 @@ def least_squares_clients(
     target_rank: int = 8,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    client_ranks: Sequence[int] = (),
+    rank_map: str = "truncate",
+    step_size: float = 0.5,
 ) -> tuple[Adapter, list[ClientUpdate]]:
     """A global adapter and ``num_clients`` trained client updates for modules of ``shapes`` {name: (d, k)}.
 
     Client u has ``samples · (u % 3 + 1)`` examples, so example weights are unequal.
+    ``client_ranks``: one rank <= ``rank`` per client (empty: all at ``rank``), mapped by ``rank_map``.
+    ``step_size``: GD's step over the curvature; 0.5 takes large steps, ~0.005 the small ones of
+    fine-tuning at a small learning rate (a round's step far smaller than the adapter itself).
     """
+    if client_ranks and len(client_ranks) != num_clients:
+        raise ValueError(f"client_ranks has {len(client_ranks)} entries; give one per client ({num_clients})")
     g = torch.Generator().manual_seed(seed)
     global_adapter: Adapter = {}
     for module, (d, k) in shapes.items():
@@ -83,6 +98,7 @@ def least_squares_clients(
 
     updates = []
     for u in range(num_clients):
+        start = sent_start(global_adapter, client_ranks[u], rank_map) if client_ranks else global_adapter
         n = samples * (u % 3 + 1)
         draws: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for module, (d, k) in shapes.items():
@@ -98,9 +114,9 @@ def least_squares_clients(
             P = torch.stack([draws[m][0] for m in modules])  # (M, d, 2s)
             Q = torch.stack([draws[m][1] for m in modules])  # (M, 2s, k)
             X = torch.stack([draws[m][2] for m in modules])  # (M, n, k)
-            A = torch.stack([global_adapter[m].A for m in modules])  # (M, r, k)
-            B = torch.stack([global_adapter[m].B for m in modules])  # (M, d, r)
-            A, B = _gradient_descent(A, B, P, Q, X, steps)
+            A = torch.stack([start[m].A for m in modules])  # (M, r, k)
+            B = torch.stack([start[m].B for m in modules])  # (M, d, r)
+            A, B = _gradient_descent(A, B, P, Q, X, steps, step_size)
             for index, module in enumerate(modules):
                 adapter[module] = LoraPair(A=A[index].clone(), B=B[index].clone())
         updates.append(ClientUpdate(adapter={m: adapter[m] for m in shapes}, num_examples=n, client_id=f"client-{u}"))

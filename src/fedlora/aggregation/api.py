@@ -29,6 +29,7 @@ from torch import Tensor
 from fedlora.aggregation.communication import round_bytes
 from fedlora.aggregation.divergence import divergence_report
 from fedlora.aggregation.outcome import non_finite, skipped_result
+from fedlora.aggregation.ranks import RANK_MAPS, sent_start
 from fedlora.aggregation.registry import get_method
 from fedlora.aggregation.robust import DEFAULT_CLIP, DEFAULT_WEIGHT_CAP, capped_weights, clip_scale
 from fedlora.aggregation.robust import clipped as clipped_tensor
@@ -100,6 +101,7 @@ def aggregate(
     round_index: int = 1,
     state: dict[str, Tensor] | None = None,
     client_ranks: dict[str, int] | None = None,
+    rank_map: str = "truncate",
     **options: Any,
 ) -> AggregationResult:
     """Aggregate one round of client updates into the next global adapter.
@@ -111,11 +113,15 @@ def aggregate(
     Every client update is validated first: a non-empty string client id, module names, shapes and
     rank equal to the global adapter's, dense float16/bfloat16/float32/float64 tensors, finite
     values, ``0 < num_examples <= max_num_examples``, a unique client id, and an update norm
-    ‖update − global‖_F at most ``norm_bound`` × the round's reference norm (its median; with a
+    ‖update − start‖_F at most ``norm_bound`` × the round's reference norm (its median; with a
     single client or a zero median, the global adapter's own norm, at least 1; ``None`` disables
     it). Accepted updates are then clipped to ``clip`` × the round's median norm, and no client
     weighs more than ``weight_cap`` / U (pass ``None`` when the counts come from a trusted source,
-    as both engines do); see :mod:`fedlora.aggregation.robust` for the threat model.
+    as both engines do); see :mod:`fedlora.aggregation.robust` for the threat model. ``start`` is
+    what the client was sent: the global adapter, or for a client of rank r_u below the global's R
+    in ``client_ranks`` ({client id: rank}; others are at R) the global mapped to r_u by ``rank_map``
+    and zero-padded (:func:`fedlora.aggregation.ranks.sent_start`, as the engines send it), so a
+    low-rank client's norm measures its training, not the components it was never given.
     ``on_invalid="reject"`` (default) drops failing clients for this round, logs them and lists them
     in ``metrics["rejected"]`` as ``{client, reason}``; if fewer than ``min_clients`` remain the
     round is skipped: the returned adapter equals the global one, ``base_delta`` is empty,
@@ -142,6 +148,7 @@ def aggregate(
         if value is not None and not (number and (value >= 1 if accepted == ">= 1" else value > 0)):
             raise AggregationError(f"{name}={value!r} is invalid: use a finite number {accepted}, or None to switch it off")
     validate_global(global_adapter)
+    _check_ranks(client_ranks, rank_map, _rank(global_adapter))
     device = adapter_device(global_adapter)
     updates = materialise(updates)
     if not updates:
@@ -152,8 +159,10 @@ def aggregate(
     valid = [u for i, u in enumerate(updates) if client_key(u, i) not in blamed]
     norms: list[float] = []
     reference, from_round = float("nan"), False
+    starts = [global_adapter] * len(valid)
     if device.type != "meta":  # meta tensors have no values to measure
-        norms, reference, from_round = round_norms(global_adapter, valid)
+        starts = _starts(global_adapter, valid, client_ranks or {}, rank_map)
+        norms, reference, from_round = round_norms(global_adapter, valid, starts)
         if norm_bound is not None:
             problems += norm_outliers([u.client_id for u in valid], norms, reference, from_round, norm_bound)
     if problems and on_invalid == "raise":
@@ -175,11 +184,14 @@ def aggregate(
     u64 = [ClientUpdate(_cast(u.adapter, SERVER_DTYPE, server), u.num_examples, u.client_id) for u in updates]
     clipped: list[dict[str, Any]] = []
     if clip is not None and from_round:
-        u64, clipped = _clip(g64, u64, [norms[i] for i in keep], clip * reference)
+        s64 = {id(s): g64 if s is global_adapter else _cast(s, SERVER_DTYPE, server) for s in starts}
+        u64, clipped = _clip([s64[id(starts[i])] for i in keep], u64, [norms[i] for i in keep], clip * reference)
     weights = capped_weights(client_weights(u64, weighting, device=server), weight_cap)
     example_weights = capped_weights(client_weights(u64, "examples", device=server), weight_cap)
     if "authors" in spec.weightings:
         options["weighting"] = weighting
+    if spec.policy.alternate:  # which factor trained (and which stays the global's) depends on the round
+        options["round_index"] = round_index
     if spec.policy.stateful:
         options["state"] = {k: v.to(device=server, dtype=SERVER_DTYPE) for k, v in (state or {}).items()}
 
@@ -239,18 +251,50 @@ def materialise(updates: Iterable[T]) -> list[T]:
     return list(updates)
 
 
+def _check_ranks(client_ranks: dict[str, int] | None, rank_map: str, server_rank: int) -> None:
+    """Raise on a ``client_ranks`` or ``rank_map`` argument that cannot describe this round (caller errors)."""
+    if rank_map not in RANK_MAPS:
+        raise AggregationError(f"rank_map={rank_map!r} is invalid: use one of {', '.join(RANK_MAPS)}")
+    if client_ranks is None:
+        return
+    if not isinstance(client_ranks, dict):
+        raise AggregationError(f"client_ranks is a {type(client_ranks).__name__}; pass a dict {{client id: rank}}")
+    for client, rank in client_ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= server_rank:
+            raise AggregationError(f"client_ranks[{client!r}]={rank!r} is invalid: use an int from 1 to the "
+                                   f"global adapter's rank {server_rank}")
+
+
+def _starts(global_adapter: Adapter, updates: list[ClientUpdate], client_ranks: dict[str, int],
+            rank_map: str) -> list[Adapter]:
+    """What each client was sent (one object per rank; the global adapter itself at full rank)."""
+    device = adapter_device(global_adapter)
+    server = _server_device(device)
+    by_rank: dict[int, Adapter] = {_rank(global_adapter): global_adapter}
+    out = []
+    for update in updates:
+        rank = client_ranks.get(update.client_id, _rank(global_adapter))
+        if rank not in by_rank:
+            # In the global's dtype, as the engines map it; on the CPU where the device lacks float64 (the svd map's maths).
+            dtype = next(iter(global_adapter.values())).A.dtype
+            source = global_adapter if server == device else _cast(global_adapter, dtype, server)
+            by_rank[rank] = _to_device(sent_start(source, rank, rank_map), device)
+        out.append(by_rank[rank])
+    return out
+
+
 def _clip(
-    g64: Adapter, u64: list[ClientUpdate], norms: list[float], bound: float
+    starts: list[Adapter], u64: list[ClientUpdate], norms: list[float], bound: float
 ) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
-    """Each update with ‖u − g‖ above ``bound`` pulled back onto it: g + (bound / ‖u − g‖)(u − g)."""
+    """Each update with ‖u − s‖ above ``bound`` pulled back onto it: s + (bound / ‖u − s‖)(u − s), s its start."""
     out, clipped = [], []
-    for update, norm in zip(u64, norms):
+    for update, norm, start in zip(u64, norms, starts):
         scale = clip_scale(norm, bound)
         if scale < 1.0:
             clipped.append({"client": update.client_id, "norm": norm, "bound": bound})
             log.info("round update from client %s clipped: norm %.4g to %.4g", update.client_id, norm, bound)
             update = ClientUpdate(
-                {m: LoraPair(A=clipped_tensor(p.A, g64[m].A, scale), B=clipped_tensor(p.B, g64[m].B, scale))
+                {m: LoraPair(A=clipped_tensor(p.A, start[m].A, scale), B=clipped_tensor(p.B, start[m].B, scale))
                  for m, p in update.adapter.items()},
                 update.num_examples, update.client_id)
         out.append(update)

@@ -15,6 +15,8 @@ Server → client (``to_client``):
   nothing trains).
 Client → server (``pad``): zero-padding back to R, after ``restrict`` has zeroed whatever a client
 sent beyond its rank (an untrusted client cannot use components it was not given).
+``sent_start`` is the round's start of a rank-r_u client in that zero-padded form: what the engines
+send, and what :func:`fedlora.aggregation.aggregate` measures, rejects and clips its update against.
 Bytes count each client at its own rank (:func:`fedlora.aggregation.communication.round_bytes`).
 
 Exactness: when Σ_u r_u ≤ R, the zero-padded clients' T = Σ_u w_u B_u A_u has rank ≤ R, so the
@@ -79,6 +81,12 @@ def pad(adapter: Adapter, server_rank: int) -> Adapter:
         A[:r], B[:, :r] = pair.A, pair.B
         out[module] = LoraPair(A=A, B=B)
     return out
+
+
+def sent_start(adapter: Adapter, rank: int, mode: str) -> Adapter:
+    """What a rank-``rank`` client starts from, zero-padded to ``adapter``'s rank R (``adapter`` itself at R)."""
+    server_rank = next(iter(adapter.values())).rank
+    return adapter if rank >= server_rank else pad(to_client(adapter, rank, mode), server_rank)
 
 
 def to_client(adapter: Adapter, rank: int, mode: str) -> Adapter:

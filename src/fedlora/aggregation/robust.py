@@ -3,13 +3,15 @@
 Threat model (README, "Failure modes"): a client controls everything it sends (factors, head, its
 claimed example count, its id) but is one of several, and a *minority* of the round. Against it:
 
-* **Reference scale.** Every client's update is measured as ‖update − global‖_F. The round's
+* **Reference scale.** Every client's update is measured as ‖update − start‖_F, its start being
+  what it was sent: the global, or with mixed client ranks the global mapped to its rank
+  (:func:`fedlora.aggregation.ranks.sent_start`), so the norm measures training, not the rank map. The round's
   reference is the median (``median_low``) of those norms: robust while fewer than half of the
   clients are hostile. When it cannot be used -- one valid client only, or a median of 0 (half the
   clients sent the global back) -- the reference falls back to the global's own norm (at least
   :data:`NORM_FLOOR`), so the bound never switches itself off.
 * **Reject** an update whose norm exceeds ``norm_bound`` × reference (100×: scaled or poisoned).
-* **Clip** any other update to ``clip`` × reference (3×): u' = g + min(1, bound / ‖u − g‖) (u − g).
+* **Clip** any other update to ``clip`` × reference (3×): u' = s + min(1, bound / ‖u − s‖) (u − s), s its start.
   An honest client is rarely clipped (local steps of one round differ far less than 3× in norm);
   an attacker's step counts at most 3 median steps. In fallback mode nothing is clipped (there is
   no round statistic to clip to), only rejected.

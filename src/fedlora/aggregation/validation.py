@@ -4,7 +4,8 @@ Caller errors (a malformed global adapter, no updates) always raise. Per-client 
 collected as ``(client_id, reason)`` pairs so that :func:`aggregate` can either drop those clients
 for the round (``on_invalid="reject"``, the default, for servers facing untrusted clients) or raise
 them all at once (``on_invalid="raise"``). Update norms are compared with the round's reference norm
-(:func:`round_norms`; :mod:`fedlora.aggregation.robust` has the threat model and the fallback).
+(:func:`round_norms`; :mod:`fedlora.aggregation.robust` has the threat model and the fallback),
+each measured from what its client was sent (with mixed client ranks, its rank-r_u start).
 
 Devices: one aggregation runs on one device, the global adapter's (any: cpu, cuda:n, mps, meta).
 Every tensor of the global adapter must sit on it (a caller error otherwise), and a client whose
@@ -162,10 +163,10 @@ def format_problems(problems: Sequence[tuple[str, str]]) -> str:
     return "; ".join(f"client {client!r}: {reason}" for client, reason in problems)
 
 
-def update_norm(global_adapter: Adapter, update: ClientUpdate) -> float:
-    """‖update − global‖_F over every module and both factors (float64)."""
-    return delta_norm([(update.adapter[m].A, ref.A) for m, ref in global_adapter.items()]
-                      + [(update.adapter[m].B, ref.B) for m, ref in global_adapter.items()])
+def update_norm(start: Adapter, update: ClientUpdate) -> float:
+    """‖update − start‖_F over every module and both factors (float64); ``start``: what the client was sent."""
+    return delta_norm([(update.adapter[m].A, ref.A) for m, ref in start.items()]
+                      + [(update.adapter[m].B, ref.B) for m, ref in start.items()])
 
 
 def adapter_norm(adapter: Adapter) -> float:
@@ -173,13 +174,19 @@ def adapter_norm(adapter: Adapter) -> float:
     return own_norm([t for p in adapter.values() for t in (p.A, p.B)])
 
 
-def round_norms(global_adapter: Adapter, updates: Sequence[ClientUpdate]) -> tuple[list[float], float, bool]:
+def round_norms(
+    global_adapter: Adapter, updates: Sequence[ClientUpdate], starts: Sequence[Adapter] | None = None
+) -> tuple[list[float], float, bool]:
     """(each update's norm, the round's reference norm, whether it is the round's median).
 
-    See :func:`fedlora.aggregation.robust.reference_norm`: with one client or a zero median the
+    Each update is measured from its ``starts`` entry, what its client was sent (default: the
+    global adapter; a lower-rank client's start is :func:`fedlora.aggregation.ranks.sent_start`), so
+    the norms measure training, not the rank mapping. See
+    :func:`fedlora.aggregation.robust.reference_norm`: with one client or a zero median the
     reference is the global adapter's own norm, so the bound never switches itself off.
     """
-    norms = [update_norm(global_adapter, u) for u in updates]
+    starts = [global_adapter] * len(updates) if starts is None else starts
+    norms = [update_norm(start, u) for start, u in zip(starts, updates)]
     reference, from_round = reference_norm(norms, adapter_norm(global_adapter))
     return norms, reference, from_round
 
