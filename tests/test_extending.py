@@ -1,4 +1,4 @@
-"""The README's "Extending fedlora" examples work as written: a new method and a new task, one file each."""
+"""The "Extending fedlora" examples (docs/extending.md) work as written: a new method and a new task, one file each."""
 
 from __future__ import annotations
 
