@@ -33,6 +33,7 @@ from fedlora.cli_parser import Parser
 from fedlora.config import ConfigError, RunConfig
 from fedlora.config_schema import add_arguments, from_namespace
 from fedlora.demo import DEMO_EXAMPLES
+from fedlora.threads import add_threads_option, apply_threads, prefer_passive_wait
 
 FORMATS = ("text", "markdown")  # fedlora.catalog.FORMATS; repeated so that building the parser imports nothing
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                       RUN_EXAMPLES)
     run.usage = "%(prog)s [-h] [-v] [--config FILE] [--resume RUN_DIR] [--OPTION VALUE ...]"
     add_run_options(run)
+    add_threads_option(run)
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run already in --out (its config, checkpoint, metrics, adapter); without it an "
@@ -123,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=8, help="federated rounds per method (default: %(default)s)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace the runs already in --out/METHOD; without it an existing run is refused")
+    add_threads_option(demo)
     from fedlora.bench.cli import BENCH_EXAMPLES, add_bench_options  # light: argparse and the preset tables only
 
-    add_bench_options(_subcommand(sub, "bench", "paper benchmark grid: tables, CSV, plots (see docs/results.md)",
-                                  BENCH_EXAMPLES))
+    bench = _subcommand(sub, "bench", "paper benchmark grid: tables, CSV, plots (see docs/results.md)", BENCH_EXAMPLES)
+    add_bench_options(bench)
+    add_threads_option(bench)
     for name, what in (("methods", "aggregation method: what clients train and upload, options and defaults, "
                                     "secure aggregation, mixed ranks, source"),
                        ("tasks", "task: model family, metric, what is learned, where the data comes from")):
@@ -139,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_passive_wait()  # before anything imports torch: OpenMP reads it once, when torch loads it
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -221,6 +226,7 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
             check_fresh(out, getattr(args, "overwrite", False))
             claim(out)  # a fedlora run directory from now on (what a later --overwrite may replace)
         _quiet_libraries()
+        print(apply_threads(args.threads), file=sys.stderr)
         from fedlora.simulation import run
 
         history = run(config, resume=bool(args.resume))

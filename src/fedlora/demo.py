@@ -25,7 +25,7 @@ run folder of each method (--out/METHOD: metrics.jsonl, plots) and each trained 
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``fedlora demo``'s parsed arguments (``--data-dir --out --methods --rounds --overwrite``) -> exit status."""
+    """``fedlora demo``'s parsed arguments (``--data-dir --out --methods --rounds --overwrite --threads``) -> exit status."""
     configs = [  # all built (and validated) before the first one runs
         RunConfig(
             task="sst2", data_dir=args.data_dir, method=method, rounds=args.rounds, clients=10, alpha=0.5,
@@ -49,13 +49,13 @@ def run_demo(args: argparse.Namespace) -> int:
             if args.overwrite:
                 remove_outputs(out)
             claim(out)
-        return _run_all(configs, args.out)
+        return _run_all(configs, args.out, getattr(args, "threads", "auto"))
     finally:
         for out in held:
             runlock.release(out)
 
 
-def _run_all(configs: list[RunConfig], out: str) -> int:
+def _run_all(configs: list[RunConfig], out: str, threads: str = "auto") -> int:
     from fedlora.bench.presets import STEP_SECONDS, estimate_seconds
     from fedlora.progress import RunProgress, plan_text
     from fedlora.simulation import run
@@ -67,8 +67,10 @@ def _run_all(configs: list[RunConfig], out: str) -> int:
     print(plan_text(configs, sum(estimates), f"cost model at {STEP_SECONDS} s per step x {measured_scale}, as "
                     "measured for fedit on a 2-core CPU; the ETA below is corrected by each finished run"), flush=True)
     from fedlora.cli import _compare, _quiet_libraries  # looked up now: tests replace them
+    from fedlora.threads import apply_threads
 
     _quiet_libraries()
+    print(apply_threads(threads), flush=True)
     progress = RunProgress(estimates)
     for index, config in enumerate(configs):
         what = f"{config.method}: {config.rounds} rounds, {config.clients} clients, alpha={config.alpha}"

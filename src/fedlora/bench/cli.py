@@ -119,8 +119,15 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     ran_at = None if args.report_only else commit()
     start = time.perf_counter()
     reuse = finished_runs(args.reuse) if args.reuse else None
+    threads = getattr(args, "threads", "auto")
+    if not args.report_only and args.workers == 1:
+        from fedlora.threads import apply_threads
+
+        print(apply_threads(threads), flush=True)
+    # --workers N: each worker gets --threads N, or with auto the usable CPUs split evenly (the workers are the load)
     counts = ({"new": 0, "resumed": 0, "skipped": len(jobs), "reused": 0} if args.report_only
-              else run_jobs(jobs, args.step_seconds, progress=args.progress, reuse=reuse, workers=args.workers))
+              else run_jobs(jobs, args.step_seconds, progress=args.progress, reuse=reuse, workers=args.workers,
+                            threads=None if threads == "auto" else int(threads)))
     elapsed = time.perf_counter() - start
     path = write_report(results, preset, jobs, command, estimate, args.step_seconds, elapsed, ran_at,
                         None if args.report_only else args.workers)
@@ -132,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point for benchmarks/paper.py (same options as `fedlora bench`)."""
     from fedlora.cli_parser import Parser  # no prefixes, a did-you-mean: as `fedlora bench`
 
+    from fedlora.threads import add_threads_option, prefer_passive_wait
+
+    prefer_passive_wait()  # benchmarks/paper.py enters here, before torch is imported
     parser = Parser(prog="fedlora bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_options(parser)
+    add_threads_option(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     from fedlora.cli import _quiet_libraries

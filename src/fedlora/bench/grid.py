@@ -147,12 +147,13 @@ def status(job: Job) -> str:
 
 def run_jobs(jobs: list[Job], step_seconds: float, progress: bool = False,
              runner: Callable[..., Any] | None = None, log: Callable[[str], None] = print,
-             reuse: dict[str, Path] | None = None, workers: int = 1) -> dict[str, int]:
+             reuse: dict[str, Path] | None = None, workers: int = 1, threads: int | None = None) -> dict[str, int]:
     """Run every job that is not finished; returns counts of skipped/resumed/new/reused runs.
 
     ``reuse`` (from :func:`finished_runs`) maps configs to finished runs elsewhere; a new job whose
     config is there is copied instead of run. ``workers`` > 1 runs that many jobs at once in
-    separate processes (see :func:`_run_parallel`); ``runner`` must then be picklable.
+    separate processes (see :func:`_run_parallel`) with ``threads`` torch threads each (None: the usable
+    CPUs split evenly); ``runner`` must then be picklable.
     """
     counts = {"skipped": 0, "resumed": 0, "new": 0, "reused": 0}
     states = [status(job) for job in jobs]  # validate every directory before spending any CPU
@@ -186,7 +187,7 @@ def run_jobs(jobs: list[Job], step_seconds: float, progress: bool = False,
         tracker.finish(order[id(job)], f"{where} ({state})", seconds)
 
     if workers > 1 and len(todo) > 1:
-        _run_parallel(todo, workers, runner, finished)
+        _run_parallel(todo, workers, runner, finished, threads)
         return counts
     if runner is None:
         from fedlora.simulation import run as runner
@@ -226,7 +227,7 @@ def _timed_run(runner: Callable[..., Any] | None, config: RunConfig, resume: boo
 
 
 def _run_parallel(todo: list[tuple[str, Job, str]], workers: int, runner: Callable[..., Any] | None,
-                  finished: Callable[[str, Job, str, float], None]) -> None:
+                  finished: Callable[[str, Job, str, float], None], threads: int | None = None) -> None:
     """Run ``todo`` on ``workers`` processes with cpu_count() // workers torch threads each.
 
     Why: on a 2-core CPU one run with 2 threads keeps the cores only ~80% busy (MiniLM's matrices
@@ -240,7 +241,7 @@ def _run_parallel(todo: list[tuple[str, Job, str]], workers: int, runner: Callab
     a resume repairs), and the error is raised naming the run.
     """
     context = multiprocessing.get_context("spawn")
-    threads = threads_per_worker(workers)
+    threads = threads or threads_per_worker(workers)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(_timed_run, runner, job.config, state == "resume"): (where, job, state)
                    for where, job, state in todo}
