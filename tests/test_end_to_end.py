@@ -20,6 +20,7 @@ from fedlora import simulation  # noqa: E402
 from fedlora.cli import main  # noqa: E402
 from fedlora.config import ConfigError, RunConfig  # noqa: E402
 from fedlora.peft_bridge import get_adapter, load_model_with_adapter  # noqa: E402
+from fedlora.progress import on_phase  # noqa: E402
 from fedlora.tasks import get_task, register_task  # noqa: E402
 from fedlora.tasks.classification import SequenceClassificationTask, accuracy  # noqa: E402
 
@@ -84,9 +85,17 @@ def check_outputs_and_reload(config: RunConfig, history: list[dict]) -> None:
     assert evaluate_on(model, federation.test, federation.task, tokenizer)["main"] == history[-1]["global_metric"]
 
 
-def test_tiny_toy_run_writes_every_output_and_the_adapter_reloads(tmp_path):
+def test_tiny_toy_run_writes_every_output_and_the_adapter_reloads(tmp_path, capsys):
     config = tiny(tmp_path)
-    check_outputs_and_reload(config, simulation.run(config, progress=False))
+    seen: list[str] = []
+    with on_phase(seen.append):
+        history = simulation.run(config, progress=True)
+    check_outputs_and_reload(config, history)
+    # every phase is named where the user sees progress: the bar's postfix says who runs which phase
+    assert [s for s in dict.fromkeys(seen) if s] == ["training", "local evaluation", "aggregation", "global evaluation"]
+    bar = capsys.readouterr().err
+    for shown in ("round 1 client-0: training", "round 2 client-1: local evaluation", "round 2 server: global evaluation"):
+        assert shown in bar
 
 
 @needs_sst2

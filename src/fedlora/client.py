@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.aggregation import Adapter, ClientUpdate, LoraPair, TrainingPolicy
 from fedlora.optim import LocalOptim
+from fedlora.progress import phase
 from fedlora.peft_bridge import get_adapter, get_head, set_adapter, set_head
 from fedlora.runtime import Runtime, runtime_of
 from fedlora.tasks import Collate, Task
@@ -96,11 +97,13 @@ def train_client(
     set_adapter(model, start)
     set_head(model, global_head)
     batches = round_batches(train, steps, batch_size, seed, task.collate(tokenizer))
-    stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime, micro_batches=grad_accum,
-                        loss_weight=task.loss_weight, optim=optim)
+    with phase("training"):
+        stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime, micro_batches=grad_accum,
+                            loss_weight=task.loss_weight, optim=optim)
     local_metrics = None
     if local_test is not None and len(local_test):
-        local_metrics = evaluate_on(model, local_test, task, tokenizer, runtime)
+        with phase("local evaluation"):
+            local_metrics = evaluate_on(model, local_test, task, tokenizer, runtime)
     update = ClientUpdate(adapter=get_adapter(model), num_examples=len(train), client_id=client_id)
     return ClientResult(update=update, head=get_head(model), loss=float(stats["loss"]), local_metrics=local_metrics)
 

@@ -44,6 +44,7 @@ from fedlora.data_fingerprint import record as data_record
 from fedlora.failpoints import failpoint
 from fedlora.federation import ClientData, Federation
 from fedlora.optim import LocalOptim
+from fedlora.progress import phase
 from fedlora.peft_bridge import (get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta,
                                  merged_base_weights, restore_base_weights, save_adapter, set_adapter, set_head)
 from fedlora.records import round_record
@@ -208,12 +209,13 @@ class Server:
         server_start = time.perf_counter()
         results = self.bounded(results)
         ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
-        agg, head = server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
-                                min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
-                                weight_cap=None,  # counts are the partition table's (bounded), not claims
-                                round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
-                                rank_map=self.config.rank_map,  # each update is measured from what client_start sent
-                                **plan.options)
+        with phase("aggregation"):
+            agg, head = server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
+                                    min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
+                                    weight_cap=None,  # counts are the partition table's (bounded), not claims
+                                    round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
+                                    rank_map=self.config.rank_map,  # each update is measured from what client_start sent
+                                    **plan.options)
         failpoint("aggregate", plan.round)
         if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
             for r in results:
@@ -225,8 +227,9 @@ class Server:
         set_adapter(self.model, self.state.adapter)
         set_head(self.model, self.state.head)
         samples: list[dict[str, Any]] = []
-        global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer,
-                                     samples=samples)
+        with phase("global evaluation"):
+            global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer,
+                                         samples=samples)
         if samples:  # what a generative task's model wrote, one JSON line per test prompt
             (self.out / "generations").mkdir(exist_ok=True)
             atomic_write_text(self.out / "generations" / f"round-{plan.round:03d}.jsonl",

@@ -23,6 +23,7 @@ from fedlora.config import RunConfig
 from fedlora.failpoints import failpoint
 from fedlora.federation import build_federation, load_data
 from fedlora.model import build_model
+from fedlora.progress import current_phase, on_phase
 from fedlora.run_dir import check_resume, check_start
 from fedlora.runlock import locked
 from fedlora.tasks import task_for
@@ -57,20 +58,29 @@ def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]
     server = Server.open(config, model, tokenizer, federation, resume=resume)
 
     bar = tqdm(server.remaining_rounds(), desc=config.method, disable=not progress, unit="round")
-    for round_ in bar:
-        started = time.perf_counter()
-        plan = server.plan(round_)
-        results = []
-        for index in plan.clients:
-            client = federation.clients[index]
-            bar.set_postfix_str(f"round {round_} {client.client_id}")
-            results.append(train_planned(model, client, index, federation.task, tokenizer, config, plan,
-                                         server.client_start(client.client_id)))
-            failpoint("train", round_)
-        record = server.finish(plan, results, started)
-        bar.set_postfix(loss=_show(record.get("train_loss"), ".3f"), main=_show(record.get("global_metric"), ".4f"))
-        log.info("round %d: main metric %s, divergence %s", round_, _show(record.get("global_metric"), ".4f"),
-                 _show(record.get("divergence"), ".4g"))
+    where = ""  # "round 2 client-1"; the running phase is appended ("round 2 client-1: local evaluation")
+
+    def show(running: str) -> None:
+        bar.set_postfix_str(f"{where}: {running}" if running else where)
+
+    with on_phase(show):
+        for round_ in bar:
+            started = time.perf_counter()
+            plan = server.plan(round_)
+            results = []
+            for index in plan.clients:
+                client = federation.clients[index]
+                where = f"round {round_} {client.client_id}"
+                show(current_phase())
+                results.append(train_planned(model, client, index, federation.task, tokenizer, config, plan,
+                                             server.client_start(client.client_id)))
+                failpoint("train", round_)
+            where = f"round {round_} server"
+            record = server.finish(plan, results, started)
+            bar.set_postfix(loss=_show(record.get("train_loss"), ".3f"),
+                            main=_show(record.get("global_metric"), ".4f"))
+            log.info("round %d: main metric %s, divergence %s", round_, _show(record.get("global_metric"), ".4f"),
+                     _show(record.get("divergence"), ".4g"))
 
     server.save_final()
     return server.state.history

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedlora.progress import duration, phase, update_phase
 from fedlora.tasks.base import Collate, Task
 
 if TYPE_CHECKING:
@@ -139,14 +140,16 @@ class CausalLMTask(Task):
         self, model: nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, runtime: Runtime,
         samples: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
-        metrics = teacher_forced(model, data, self.collate(tokenizer), runtime, self.eval_batch_size)
+        with phase("teacher-forced loss"):
+            metrics = teacher_forced(model, data, self.collate(tokenizer), runtime, self.eval_batch_size)
         if self.generates and self.max_new_tokens > 0 and len(data):
             if self.max_generations is not None and len(data) > self.max_generations:
                 data = data.select(range(self.max_generations))
             generations = generate(model, tokenizer, data["prompt_ids"], self.max_new_tokens, runtime,
                                    self.eval_batch_size, what=self.name)
             rows = data.select_columns(list(COLUMNS)).to_list()
-            scored, correct = self.score(rows, generations)
+            with phase("scoring"):
+                scored, correct = self.score(rows, generations)
             metrics.update(scored)
             if samples is not None:
                 samples.extend({"domain": r["domain"], "prompt": r["prompt"], "reference": r["reference"],
@@ -219,7 +222,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     model.eval()
     started = time.perf_counter()
     bar = tqdm(total=len(prompts), desc=f"generating {what}".strip(), unit="prompt", disable=None, leave=False)
-    with torch.inference_mode():
+    with torch.inference_mode(), phase(f"generation 0/{len(order)}"):
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             length = max(len(prompts[i]) for i in index)
@@ -240,6 +243,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
             elapsed = time.perf_counter() - started
             log.info("generating %s: %d/%d prompts, %.0f s, ~%.0f s left", what, done, len(order), elapsed,
                      elapsed / done * (len(order) - done))
+            update_phase(f"generation {done}/{len(order)}"
+                         + (f", ~{duration(elapsed / done * (len(order) - done))} left" if done < len(order) else ""))
     bar.close()
     model.train(was_training)
     return texts

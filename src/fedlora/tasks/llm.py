@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedlora.progress import phase
 from fedlora.tasks.base import register_task
 from fedlora.tasks.causal_lm import COLUMNS, CausalLMTask
 
@@ -178,7 +179,8 @@ def run_code(problems: list[TestProblem], allow_unsandboxed: bool) -> list[bool]
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else tokenizers warns at each sandbox fork
     limits = Limits(timeout_s=CODE_TIMEOUT_S, cpu_s=int(CODE_TIMEOUT_S))
-    return [r.passed for r in run_tests(problems, limits, allow_unsandboxed=allow_unsandboxed)]
+    with phase(f"running {len(problems)} generated programs"):
+        return [r.passed for r in run_tests(problems, limits, allow_unsandboxed=allow_unsandboxed)]
 
 
 @register_task("mbpp")
