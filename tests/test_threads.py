@@ -14,15 +14,21 @@ from fedlora import threads
 from fedlora.cli import build_parser, main
 
 
+@pytest.mark.parametrize("passive", [False, True])
 @pytest.mark.parametrize("cpus", [1, 2, 4, 16])
-def test_auto_uses_every_cpu_of_an_idle_machine(cpus: int) -> None:
-    assert threads.auto_threads(cpus, load=0.0) == cpus
+def test_auto_uses_every_cpu_of_an_idle_machine(cpus: int, passive: bool) -> None:
+    assert threads.auto_threads(cpus, load=0.0, passive=passive) == cpus
 
 
 @pytest.mark.parametrize("cpus", [2, 4, 16])
-def test_auto_leaves_a_busy_core_to_its_process(cpus: int) -> None:
-    # one competing process that keeps a core busy: one thread fewer than the CPUs (the collapse case)
-    assert threads.auto_threads(cpus, load=1.0) == cpus - 1
+def test_auto_with_spinning_waits_leaves_a_busy_core_to_its_process(cpus: int) -> None:
+    # one competing process keeps a core busy: a thread on it would collapse every parallel region
+    assert threads.auto_threads(cpus, load=1.0, passive=False) == cpus - 1
+
+
+@pytest.mark.parametrize("load", [0.0, 1.0, 9.5])
+def test_auto_with_passive_waits_uses_every_cpu_at_any_load(load: float) -> None:
+    assert threads.auto_threads(2, load=load, passive=True) == 2
 
 
 @pytest.mark.parametrize("cpus, load", [(1, 0.0), (1, 5.0), (2, 2.0), (2, 9.0), (8, 100.0), (3, 0.7)])
@@ -67,19 +73,26 @@ def test_apply_sets_torch_threads_and_says_so(monkeypatch) -> None:
         assert torch.get_num_threads() == 1 and line.startswith("torch threads: 1 ")
         monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
         monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
-        assert threads.apply_threads("auto", interop=False).startswith("torch threads: 1 (auto: load 1.0 on 2")
+        monkeypatch.setattr(threads, "_policy_at_start", None)  # torch loaded before the policy could be set
+        assert threads.apply_threads("auto", interop=False).startswith("torch threads: 1 (auto: 2 usable CPUs, load 1.0")
+        monkeypatch.setattr(threads, "_policy_at_start", "PASSIVE")
+        assert threads.apply_threads("auto", interop=False).endswith("OMP_WAIT_POLICY=PASSIVE")
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
 
 def test_passive_wait_is_set_only_before_torch_and_never_over_the_users_choice(monkeypatch) -> None:
+    monkeypatch.setattr(threads, "_policy_at_start", None)
     monkeypatch.delenv(threads.WAIT_POLICY, raising=False)
     assert not threads.prefer_passive_wait()  # torch is imported in this process: too late, leave it alone
     assert threads.WAIT_POLICY not in os.environ
     monkeypatch.delitem(sys.modules, "torch")
     assert threads.prefer_passive_wait() and os.environ[threads.WAIT_POLICY] == "PASSIVE"
+    assert threads.passive_wait()
     monkeypatch.setenv(threads.WAIT_POLICY, "ACTIVE")
     assert not threads.prefer_passive_wait() and os.environ[threads.WAIT_POLICY] == "ACTIVE"
+    assert not threads.passive_wait()  # the user's spinning policy: auto counts the load
 
 
 def test_the_cli_entry_imports_no_torch_so_the_wait_policy_still_counts() -> None:

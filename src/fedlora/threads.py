@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 AUTO = "auto"
+_policy_at_start: str | None = None  # OMP_WAIT_POLICY as torch will read it, when known (prefer_passive_wait ran first)
 
 
 def prefer_passive_wait() -> bool:
@@ -32,10 +33,20 @@ def prefer_passive_wait() -> bool:
     libtorch_cpu: after that setting it changes nothing, so it is only set while torch is not yet
     imported, and never over a value the user chose.
     """
-    if WAIT_POLICY in os.environ or "torch" in sys.modules:
+    global _policy_at_start
+    if "torch" in sys.modules:
         return False
-    os.environ[WAIT_POLICY] = "PASSIVE"
-    return True
+    if WAIT_POLICY not in os.environ:
+        os.environ[WAIT_POLICY] = "PASSIVE"
+        _policy_at_start = "PASSIVE"
+        return True
+    _policy_at_start = os.environ[WAIT_POLICY].strip().upper()
+    return False
+
+
+def passive_wait() -> bool:
+    """Whether torch's OpenMP threads sleep when idle: PASSIVE was in place before torch loaded (else unknown: no)."""
+    return _policy_at_start == "PASSIVE"
 
 
 def usable_cpus() -> int:
@@ -45,21 +56,26 @@ def usable_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
-    """The thread count ``auto`` picks: the usable CPUs that other work leaves idle, at least 1.
+def auto_threads(cpus: int | None = None, load: float | None = None, passive: bool = False) -> int:
+    """The thread count ``auto`` picks: every usable CPU when idle threads sleep (``passive``), else the usable
+    CPUs that other work leaves idle, at least 1.
 
-    ``load`` is the 1-minute load average (other processes' runnable threads, roughly). A thread more
-    than the idle cores makes every parallel region wait on a descheduled thread, which costs far more
-    than the parallelism gains (benchmarks/busy_cpu.py), while one thread too few costs at most the
-    split of the work; so round the idle capacity down.
+    Measured (benchmarks/busy_cpu.py, docs/llm_performance.md): with spinning waits, 2 threads on a loaded
+    2-core CPU were 5-24x slower than 1, because every parallel region waits on a descheduled thread while
+    its partner spins; with OMP_WAIT_POLICY=PASSIVE, 2 threads were never slower than 1 by more than noise,
+    loaded or not. So with passive waits use the CPUs; otherwise ``load`` (the 1-minute load average,
+    roughly other processes' runnable threads) decides, rounded down: one thread too few costs at most
+    the split of the work, one too many the collapse.
     """
     cpus = usable_cpus() if cpus is None else cpus
+    if passive:
+        return cpus
     if load is None:
         try:
             load = os.getloadavg()[0]
         except OSError:  # not available on this platform: assume idle
             load = 0.0
-    return max(1, min(cpus, int(cpus - load + 0.25)))  # 0.25: a load of 0.8 on 2 CPUs is noise, 1.0 is a busy core
+    return max(1, min(cpus, int(cpus - load + 0.25)))  # a load of 1.0 is a busy core; 0.75 of one rounds to idle
 
 
 def parse_threads(text: str) -> str:
@@ -73,9 +89,10 @@ def parse_threads(text: str) -> str:
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     """``--threads N|auto`` on a command that runs torch (run, demo, bench)."""
     parser.add_argument("--threads", type=parse_threads, default=AUTO, metavar="N|auto",
-                        help="torch CPU threads (default: auto = the usable CPUs minus the current load average, at "
-                             "least 1: one thread more than the idle cores made a shared 2-core CPU up to 16x "
-                             "slower). OMP_WAIT_POLICY=PASSIVE is set unless you set it")
+                        help="torch CPU threads (default: auto = the usable CPUs; if you set OMP_WAIT_POLICY to "
+                             "other than PASSIVE, the usable CPUs minus the load average, at least 1). fedlora "
+                             "sets OMP_WAIT_POLICY=PASSIVE unless you set it: with spinning waits, 2 threads on a "
+                             "busy 2-core CPU were up to 24x slower (docs/llm_performance.md)")
 
 
 def apply_threads(value: str, interop: bool = True) -> str:
@@ -88,8 +105,8 @@ def apply_threads(value: str, interop: bool = True) -> str:
             load = os.getloadavg()[0]
         except OSError:
             load = 0.0
-        threads = auto_threads(cpus, load)
-        why = f"auto: load {load:.1f} on {cpus} usable CPUs"
+        threads = auto_threads(cpus, load, passive_wait())
+        why = f"auto: {cpus} usable CPUs" + ("" if passive_wait() else f", load {load:.1f}, waits may spin")
     else:
         threads = int(value)
         why = f"--threads {value}" + (f", more than the {cpus} usable CPUs" if threads > cpus else "")
@@ -99,5 +116,5 @@ def apply_threads(value: str, interop: bool = True) -> str:
             torch.set_num_interop_threads(threads)
         except RuntimeError:
             pass
-    wait = os.environ.get(WAIT_POLICY, "unset")
+    wait = _policy_at_start or "unknown (torch was loaded before fedlora could set it)"
     return f"torch threads: {threads} ({why}); {WAIT_POLICY}={wait}"
