@@ -62,3 +62,17 @@ def tiny_llama_path(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory)
         model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """`fedlora run/demo/bench` called in-process set torch's thread count (--threads): restore it after each
+    test, so that a later test's numbers do not depend on which CLI test ran before it (summation order)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None:
+        torch.set_num_threads(before)
