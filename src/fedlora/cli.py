@@ -226,7 +226,7 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
             check_fresh(out, getattr(args, "overwrite", False))
             claim(out)  # a fedlora run directory from now on (what a later --overwrite may replace)
         _quiet_libraries()
-        print(apply_threads(args.threads), file=sys.stderr)
+        print(apply_threads(args.threads), flush=True)
         from fedlora.simulation import run
 
         history = run(config, resume=bool(args.resume))
