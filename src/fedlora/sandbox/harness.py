@@ -8,6 +8,7 @@ the same boundary and reports how it ended: an exit status, never a verdict.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -83,6 +84,11 @@ class ProgramResult:
     output: str
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 def boundary_or_refuse(allow_unsandboxed: bool) -> bool:
     """True when the kernel boundary is available; False when it is not and the caller accepted that; else
     :class:`SandboxUnavailable` with one line saying why and which flag accepts the risk."""
@@ -90,7 +96,7 @@ def boundary_or_refuse(allow_unsandboxed: bool) -> bool:
     if why is None:
         return True
     if allow_unsandboxed:
-        log.warning("running generated code WITHOUT the kernel sandbox (%s): %s", ALLOW_FLAG, why)
+        _warn_once(f"running generated code WITHOUT the kernel sandbox ({ALLOW_FLAG}): {why}")
         return False
     raise SandboxUnavailable(f"generated code is not run: {why}. To run it without the kernel sandbox, at your "
                              f"own risk (it can read and change your files), pass {ALLOW_FLAG}.")
