@@ -162,6 +162,11 @@ def _dense_group(
     return out
 
 
+def unmeasured_report(adapter: Adapter) -> DivergenceReport:
+    """The report of a round whose divergence was not measured (``--divergence off`` / every N): NaN throughout."""
+    return _unmeasurable(adapter)
+
+
 def _unmeasurable(adapter: Adapter) -> DivergenceReport:
     nan = float("nan")
     return DivergenceReport(
