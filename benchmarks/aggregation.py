@@ -16,8 +16,8 @@ ran gradient descent from a shared start on heterogeneous least-squares tasks):
   (d) --clients: fedit and flora-na at U ∈ {10, 30, 100, 300, 1000}, MiniLM shapes (12 modules
       384×384, r = 8): seconds per round (aggregate(): the method + the divergence report) and peak
       RSS, each point in its own process (benchmarks/client_sweep_point.py). Baseline in the same run:
-      the old implementation (the divergence through the (U r)² Grams), run while its predicted time
-      (previous point × (U ratio)³) stays under --cap-seconds; likewise for flora-na (× ratio^2.5).
+      the old implementation (the divergence through the (U r)² Grams), run until a point takes
+      longer than --cap-seconds (stopped there) or its Grams would need > 4 GiB; flora-na likewise.
 
 Every method is warmed up once (first MKL/LAPACK calls are slow); times are the best of
 ``--repeats`` runs (AdamW: one run). ``solve s`` is the method alone (``metrics["solve_seconds"]``),
@@ -212,17 +212,27 @@ def render(results: dict, args) -> str:
 
 CLIENT_SWEEP = (10, 30, 100, 300, 1000)
 GOALS = {"fedit": 5.0, "flora-na": 30.0}  # s per round at U = 1,000 on the 2-core CPU (issue 23 §4); peak ≤ 2 GiB
-GROWTH = {("fedit", "old"): 3.0, ("flora-na", "new"): 2.5, ("fedit", "new"): 1.5}  # for predicting the next point
+GRAM_LIMIT_GIB = 4.0  # a point whose (U r)² Grams alone would need more is not started (it would swap or be killed)
 
 
-def _point(method: str, clients: int, impl: str, timeout: float) -> dict | None:
+def _gram_gib(method: str, impl: str, clients: int) -> float:
+    """Memory of the (U r)² (flora-na: ((U + 1) r)², both factors) Grams of the 12 modules, float64; 0 for the new route."""
+    if method == "fedit" and impl == "new":
+        return 0.0
+    n = (clients + (method == "flora-na")) * 8
+    return 2 * 12 * n * n * 8 / 2**30
+
+
+def _point(method: str, clients: int, impl: str, timeout: float) -> dict:
     script = Path(__file__).with_name("client_sweep_point.py")
     try:
         out = subprocess.run([sys.executable, str(script), method, str(clients), impl], capture_output=True, text=True,
                              timeout=timeout, check=True, env={**os.environ})
-    except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as error:
-        return {"method": method, "U": clients, "impl": impl, "failed": type(error).__name__}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        return {"method": method, "U": clients, "impl": impl, "skipped": f"> {timeout:.0f} s", "timeout": True}
+    except subprocess.CalledProcessError as error:
+        return {"method": method, "U": clients, "impl": impl, "failed": error.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def _exponent(rows: list[dict]) -> float:
@@ -235,26 +245,31 @@ def _exponent(rows: list[dict]) -> float:
 
 
 def bench_clients(clients: tuple[int, ...], cap: float, log) -> dict[tuple[str, str], list[dict]]:
-    """Per (method, impl): one row per U; a point predicted above ``cap`` seconds is not run (row has "skipped")."""
+    """Per (method, impl): one row per U. The new fedit runs every point; the old implementation and
+    flora-na run until a point takes longer than ``cap`` seconds (it is stopped there) or its Grams
+    would exceed GRAM_LIMIT_GIB; larger U are then "not run"."""
     runs = [("fedit", "new"), ("fedit", "old"), ("flora-na", "new")]  # flora-na's server is unchanged: new = old
     results: dict[tuple[str, str], list[dict]] = {key: [] for key in runs}
     for method, impl in runs:
-        previous: dict | None = None
+        stopped = ""
         for U in clients:
-            if previous is not None:
-                predicted = previous["seconds"] * (U / previous["U"]) ** GROWTH[(method, impl)]
-                if predicted > cap:
-                    results[(method, impl)].append({"U": U, "skipped": f"predicted ~{predicted:.0f} s > {cap:.0f} s"})
-                    log(f"  {method}/{impl} U={U}: skipped (predicted ~{predicted:.0f} s)")
-                    continue
-            row = _point(method, U, impl, timeout=max(4 * cap, 120))
-            results[(method, impl)].append(row or {"U": U})
-            if row and "seconds" in row:
-                previous = row
+            capped = not (method == "fedit" and impl == "new")
+            if not stopped and _gram_gib(method, impl, U) > GRAM_LIMIT_GIB:
+                stopped = f"its Grams alone need {_gram_gib(method, impl, U):.1f} GiB"
+            if stopped:
+                results[(method, impl)].append({"U": U, "skipped": stopped})
+                log(f"  {method}/{impl} U={U}: not run ({stopped})")
+                continue
+            # the process also imports torch and builds the clients: the call itself is held to ``cap``
+            row = _point(method, U, impl, timeout=cap + 60 if capped else 600)
+            results[(method, impl)].append(row)
+            if "seconds" in row:
                 log(f"  {method}/{impl} U={U}: {row['seconds']:.2f} s, peak {row['peak_mib']:.0f} MiB")
+                if capped and row["seconds"] > cap:
+                    stopped = f"U={U} took {row['seconds']:.0f} s"
             else:
+                stopped = f"U={U}: {row.get('skipped') or row.get('failed')}"
                 log(f"  {method}/{impl} U={U}: {row}")
-                previous = {"U": U, "seconds": math.inf}
     return results
 
 
@@ -265,7 +280,7 @@ def render_clients(results: dict[tuple[str, str], list[dict]], clients: tuple[in
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
         f"{load:.1f} at the end. s = one whole aggregate() call (method + divergence report) after a warm-up, one "
         f"process per point; peak = that process's ru_maxrss (inputs included: 'inputs' is its RSS before the call). "
-        f"Points predicted above {cap:.0f} s are not run.\n",
+        f"The old implementation and flora-na are not run past the first U that takes over {cap:.0f} s.\n",
         "| method | implementation | " + " | ".join(f"U={U}" for U in clients) + " | growth exponent (U ≥ 30) |",
         "|---|---|" + "---:|" * len(clients) + "---:|",
     ]
@@ -277,7 +292,8 @@ def render_clients(results: dict[tuple[str, str], list[dict]], clients: tuple[in
             if "seconds" in row:
                 cells.append(f"{row['seconds']:.2f} s / {row['peak_mib'] / 1024:.2f} GiB")
             else:
-                cells.append("not run" if "skipped" in row else f"failed ({row.get('failed', '?')})")
+                cells.append(row["skipped"] if row.get("timeout") else
+                             "not run" if "skipped" in row else f"failed ({row.get('failed', '?')})")
         lines.append(f"| {method} | {name} | " + " | ".join(cells) + f" | {_exponent(rows):.2f} |")
     lines.append("\n## Ratios and goals (same run)\n")
     new, old = {r["U"]: r for r in results[("fedit", "new")]}, {r["U"]: r for r in results[("fedit", "old")]}
@@ -308,7 +324,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--clients", action="store_true", help="the client sweep (d) instead of (a)-(c)")
     parser.add_argument("--client-counts", default=",".join(map(str, CLIENT_SWEEP)), help="U values of --clients")
     parser.add_argument("--cap-seconds", type=float, default=45.0,
-                        help="--clients: skip a point predicted slower than this (the old implementation blows up)")
+                        help="--clients: stop the old implementation and flora-na at the first U slower than this")
     args = parser.parse_args(argv)
     cases = dict(SMALL if args.small else FULL)
     if args.adamw_steps_b is not None:
