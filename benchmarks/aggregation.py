@@ -279,7 +279,7 @@ def render_clients(results: dict[tuple[str, str], list[dict]], clients: tuple[in
         "# Server client sweep (MiniLM shapes: 12 modules 384×384, r = 8; float32 uploads, float64 server maths)\n",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
         f"{load:.1f} at the end. s = one whole aggregate() call (method + divergence report) after a warm-up, one "
-        f"process per point; peak = that process's ru_maxrss (inputs included: 'inputs' is its RSS before the call). "
+        f"process per point; peak = that process's ru_maxrss (the clients' float32 uploads included). "
         f"The old implementation and flora-na are not run past the first U that takes over {cap:.0f} s.\n",
         "| method | implementation | " + " | ".join(f"U={U}" for U in clients) + " | growth exponent (U ≥ 30) |",
         "|---|---|" + "---:|" * len(clients) + "---:|",
