@@ -48,3 +48,33 @@ def test_readers_average_over_the_measured_rounds_only():
                for r, d in ((1, None), (2, 0.2), (3, None), (4, 0.4))]
     summary = summarize_records(records)  # the bench table's "mean divergence"
     assert math.isclose(summary["divergence"], 0.3) and math.isclose(summary["bound"], 0.3)
+
+
+def test_a_run_measured_every_other_round_plots_and_summarises_its_measured_rounds(tmp_path, monkeypatch):
+    import json
+
+    import matplotlib.figure
+
+    from fedlora.reporting import plot_runs, summarize
+
+    figures: list = []
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = json.loads(RunConfig(task="toy", method="fedit", rounds=4, clients=4, divergence="2").to_json())
+    (run / "config.json").write_text(json.dumps(config))
+    divergences = [None, 0.1, None, 0.05]  # --divergence 2: rounds 1 and 3 not measured (null in metrics.jsonl)
+    records = [{"round": t, "global_metric": 0.5, "divergence": d, "eckart_young_bound": None if d is None else d / 2,
+                "divergence_measured": d is not None, "bytes_up": 1, "bytes_down": 1, "server_seconds": 0.1,
+                "wall_seconds": 1.0, "local_metric_mean": None} for t, d in enumerate(divergences, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_runs([run], tmp_path / "plots")
+    curve = [line for line in figures[-1].axes[0].get_lines() if line.get_linestyle() == "-" and len(line.get_xdata())]
+    assert [list(line.get_xdata()) for line in curve] == [[2, 4]]  # the measured rounds, joined by a line
+    assert math.isclose(summarize(run)["divergence"], 0.075)
