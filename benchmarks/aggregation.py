@@ -3,6 +3,7 @@
     python benchmarks/aggregation.py            # full: RoBERTa-large and LLaMA-2-7B q/v shapes (minutes)
     python benchmarks/aggregation.py --small    # a few seconds, same table at toy shapes
     python benchmarks/aggregation.py --out results.md
+    python benchmarks/aggregation.py --clients  # issue 23 §4: U = 10 … 1,000 at MiniLM shapes, a process per point
 
 Cases (client adapters from :func:`fedlora.synthetic.least_squares_clients`, i.e. clients that
 ran gradient descent from a shared start on heterogeneous least-squares tasks):
@@ -11,6 +12,12 @@ ran gradient descent from a shared start on heterogeneous least-squares tasks):
       forms 64 dense 4096×4096 products per step), reported as s/step and extrapolated to 200.
   (c) client-count sweep U ∈ {2, 10, 50, 100} for ALS, at (a)'s module shape with fewer modules
       (the Grams grow as (U r)²: at U = 100 a 48-module problem needs 2 GB of Grams alone).
+
+  (d) --clients: fedit and flora-na at U ∈ {10, 30, 100, 300, 1000}, MiniLM shapes (12 modules
+      384×384, r = 8): seconds per round (aggregate(): the method + the divergence report) and peak
+      RSS, each point in its own process (benchmarks/client_sweep_point.py). Baseline in the same run:
+      the old implementation (the divergence through the (U r)² Grams), run until a point takes
+      longer than --cap-seconds (stopped there) or its Grams would need > 4 GiB; flora-na likewise.
 
 Every method is warmed up once (first MKL/LAPACK calls are slow); times are the best of
 ``--repeats`` runs (AdamW: one run). ``solve s`` is the method alone (``metrics["solve_seconds"]``),
@@ -21,11 +28,15 @@ against baselines measured in this same run. Also importable: ``main(argv)``.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -199,6 +210,109 @@ def render(results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+CLIENT_SWEEP = (10, 30, 100, 300, 1000)
+GOALS = {"fedit": 5.0, "flora-na": 30.0}  # s per round at U = 1,000 on the 2-core CPU (issue 23 §4); peak ≤ 2 GiB
+GRAM_LIMIT_GIB = 4.0  # a point whose (U r)² Grams alone would need more is not started (it would swap or be killed)
+
+
+def _gram_gib(method: str, impl: str, clients: int) -> float:
+    """Memory of the (U r)² (flora-na: ((U + 1) r)², both factors) Grams of the 12 modules, float64; 0 for the new route."""
+    if method == "fedit" and impl == "new":
+        return 0.0
+    n = (clients + (method == "flora-na")) * 8
+    return 2 * 12 * n * n * 8 / 2**30
+
+
+def _point(method: str, clients: int, impl: str, timeout: float) -> dict:
+    script = Path(__file__).with_name("client_sweep_point.py")
+    try:
+        out = subprocess.run([sys.executable, str(script), method, str(clients), impl], capture_output=True, text=True,
+                             timeout=timeout, check=True, env={**os.environ})
+    except subprocess.TimeoutExpired:
+        return {"method": method, "U": clients, "impl": impl, "skipped": f"> {timeout:.0f} s", "timeout": True}
+    except subprocess.CalledProcessError as error:
+        return {"method": method, "U": clients, "impl": impl, "failed": error.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _exponent(rows: list[dict]) -> float:
+    """Least-squares slope of log(seconds) on log(U) over the points with U ≥ 30 (small U is overhead)."""
+    pts = [(math.log(r["U"]), math.log(r["seconds"])) for r in rows if "seconds" in r and r["U"] >= 30]
+    if len(pts) < 2:
+        return math.nan
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def bench_clients(clients: tuple[int, ...], cap: float, log) -> dict[tuple[str, str], list[dict]]:
+    """Per (method, impl): one row per U. The new fedit runs every point; the old implementation and
+    flora-na run until a point takes longer than ``cap`` seconds (it is stopped there) or its Grams
+    would exceed GRAM_LIMIT_GIB; larger U are then "not run"."""
+    runs = [("fedit", "new"), ("fedit", "old"), ("flora-na", "new")]  # flora-na's server is unchanged: new = old
+    results: dict[tuple[str, str], list[dict]] = {key: [] for key in runs}
+    for method, impl in runs:
+        stopped = ""
+        for U in clients:
+            capped = not (method == "fedit" and impl == "new")
+            if not stopped and _gram_gib(method, impl, U) > GRAM_LIMIT_GIB:
+                stopped = f"its Grams alone need {_gram_gib(method, impl, U):.1f} GiB"
+            if stopped:
+                results[(method, impl)].append({"U": U, "skipped": stopped})
+                log(f"  {method}/{impl} U={U}: not run ({stopped})")
+                continue
+            # the process also imports torch and builds the clients: the call itself is held to ``cap``
+            row = _point(method, U, impl, timeout=cap + 60 if capped else 600)
+            results[(method, impl)].append(row)
+            if "seconds" in row:
+                log(f"  {method}/{impl} U={U}: {row['seconds']:.2f} s, peak {row['peak_mib']:.0f} MiB")
+                if capped and row["seconds"] > cap:
+                    stopped = f"U={U} took {row['seconds']:.0f} s"
+            else:
+                stopped = f"U={U}: {row.get('skipped') or row.get('failed')}"
+                log(f"  {method}/{impl} U={U}: {row}")
+    return results
+
+
+def render_clients(results: dict[tuple[str, str], list[dict]], clients: tuple[int, ...], cap: float) -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        "# Server client sweep (MiniLM shapes: 12 modules 384×384, r = 8; float32 uploads, float64 server maths)\n",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+        f"{load:.1f} at the end. s = one whole aggregate() call (method + divergence report) after a warm-up, one "
+        f"process per point; peak = that process's ru_maxrss (the clients' float32 uploads included). "
+        f"The old implementation and flora-na are not run past the first U that takes over {cap:.0f} s.\n",
+        "| method | implementation | " + " | ".join(f"U={U}" for U in clients) + " | growth exponent (U ≥ 30) |",
+        "|---|---|" + "---:|" * len(clients) + "---:|",
+    ]
+    for (method, impl), rows in results.items():
+        name = "new (route by cost)" if impl == "new" and method == "fedit" else (
+            "old (U·r Grams)" if impl == "old" else "unchanged (U·r Grams, U×U solves)")
+        cells = []
+        for row in rows:
+            if "seconds" in row:
+                cells.append(f"{row['seconds']:.2f} s / {row['peak_mib'] / 1024:.2f} GiB")
+            else:
+                cells.append(row["skipped"] if row.get("timeout") else
+                             "not run" if "skipped" in row else f"failed ({row.get('failed', '?')})")
+        lines.append(f"| {method} | {name} | " + " | ".join(cells) + f" | {_exponent(rows):.2f} |")
+    lines.append("\n## Ratios and goals (same run)\n")
+    new, old = {r["U"]: r for r in results[("fedit", "new")]}, {r["U"]: r for r in results[("fedit", "old")]}
+    for U in clients:
+        if "seconds" in new.get(U, {}) and "seconds" in old.get(U, {}):
+            lines.append(f"- fedit U={U}: old / new = **{old[U]['seconds'] / new[U]['seconds']:.1f}×** "
+                         f"(peak {old[U]['peak_mib']:.0f} → {new[U]['peak_mib']:.0f} MiB)")
+    for method, goal in GOALS.items():
+        row = {r["U"]: r for r in results[(method, "new")]}.get(max(clients), {})
+        if "seconds" in row:
+            ok = row["seconds"] <= goal and row["peak_mib"] <= 2048
+            lines.append(f"- {method} U={max(clients)}: {row['seconds']:.2f} s, peak {row['peak_mib']:.0f} MiB "
+                         f"(goal ≤ {goal:.0f} s, ≤ 2 GiB: {'met' if ok else 'MISSED'})")
+        else:
+            lines.append(f"- {method} U={max(clients)}: not measured ({row.get('skipped') or row.get('failed')}); "
+                         f"goal ≤ {goal:.0f} s MISSED")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="toy shapes, a few seconds")
@@ -207,6 +321,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--cases", default="a,b,sweep", help="comma-separated subset of a, b, sweep")
     parser.add_argument("--adamw-steps-b", type=int, default=None, help="AdamW steps at (b) (default 2; 1 with --small)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--clients", action="store_true", help="the client sweep (d) instead of (a)-(c)")
+    parser.add_argument("--client-counts", default=",".join(map(str, CLIENT_SWEEP)), help="U values of --clients")
+    parser.add_argument("--cap-seconds", type=float, default=45.0,
+                        help="--clients: stop the old implementation and flora-na at the first U slower than this")
     args = parser.parse_args(argv)
     cases = dict(SMALL if args.small else FULL)
     if args.adamw_steps_b is not None:
@@ -216,6 +334,14 @@ def main(argv: list[str] | None = None) -> str:
     def log(message: str) -> None:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
+
+    if args.clients:
+        counts = tuple(int(c) for c in args.client_counts.split(","))
+        table = render_clients(bench_clients(counts, args.cap_seconds, log), counts, args.cap_seconds)
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table, encoding="utf-8")
+        return table
 
     results: dict = {}
     for key in args.cases.split(","):

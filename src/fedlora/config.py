@@ -136,6 +136,9 @@ class RunConfig:
                                 "the round's median update norm; 0: off (README, Failure modes)")
     seed: int = option(0, "federation", "seed of everything: partition, init, batches, client sampling", data=True)
     # -- evaluation
+    divergence: str = option("every", "evaluation", "aggregation divergence report: 'every' round, every N rounds "
+                             "(and the last), or 'off' (not measured: the record's divergence is null)",
+                             metavar="every|N|off")
     eval_local_every: int = option(5, "evaluation", "rounds between local (personalised) evaluations; 0: never")
     local_test_fraction: float = option(0.2, "evaluation", "share of each client's data held out as its local test",
                                         data=True)
@@ -183,6 +186,19 @@ class RunConfig:
     @property
     def num_sampled(self) -> int:
         return max(1, round(self.fraction * self.clients))
+
+
+def divergence_due(setting: str, round_: int, rounds: int) -> bool:
+    """Whether round ``round_`` of ``rounds`` measures the divergence under ``--divergence`` ``setting``.
+
+    'every': each round; 'off': never; N: rounds N, 2N, … and the last (so a run's final divergence is
+    always known unless it is off). Measuring costs the server an SVD-sized step per round (issue 23 §2).
+    """
+    if setting == "off":
+        return False
+    if setting == "every":
+        return True
+    return round_ % int(setting) == 0 or round_ >= rounds
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -302,6 +318,9 @@ def _validate(c: RunConfig) -> None:
                  "and cannot take it; use a method that does not ("
                  + ", ".join(m for m in available_methods() if not get_method(m).policy.merges_into_base)
                  + ") or drop --load-in-4bit")
+    _require(isinstance(c.divergence, str) and (c.divergence in ("every", "off") or
+             (c.divergence.isdigit() and int(c.divergence) >= 1)), "divergence", c.divergence,
+             "must be 'every', 'off' or a whole number of rounds N >= 1")
     _require(_is_int(c.eval_local_every) and c.eval_local_every >= 0, "eval_local_every", c.eval_local_every,
              "must be an integer >= 0 (0 disables local evaluation)")
     _require(_is_number(c.local_test_fraction) and 0 < c.local_test_fraction < 1, "local_test_fraction",

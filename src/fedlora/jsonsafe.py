@@ -48,6 +48,12 @@ def number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def measured_mean(values: Any) -> float:
+    """Mean of the finite values (NaN / null: not measured, e.g. ``--divergence`` every N or off); NaN if none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 def restore_nan(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with null read back as NaN in :data:`ALWAYS_NUMERIC` fields and in ``global`` metrics."""
     record = dict(record)

@@ -34,7 +34,8 @@ def round_record(
         "local_metric": locals_ or None,
         "local_loss_mean": float(np.mean(local_losses)) if local_losses else None,
         "train_loss": float(np.mean([r.loss for r in results])) if results else None,
-        "divergence": agg_metrics["divergence"],
+        "divergence": agg_metrics["divergence"],  # null when not measured (--divergence off / every N) or skipped
+        "divergence_measured": bool(agg_metrics.get("divergence_measured", True)) and not agg_metrics["skipped"],
         "eckart_young_bound": agg_metrics["eckart_young_bound"],
         "solve_seconds": agg_metrics["solve_seconds"],
         "server_seconds": server_seconds,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedlora.jsonsafe import read_metrics  # noqa: E402
+from fedlora.jsonsafe import measured_mean, read_metrics  # noqa: E402
 
 
 def read_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -72,6 +73,10 @@ def plotted_metrics(config: dict[str, Any], records: list[dict[str, Any]]) -> li
     return [(main, "global_metric"), *((m, f"global/{m}") for m in EXTRA_METRICS if m in seen and m != main)]
 
 
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
 def _values(records: list[dict[str, Any]], key: str) -> list[float]:
     if key.startswith("global/"):
         name = key.removeprefix("global/")
@@ -109,6 +114,8 @@ def plot_runs(paths: Sequence[str | Path], out: Path, prefix: str = "") -> list[
         fig, ax = plt.subplots(figsize=(7, 4.2))
         values: list[float] = []
         for (path, config, records), style in zip(runs, styles):
+            if key == "divergence":  # only the rounds that measured it: --divergence N would otherwise draw no line
+                records = [r for r in records if _finite(r.get("divergence"))]
             rounds = [r["round"] for r in records]
             ys = _values(records, key)
             values += ys
@@ -175,8 +182,9 @@ def _summary(path: str | Path, config: dict[str, Any], records: list[dict[str, A
         "final": records[-1]["global_metric"],
         "best": max(r["global_metric"] for r in records),
         "local": locals_[-1] if locals_ else float("nan"),
-        "divergence": float(np.mean([r["divergence"] for r in records])),
-        "bound": float(np.mean([r["eckart_young_bound"] for r in records])),
+        # over the rounds that measured it (--divergence every N / off leave the others NaN)
+        "divergence": measured_mean(r["divergence"] for r in records),
+        "bound": measured_mean(r["eckart_young_bound"] for r in records),
         "mb_up": records[-1]["bytes_up"] / 1e6,
         "mb_down": records[-1]["bytes_down"] / 1e6,
         "server_s": float(np.mean([r["server_seconds"] for r in records])),

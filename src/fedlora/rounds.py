@@ -39,7 +39,7 @@ from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec
 from fedlora.aggregation.ranks import assign_ranks, is_mixed, restrict, sent_start
 from fedlora.checkpoint import ServerState, atomic_write_text, load_state, save_state
 from fedlora.client import ClientResult, derived_seed, evaluate_on, train_client
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, divergence_due
 from fedlora.data_fingerprint import record as data_record
 from fedlora.failpoints import failpoint
 from fedlora.federation import ClientData, Federation
@@ -212,6 +212,8 @@ class Server:
         with phase("aggregation"):
             agg, head = server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
                                     min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
+                                    measure_divergence=divergence_due(self.config.divergence, plan.round,
+                                                                      self.config.rounds),
                                     weight_cap=None,  # counts are the partition table's (bounded), not claims
                                     round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
                                     rank_map=self.config.rank_map,  # each update is measured from what client_start sent

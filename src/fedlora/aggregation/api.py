@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation.communication import round_bytes
-from fedlora.aggregation.divergence import divergence_report
+from fedlora.aggregation.divergence import divergence_report, unmeasured_report
 from fedlora.aggregation.outcome import non_finite, skipped_result
 from fedlora.aggregation.ranks import RANK_MAPS, sent_start
 from fedlora.aggregation.registry import get_method
@@ -102,6 +102,7 @@ def aggregate(
     state: dict[str, Tensor] | None = None,
     client_ranks: dict[str, int] | None = None,
     rank_map: str = "truncate",
+    measure_divergence: bool = True,
     **options: Any,
 ) -> AggregationResult:
     """Aggregate one round of client updates into the next global adapter.
@@ -208,7 +209,9 @@ def aggregate(
     solve_seconds = time.perf_counter() - start
 
     # Divergence is always measured against the example-weighted T, whatever the method solved for.
-    report = divergence_report(result.adapter, u64, example_weights, result.base_delta)
+    # measure_divergence=False (--divergence off or between every-N rounds): not measured, NaN (null in records).
+    report = (divergence_report(result.adapter, u64, example_weights, result.base_delta) if measure_divergence
+              else unmeasured_report(result.adapter))
     ranks = None if client_ranks is None else [client_ranks.get(u.client_id, _rank(global_adapter)) for u in u64]
     bytes_up, bytes_down = round_bytes(spec.policy.for_round(round_index), global_adapter, len(u64), ranks)
     robust = {"norm_reference": reference, "norm_reference_is_median": from_round, "clipped": clipped,
@@ -219,6 +222,7 @@ def aggregate(
         "divergence": report.divergence,
         "eckart_young_bound": report.eckart_young_bound,
         "divergence_per_module": report.per_module,
+        "divergence_measured": measure_divergence,
         "solve_seconds": solve_seconds,
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,

@@ -59,6 +59,8 @@ def non_finite(result: AggregationResult) -> str | None:
                 return f"the aggregated {path} ({tensor.dtype}) is not finite"
     if next(iter(result.adapter.values())).A.is_meta:  # no values: the metrics are NaN by design
         return None
+    if result.metrics.get("divergence_measured") is False:  # --divergence off / every N: NaN means "not measured"
+        return None
     for key in ("divergence", "eckart_young_bound"):
         value = result.metrics.get(key)
         if isinstance(value, float) and not math.isfinite(value):

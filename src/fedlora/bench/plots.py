@@ -35,8 +35,13 @@ def _by_task_label(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[list[
 def _curve(seed_records: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Seeds can differ in length only while a grid is still running: average the common prefix.
     length = min(len(r) for r in seed_records)
-    values = np.array([[rec[key] for rec in records[:length]] for records in seed_records], dtype=float)
+    values = np.array([[np.nan if rec[key] is None else rec[key] for rec in records[:length]] for records in seed_records],
+                      dtype=float)
     rounds = np.array([rec["round"] for rec in seed_records[0][:length]])
+    if key in ("divergence", "eckart_young_bound"):  # --divergence every N: unmeasured rounds are left out, not gaps
+        measured = ~np.isnan(values).all(axis=0)
+        values, rounds = values[:, measured], rounds[measured]
+        length = len(rounds)
     std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(length)
     return rounds, values.mean(axis=0), std
 

@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
+from fedlora.jsonsafe import measured_mean
+
 # (key, column header, format) of the seed-aggregated columns, in table order.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("final", "final", ".4f"),
@@ -48,8 +50,9 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, float]:
         "best": max(r["global_metric"] for r in records),
         "local": local,
         "gap": gap,
-        "divergence": statistics.fmean(r["divergence"] for r in records),
-        "bound": statistics.fmean(r["eckart_young_bound"] for r in records),
+        # over the rounds that measured it (--divergence every N / off leave the others NaN)
+        "divergence": measured_mean(r["divergence"] for r in records),
+        "bound": measured_mean(r["eckart_young_bound"] for r in records),
         # LoRA traffic only: the classifier head is FedAvg-ed identically by every method.
         "mb_up": statistics.fmean(r["lora_bytes_up"] for r in records) / 1e6,
         "mb_down": statistics.fmean(r["lora_bytes_down"] for r in records) / 1e6,
