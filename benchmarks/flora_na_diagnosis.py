@@ -489,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables_only:
         saved = json.loads(records_path.read_text())
     else:
-        from fedlora.cli import _quiet_libraries
+        from fedlora.cli import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
         saved = {"meta": provenance(sys.argv if argv is None else argv), "runs": []}
         for seed in args.seeds:
             for method in METHODS:

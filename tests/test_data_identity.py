@@ -33,7 +33,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded before the data was checked")
 
     monkeypatch.setattr(simulation, "build_model", refuse)
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)
 
 
 # -- item 10: a line that is not an object ---------------------------------------------------------
@@ -98,7 +98,7 @@ def test_resume_refuses_other_data_and_accepts_a_moved_copy_of_the_same(tmp_path
 
     with monkeypatch.context() as patched:
         patched.setattr(simulation, "build_model", refuse)
-        patched.setattr(cli, "_quiet_libraries", lambda: None)
+        patched.setattr(cli, "quiet_libraries", lambda: None)
         assert cli.main(["run", "--resume", str(out), "--rounds", "2", "--data-dir", str(other)]) == 2
         err = one_line_error(capsys)
         assert "data differs" in err and f"now {other} with train.jsonl" in err and f"was {first} with train.jsonl" in err
@@ -114,7 +114,7 @@ def test_resume_refuses_other_data_and_accepts_a_moved_copy_of_the_same(tmp_path
     moved = tmp_path / "elsewhere" / "mine"
     shutil.copytree(first, moved)  # a fresh copy: new path, new mtimes, same bytes
     shutil.rmtree(first)
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)
     assert cli.main(["run", "--resume", str(out), "--rounds", "2", "--data-dir", str(moved)]) == 0
     assert load_state(out).round == 2 and load_state(out).data["files"] == recorded["files"]
 

@@ -187,7 +187,7 @@ def test_demo_prints_its_plan_and_run_k_of_n_before_running(monkeypatch, capsys,
 
     ran: list[str] = []
     monkeypatch.setattr(simulation, "run", lambda config, **kwargs: ran.append(config.method))
-    monkeypatch.setattr(cli, "_compare", lambda runs, out: 0)
+    monkeypatch.setattr(cli, "compare_runs", lambda runs, out: 0)
     monkeypatch.chdir(tmp_path)  # the demo locks and marks its run directories under --out
     assert cli.main(["demo", "--rounds", "3", "--out", "unused"]) == 0
     out = capsys.readouterr().out
@@ -347,7 +347,7 @@ def test_the_demo_ends_saying_where_its_table_runs_and_adapters_are(monkeypatch,
         (Path(config.out) / "adapter").mkdir()
 
     monkeypatch.setattr(simulation, "run", fake_run)
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["demo", "--rounds", "3", "--out", "demo"]) == 0
     out = capsys.readouterr().out

@@ -53,7 +53,7 @@ def engine(monkeypatch):
         return [{**RECORD, "round": r} for r in range(1, config.rounds + 1)]
 
     monkeypatch.setattr(simulation, "run", fake_run)
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)
     return calls
 
 
@@ -209,7 +209,7 @@ def test_max_length_too_small_for_a_sentence_pair_is_refused():
 
 def test_a_run_where_every_round_was_skipped_exits_non_zero(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(simulation, "run", lambda config, resume=False: [{**RECORD, "skipped": True}])
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)
     assert cli.main(["run", "--task", "toy", "--rounds", "1", "--out", str(tmp_path / "run")]) == 1
     assert "every round was skipped" in capsys.readouterr().err
 
@@ -304,7 +304,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(simulation, "run", interrupted)
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)
     out = tmp_path / "run"
     assert cli.main(["run", "--task", "toy", "--out", str(out)]) == 130
     assert f"fedlora run --resume {out}" in one_line_error(capsys)
@@ -409,7 +409,7 @@ def test_the_run_lock_reuses_its_own_file_without_truncating_it(tmp_path):
 
 # -- item 14: fedlora demo refuses to replace its runs unless --overwrite -------------------------
 def test_demo_refuses_to_replace_existing_runs_unless_overwrite(tmp_path, capsys, engine, monkeypatch):
-    monkeypatch.setattr(cli, "_compare", lambda runs, out: 0)
+    monkeypatch.setattr(cli, "compare_runs", lambda runs, out: 0)
     make_run(tmp_path / "demo" / "fedit")
     argv = ["demo", "--methods", "flora-na-stable", "fedit", "--rounds", "1", "--out", str(tmp_path / "demo")]
     assert cli.main(argv) == 2

@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             # explicit_options suppresses the parser's defaults: a second parser, not the one above
             return _run(args, explicit_options(build_parser(), argv))
         if args.command == "compare":
-            _quiet_libraries()
-            return _compare(args.runs, args.out)
+            quiet_libraries()
+            return compare_runs(args.runs, args.out)
         if args.command == "demo":
             from fedlora.demo import run_demo
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(render(args.command, args.format), end="" if args.format == "markdown" else "\n")
             return 0
         if args.command == "bench":
-            _quiet_libraries()
+            quiet_libraries()
             from fedlora.bench import run_from_args
 
             return run_from_args(args, argv)
@@ -185,7 +185,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # Our own progress bar says what is happening; the libraries' load reports and per-map bars are noise.
     import datasets
     import transformers
@@ -225,7 +225,7 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
         else:
             check_fresh(out, getattr(args, "overwrite", False))
             claim(out)  # a fedlora run directory from now on (what a later --overwrite may replace)
-        _quiet_libraries()
+        quiet_libraries()
         print(apply_threads(args.threads), flush=True)
         from fedlora.simulation import run
 
@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
     return 0
 
 
-def _compare(runs: list[str], out: str | None) -> int:
+def compare_runs(runs: list[str], out: str | None) -> int:
     from fedlora.reporting import compare_table, plot_runs
 
     table = compare_table(runs)

@@ -66,10 +66,10 @@ def _run_all(configs: list[RunConfig], out: str, threads: str = "auto") -> int:
     estimates = [estimate_seconds(c) * measured_scale for c in configs]
     print(plan_text(configs, sum(estimates), f"cost model at {STEP_SECONDS} s per step x {measured_scale}, as "
                     "measured for fedit on a 2-core CPU; the ETA below is corrected by each finished run"), flush=True)
-    from fedlora.cli import _compare, _quiet_libraries  # looked up now: tests replace them
+    from fedlora.cli import compare_runs, quiet_libraries  # looked up now: tests replace them
     from fedlora.threads import apply_threads
 
-    _quiet_libraries()
+    quiet_libraries()
     print(apply_threads(threads), flush=True)
     progress = RunProgress(estimates)
     for index, config in enumerate(configs):
@@ -77,7 +77,7 @@ def _run_all(configs: list[RunConfig], out: str, threads: str = "auto") -> int:
         progress.start(index, what)
         run(config)
         progress.finish(index, what)
-    status = _compare([c.out for c in configs], out)
+    status = compare_runs([c.out for c in configs], out)
     print(outputs_text(configs, out))
     return status
 

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     add_threads_option(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    from fedlora.cli import _quiet_libraries
+    from fedlora.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     return run_from_args(args, argv)

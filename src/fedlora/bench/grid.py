@@ -212,10 +212,10 @@ def threads_per_worker(workers: int) -> int:
 def _start_worker(threads: int) -> None:
     import torch
 
-    from fedlora.cli import _quiet_libraries  # a spawned process starts with the libraries' defaults
+    from fedlora.cli import quiet_libraries  # a spawned process starts with the libraries' defaults
 
     torch.set_num_threads(threads)
-    _quiet_libraries()
+    quiet_libraries()
 
 
 def _timed_run(runner: Callable[..., Any] | None, config: RunConfig, resume: bool) -> float:
