@@ -42,7 +42,7 @@ def test_pyproject_defaults_are_the_fedlora_run_defaults():
 
 def test_overrides_use_the_cli_spellings():
     raw = flower_defaults() | {"alpha": "iid", "method": "flora-na", "method-options": "solver=adamw scope=global", "data-dir": "",
-                               "max-eval-examples": 0, "target-modules": "query key value", "local-steps": 3}
+                               "max-eval-examples": "all", "target-modules": "query key value", "local-steps": 3}
     config, _ = run_config_from_flower(raw)
     assert config.alpha is None and config.data_dir is None and config.max_eval_examples is None
     assert config.method_options == {"solver": "adamw", "scope": "global"}
