@@ -15,6 +15,17 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n N``), split the CPUs between the workers: torch's default, one thread
+    per core in every worker, would oversubscribe the machine N times."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // int(workers)))
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The converted SmolLM2-135M-Instruct checkpoint (first use in a fresh cache converts it, ~30 s).

@@ -226,6 +226,7 @@ def test_flower_apps_match_local_engine(in_process_flower, tmp_path, tiny_bert_p
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("flwr-simulation")  # one worker, one SuperLink (module fixture) for both `flwr run` tests
 def test_flwr_run_simulation_matches_local_engine(sim_superlink, tmp_path):
     """The same through `flwr run` (FedSA-LoRA: its private B lives in the SuperNode's context across rounds)."""
     procs, env = sim_superlink
@@ -275,6 +276,7 @@ def test_flower_resume_continues_the_run(in_process_flower, tmp_path, tiny_bert_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("flwr-simulation")
 def test_flwr_run_resume_continues_the_run(sim_superlink, tmp_path):
     """The resume above through `flwr run`: new processes, the catch-up merge over the real transport."""
     method = "fedex-lora"

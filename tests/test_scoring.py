@@ -132,6 +132,7 @@ def mbpp_references(mbpp: list[dict[str, Any]]) -> list[ExecResult]:
     return results
 
 
+@pytest.mark.slow
 def test_mbpp_references_pass(mbpp: list[dict[str, Any]], mbpp_references: list[ExecResult]) -> None:
     failed = {r["task_id"]: res for r, res in zip(mbpp, mbpp_references) if not res.passed}
     assert failed == {}  # all 974 pass with their test_setup_code run before the asserts
@@ -169,6 +170,7 @@ def test_mbpp_empty_functions_score_zero(mbpp: list[dict[str, Any]]) -> None:
 # --- HumanEval ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_pass_bodies_fail() -> None:
     problems = _jsonl(DATA / "humaneval" / "HumanEval.jsonl.gz")
     assert len(problems) == 164
