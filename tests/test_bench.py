@@ -81,6 +81,7 @@ def test_slugs_and_selection():
         select(get_preset("headline"), None, ["nope"], None)
 
 
+@pytest.mark.slow
 @needs_glue
 def test_quick_preset_end_to_end_then_rerun_skips_finished_runs(tmp_path, capsys):
     out = tmp_path / "quick"
@@ -155,6 +156,7 @@ def _without_timings(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
 
 
+@pytest.mark.slow
 @needs_glue
 def test_parallel_grid_names_the_failed_run(tmp_path, capsys):
     preset = select(get_preset("quick"), None, ["fedit", "svd"], None)
@@ -167,6 +169,7 @@ def test_parallel_grid_names_the_failed_run(tmp_path, capsys):
     assert "--workers must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_glue
 def test_interrupted_run_resumes_and_a_changed_config_is_refused(tmp_path):
     preset = select(get_preset("quick"), None, ["fedit"], None)

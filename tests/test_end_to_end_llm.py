@@ -51,12 +51,14 @@ def reload_and_score(out: Path, config: RunConfig) -> dict[str, float]:
 
 
 def test_gsm8k_with_smollm2_from_the_command_line(tmp_path, smollm2_path):
-    """The issue's quick start: flora-na, 4 clients, 2 rounds, the offline default model; metrics (loss,
-    exact match), generations, and an adapter plain PEFT loads that scores what the run reported."""
+    """The issue's quick start (flora-na, the offline default model) at the smallest size that still runs
+    every part: 2 clients, 2 rounds, 64 tokens; metrics (loss, exact match), a generation, and an adapter
+    plain PEFT loads that scores what the run reported. Small because the real 135M model is not: ~10 s
+    per training step of 2 x 96 tokens on a busy 2-core CPU."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedlora", "run", "--task", "gsm8k", "--data-dir", str(DATA), "--method", "flora-na",
-           "--clients", "4", "--rounds", "2", "--local-steps", "1", "--batch-size", "2", "--max-length", "96",
-           "--max-eval-examples", "3", "--max-eval-generations", "2", "--max-new-tokens", "8",
+           "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "2", "--max-length", "64",
+           "--max-eval-examples", "2", "--max-eval-generations", "1", "--max-new-tokens", "4",
            "--eval-local-every", "0", "--device", "cpu", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -66,7 +68,7 @@ def test_gsm8k_with_smollm2_from_the_command_line(tmp_path, smollm2_path):
         assert {"loss", "perplexity", "token_accuracy", "exact_match", "main"} <= set(r["global"])
         assert r["global_metric"] == r["global"]["exact_match"] and r["divergence"] >= 0
     samples = [json.loads(line) for line in (out / "generations" / "round-002.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and all(s["generation"] and s["reference"] for s in samples)
+    assert len(samples) == 1 and all(s["generation"] and s["reference"] for s in samples)
     config = RunConfig.from_json((out / "config.json").read_text())
     assert reload_and_score(out, config)["loss"] == pytest.approx(history[-1]["global"]["loss"], rel=1e-4)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fedlora.flower.local import (
     Processes,
     flower_env,
@@ -39,6 +41,7 @@ def exited(procs: Processes, names: list[str], timeout: float = 120) -> None:
         raise AssertionError("\n".join(f"--- {n}:\n{procs.log(n)[-2000:]}" for n in names)) from err
 
 
+@pytest.mark.slow
 def test_only_registered_supernodes_connect(tmp_path: Path):
     certs = generate_certificates(tmp_path / "certs")
     keys = generate_supernode_keys(tmp_path / "keys", ["supernode-0", "supernode-1", "intruder"])

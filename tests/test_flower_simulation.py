@@ -1,4 +1,4 @@
-"""Flower simulation (`flwr run` on a simulation SuperLink, Ray backend) reproduces `fedlora run`.
+"""The Flower app reproduces `fedlora run`: in process for every method, and through `flwr run`.
 
 Same RunConfig, same seed: the per-round global metrics, divergence and byte counts written by
 the ServerApp equal the local engine's (within float tolerance: Ray workers may use another
@@ -6,6 +6,13 @@ thread count), and the final adapter is a loadable PEFT adapter. The array bytes
 run's messages (``wire_*_bytes_*``) equal the closed form of
 :func:`fedlora.aggregation.communication.round_bytes` (``lora_bytes_*``), up to the documented
 offsets asserted in :func:`assert_wire_matches_formula`.
+
+Two ways to run the apps. Every method case runs the real ``ServerApp`` and ``ClientApp`` objects in
+this process (:class:`InProcessGrid`: each SuperNode keeps its own Context across rounds, as Flower's
+simulation does, and every message is serialised to protobuf and back each way, so only what survives
+the wire arrives), in seconds. One case and one resume also go through `flwr run` on a simulation
+SuperLink (Ray, a process per app, the FAB, Flower's own run-config parsing), ~1 min each; the TLS
+deployment (tests/test_flower_deployment.py) runs real SuperNodes.
 """
 
 from __future__ import annotations
@@ -13,12 +20,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from fedlora import simulation  # noqa: E402
 from fedlora.config import RunConfig  # noqa: E402
@@ -27,7 +38,7 @@ from fedlora.flower.local import simulation_superlink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-pytestmark = [pytest.mark.slow]
+FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"  # `flwr run`'s simulation
 # The built-in `toy` task: the same engines and messages as a GLUE task, without tokenising 67k rows
 # in every process; the real-data Flower path is tests/test_flower_deployment.py (SST-2).
 TINY = dict(task="toy", rounds=2, clients=2, alpha=0.5, local_steps=2, batch_size=4, lr=1e-3,
@@ -73,6 +84,82 @@ def run_locally(config: RunConfig) -> list[dict]:
         torch.set_num_threads(threads)
 
 
+# -- the apps in this process -------------------------------------------------------------------
+class InProcessGrid:
+    """Flower's Grid as ``ServerApp.main`` uses it, delivering each message to the real ClientApp here.
+
+    One Context per SuperNode (its node config and a ``state`` kept across rounds, as Flower's
+    simulation keeps it); both directions go through Flower's protobuf serialisation, so the client
+    and the server only see what the wire carries (no shared tensors, no unserialisable records).
+    """
+
+    def __init__(self, run_config: dict, supernodes: int, first_id: int = 100) -> None:
+        self.contexts = {first_id + p: Context(run_id=RUN_ID, node_id=first_id + p, state=RecordDict(), run_config=run_config,
+                                               node_config={"partition-id": p, "num-partitions": supernodes})
+                         for p in range(supernodes)}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from fedlora.flower.client_app import app as client_app
+
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what the SuperLink assigns
+            reply = client_app(over_the_wire(msg), self.contexts[msg.metadata.dst_node_id])
+            replies.append(over_the_wire(reply))
+        return replies
+
+
+def over_the_wire(msg: Message) -> Message:
+    """``msg`` as the other side receives it: Flower's protobuf message, serialised and parsed."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    return message_from_proto(ProtoMessage.FromString(message_to_proto(msg).SerializeToString()))
+
+
+RUN_ID = 1
+
+
+@pytest.fixture
+def in_process_flower(monkeypatch, tmp_path):
+    """Run the ServerApp and ClientApps in this process like one `flwr run`: ``run(config, **flower)``.
+
+    The run config is built as `flwr run` builds it (the app's pyproject table fused with the
+    ``--run-config`` string, both parsed by Flower). Each call is a new run: new SuperNode contexts
+    and no ClientApp model left from an earlier run (a new `flwr run` starts new processes).
+    """
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.flower import client_app
+    from fedlora.flower.server_app import app as server_app
+
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "cache"))  # as the simulation SuperLink's
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1  # what a running ServerApp sets
+
+    def run(config: RunConfig, **flower) -> None:
+        run_config = get_fused_config_from_dir(REPO, parse_config_args([flower_overrides(config, **flower)]))
+        client_app._CACHE.clear()
+        grid = InProcessGrid(run_config, config.clients)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as run_locally: the same float summation order
+        try:
+            server_app(grid, Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+        finally:
+            torch.set_num_threads(threads)
+
+    try:
+        yield run
+    finally:
+        client_app._CACHE.clear()  # the model of the last run: not kept for the rest of the session
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+# -- `flwr run` ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sim_superlink(tmp_path_factory):
     """A simulation-mode SuperLink on a free loopback port, and the `flwr` connection to it."""
@@ -120,62 +207,89 @@ FLOWER_CASES = {
 # rank map (server-side, before the same wire truncation; tests/test_mixed_ranks.py runs it in the local engine).
 
 
-@pytest.mark.parametrize("method, changes", list(FLOWER_CASES.values()), ids=list(FLOWER_CASES))
-def test_flower_simulation_matches_local_engine(sim_superlink, tmp_path, method, changes):
-    procs, env = sim_superlink
-    config = RunConfig(method=method, out=str(tmp_path / "local"), **(TINY | changes))
-    local = run_locally(config)
-
-    flower_config = config.replace(out=str(tmp_path / "flower"))
-    cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower_config),
-           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+def assert_flower_run_matches(flower_config: RunConfig, local_config: RunConfig, local: list[dict]) -> None:
+    """The Flower run in ``flower_config.out``: the local engine's history, config, adapter and bytes."""
     out = Path(flower_config.out)
-    assert (out / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
     assert_same_history(records(out), local)
     assert RunConfig.from_json((out / "config.json").read_text()) == flower_config
+    assert_same_adapter(out / "adapter", Path(local_config.out) / "adapter")
+    assert_wire_matches_formula(flower_config.method, records(out), out / "adapter")
 
-    assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
-    assert_wire_matches_formula(method, records(out), out / "adapter")
+
+@pytest.mark.parametrize("method, changes", list(FLOWER_CASES.values()), ids=list(FLOWER_CASES))
+def test_flower_apps_match_local_engine(in_process_flower, tmp_path, tiny_bert_path, method, changes):
+    config = RunConfig(method=method, model=tiny_bert_path, out=str(tmp_path / "local"), **(TINY | changes))
+    local = run_locally(config)
+    flower_config = config.replace(out=str(tmp_path / "flower"))
+    in_process_flower(flower_config)
+    assert_flower_run_matches(flower_config, config, local)
 
 
-def test_flower_runs_an_llm_task_like_the_local_engine(sim_superlink, tmp_path, tiny_llama_path):
+@pytest.mark.slow
+@pytest.mark.xdist_group("flwr-simulation")  # one worker, one SuperLink (module fixture) for both `flwr run` tests
+def test_flwr_run_simulation_matches_local_engine(sim_superlink, tmp_path):
+    """The same through `flwr run` (FedSA-LoRA: its private B lives in the SuperNode's context across rounds)."""
     procs, env = sim_superlink
+    config = RunConfig(method="fedsa-lora", out=str(tmp_path / "local"), **TINY)
+    local = run_locally(config)
+    flower_config = config.replace(out=str(tmp_path / "flower"))
+    cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower_config),
+           "--federation-config", FEDERATION]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert (Path(flower_config.out) / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
+    assert_flower_run_matches(flower_config, config, local)
+
+
+def test_flower_runs_an_llm_task_like_the_local_engine(in_process_flower, tmp_path, tiny_llama_path):
     config = RunConfig(method="flora-na", model=tiny_llama_path, out=str(tmp_path / "local"), **TINY_MBPP)
     local = run_locally(config)
     flower = config.replace(out=str(tmp_path / "flower"))
-    run = subprocess.run(["flwr", "run", str(REPO), "sim", "--stream", "--run-config", flower_overrides(flower),
-                          "--federation-config", "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"],
-                         env=env, capture_output=True, text=True, timeout=480)
+    in_process_flower(flower)
     out = Path(flower.out)
-    assert (out / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
     assert_same_history(records(out), local)
     assert {"loss", "pass@1"} <= set(records(out)[-1]["global"])
     assert (out / "generations" / "round-002.jsonl").read_text() == (Path(config.out) / "generations" / "round-002.jsonl").read_text()
     assert_same_adapter(out / "adapter", Path(config.out) / "adapter")
 
 
-@pytest.mark.parametrize("method", ["fedex-lora", "fedsa-lora"])
-def test_flower_resume_continues_the_run(sim_superlink, tmp_path, method):
-    """A ServerApp that stops after round 1 (a crash, or a shorter run) and is started again with
-    resume=true ends like an uninterrupted run: the new SuperNodes (a new run has fresh node state)
-    catch up on the frozen-weight merges (FedEx-LoRA) and get their own private B back (FedSA-LoRA)
-    from the server's checkpoint."""
-    procs, env = sim_superlink
-    config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
-    local = run_locally(config)
-    flower = config.replace(out=str(tmp_path / "flower"))
-    federation = "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"
-    for rounds, resume in ((1, False), (2, True)):
-        overrides = flower_overrides(flower.replace(rounds=rounds), resume=resume)
-        run = subprocess.run(["flwr", "run", str(REPO), "sim", "--stream", "--run-config", overrides,
-                              "--federation-config", federation], env=env, capture_output=True, text=True, timeout=480)
-        assert len(records(flower.out)) == rounds, run.stdout[-4000:] + run.stderr[-4000:]
+def assert_resumed_like_local(method: str, flower: RunConfig, local_config: RunConfig, local: list[dict]) -> None:
     history = records(flower.out)
     # After the resume the catch-up merge is the checkpoint's merged weights as one delta: equal to
     # the replayed merges up to float32 rounding, hence approx where the frozen weights changed.
     assert_same_history(history, local, rel=1e-3 if method == "fedex-lora" else 1e-5)
-    assert_same_adapter(Path(flower.out) / "adapter", Path(config.out) / "adapter")
+    assert_same_adapter(Path(flower.out) / "adapter", Path(local_config.out) / "adapter")
+
+
+@pytest.mark.parametrize("method", ["fedex-lora", "fedsa-lora"])
+def test_flower_resume_continues_the_run(in_process_flower, tmp_path, tiny_bert_path, method):
+    """A ServerApp that stops after round 1 (a crash, or a shorter run) and is started again with
+    resume=true ends like an uninterrupted run: the new SuperNodes (a new run has fresh node state)
+    catch up on the frozen-weight merges (FedEx-LoRA) and get their own private B back (FedSA-LoRA)
+    from the server's checkpoint."""
+    config = RunConfig(method=method, model=tiny_bert_path, out=str(tmp_path / "local"), **TINY)
+    local = run_locally(config)
+    flower = config.replace(out=str(tmp_path / "flower"))
+    for rounds, resume in ((1, False), (2, True)):
+        in_process_flower(flower.replace(rounds=rounds), resume=resume)
+        assert len(records(flower.out)) == rounds
+    assert_resumed_like_local(method, flower, config, local)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flwr-simulation")
+def test_flwr_run_resume_continues_the_run(sim_superlink, tmp_path):
+    """The resume above through `flwr run`: new processes, the catch-up merge over the real transport."""
+    method = "fedex-lora"
+    procs, env = sim_superlink
+    config = RunConfig(method=method, out=str(tmp_path / "local"), **TINY)
+    local = run_locally(config)
+    flower = config.replace(out=str(tmp_path / "flower"))
+    for rounds, resume in ((1, False), (2, True)):
+        overrides = flower_overrides(flower.replace(rounds=rounds), resume=resume)
+        run = subprocess.run(["flwr", "run", str(REPO), "sim", "--stream", "--run-config", overrides,
+                              "--federation-config", FEDERATION], env=env, capture_output=True, text=True, timeout=480)
+        assert len(records(flower.out)) == rounds, run.stdout[-4000:] + run.stderr[-4000:]
+    assert_resumed_like_local(method, flower, config, local)
 
 
 def client_sizes(adapter: Path) -> tuple[int, int]:

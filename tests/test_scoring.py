@@ -141,6 +141,7 @@ def mbpp_references(mbpp: list[dict[str, Any]], sandbox_ready: None) -> list[Exe
     return results
 
 
+@pytest.mark.slow
 def test_mbpp_references_pass(mbpp: list[dict[str, Any]], mbpp_references: list[ExecResult]) -> None:
     rows = [r for r in mbpp if 11 <= r["task_id"] <= 510 or r["task_id"] == 927]
     failed = {r["task_id"]: res.reason for r, res in zip(rows, mbpp_references) if not res.passed}
@@ -190,6 +191,7 @@ def test_mbpp_empty_functions_score_zero(mbpp: list[dict[str, Any]]) -> None:
 # --- HumanEval ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("sandbox_ready")
 def test_humaneval_canonical_solutions_pass_and_pass_bodies_fail() -> None:
     problems = _jsonl(DATA / "humaneval" / "HumanEval.jsonl.gz")
