@@ -173,3 +173,20 @@ def test_fedlora_run_refuses_a_code_task_before_loading(monkeypatch: pytest.Monk
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "bubblewrap" in err and "--allow-unsandboxed-code" in err
+
+
+def test_replies_written_ahead_into_the_pipe_answer_no_request() -> None:
+    # The candidate knows the asserts (MBPP prompts show them) and the judge's request order: it writes the exact
+    # replies the judge will read (loaded, a handle for `add`, 5, 0) into its reply pipe, then exits at once.
+    # Without per-request ids this scored a pass with no live candidate behind it.
+    forge = (
+        "import json, os, struct\n"
+        "def frame(v):\n    body = json.dumps(v).encode()\n    return struct.pack('>Q', len(body)) + body\n"
+        "replies = [{'loaded': True}, {'value': ['r', 0]}, {'value': ['i', 5]}, {'value': ['r', 1]}, {'value': ['i', 0]},"
+        " {'pong': True}]\n"
+        "fd = [f for f in range(3, 64) if f != 2 and os.path.exists(f'/proc/self/fd/{f}')"
+        " and os.readlink(f'/proc/self/fd/{f}').startswith('pipe:')][-1]\n"
+        "os.write(fd, b''.join(frame(r) for r in replies))\nos._exit(0)\n"
+    )
+    result = run_test(_mbpp(forge), FAST)
+    assert result.status in ("crashed", "failed") and not result.passed, result

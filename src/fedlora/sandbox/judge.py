@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import resource
+import secrets
 import sys
 from typing import Any
 
@@ -58,14 +59,21 @@ class Channel:
         self.gone: str | None = None
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and read its reply. Each request carries a fresh random id that its reply must echo,
+        so replies written ahead into the pipe (by a candidate that then exits) never answer a request."""
         if self.gone:
             raise CandidateGone(self.gone)
+        ident = secrets.token_hex(8)
         try:
-            plain.send(self.to_worker, request)
-            return plain.receive(self.from_worker)
+            plain.send(self.to_worker, {**request, "id": ident})
+            reply = plain.receive(self.from_worker)
         except (plain.WireError, OSError) as exc:
             self.gone = f"the candidate's process ended or broke its channel ({exc})"
             raise CandidateGone(self.gone) from None
+        if reply.get("id") != ident:
+            self.gone = "the candidate's process sent a reply that does not answer the request"
+            raise CandidateGone(self.gone)
+        return reply
 
     def answer(self, reply: dict[str, Any]) -> Any:
         """The value of a reply, or the candidate's exception raised here."""
@@ -169,6 +177,8 @@ def judge(problem: dict[str, Any], channel: Channel) -> tuple[bool, str]:
     exec(compile(problem["test"], "test.py", "exec"), namespace)
     if entry:
         namespace["check"](candidate)
+    if channel.ask({"op": "ping"}).get("pong") is not True:  # alive and answering after the last test
+        return False, "the candidate's process did not answer after the tests"
     if channel.gone:
         return False, channel.gone
     return True, "every test ran and passed"

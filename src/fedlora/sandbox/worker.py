@@ -63,6 +63,8 @@ class Server:
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
+        if op == "ping":
+            return {"pong": True}
         if op == "get":
             name = request["name"]
             return self.reply(self.namespace[name]) if name in self.namespace else {"missing": True}
@@ -113,9 +115,9 @@ def main() -> None:
         exec(compile(load["source"], "candidate.py", "exec"), module.__dict__)
         if load.get("setup"):
             exec(compile(load["setup"], "setup.py", "exec"), module.__dict__)
-        plain.send(replies, {"loaded": True})
+        plain.send(replies, {"loaded": True, "id": load.get("id")})
     except BaseException as exc:  # noqa: BLE001 - whatever the candidate raises is a failure to load
-        plain.send(replies, {"raise": _describe(exc)})
+        plain.send(replies, {"raise": _describe(exc), "id": load.get("id")})
         return
     server = Server(module.__dict__)
     while True:
@@ -127,7 +129,8 @@ def main() -> None:
             answer = server.handle(request)
         except BaseException as exc:  # noqa: BLE001 - the candidate's exceptions are reported, not fatal here
             answer = {"raise": _describe(exc)}
+        answer["id"] = request.get("id")  # the judge accepts only the reply to the request it just sent
         try:
             plain.send(replies, answer)
         except (ValueError, RecursionError, OverflowError) as exc:  # a value that cannot be sent (too big, too deep)
-            plain.send(replies, {"raise": ["UnsendableValue", str(exc)[:200], True]})
+            plain.send(replies, {"raise": ["UnsendableValue", str(exc)[:200], True], "id": request.get("id")})
