@@ -5,7 +5,7 @@
     python benchmarks/aggregation.py --out results.md
     python benchmarks/aggregation.py --clients  # issue 23 §4: U = 10 … 1,000 at MiniLM shapes, a process per point
 
-Cases (client adapters from :func:`fedlora.synthetic.least_squares_clients`, i.e. clients that
+Cases (client adapters from :func:`fedlora.testing.synthetic.least_squares_clients`, i.e. clients that
 ran gradient descent from a shared start on heterogeneous least-squares tasks):
   (a) RoBERTa-large: 48 modules, d = k = 1024, r = 16, U = 10; AdamW at its full 200 steps.
   (b) LLaMA-2-7B q/v: 64 modules, d = k = 4096, r = 16, U = 10; AdamW cut to a few steps (it
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from fedlora.aggregation import aggregate
-from fedlora.synthetic import least_squares_clients
+from fedlora.testing.synthetic import least_squares_clients
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def _child(threads: int, steps: int, budget_s: float) -> None:
     torch.set_num_threads(threads)
     from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fedlora.model import default_model_path
+    from fedlora.models.classifier import default_model_path
 
     def timed(step) -> float:
         step()  # warm-up: allocator, first-call kernel selection

@@ -18,7 +18,7 @@ import torch
 
 from fedlora.aggregation import aggregate, api
 from fedlora.aggregation.divergence import divergence_report
-from fedlora.synthetic import random_clients
+from fedlora.testing.synthetic import random_clients
 
 MODULES, DIM, RANK = 12, 384, 8  # MiniLM: 12 modules 384×384, r = 8
 

@@ -10,13 +10,13 @@ tokens, lr 5e-3, r 8, lora_alpha 16, 200 dev rows) through the local engine, for
 time on one thread (~160–230 s per run on a shared 2-core CPU). Nothing in the library is edited: for the length
 of a run the script swaps in
 
-* a wrapper of ``fedlora.rounds.server_step`` (the name the round protocol calls) that, after the real aggregation,
+* a wrapper of ``fedlora.protocol.rounds.server_step`` (the name the round protocol calls) that, after the real aggregation,
   measures the round on the very same client updates: the applied result, and what FedIT, FLoRA-NA, the truncated
   SVD, post-hoc damped or clipped FLoRA-NA coefficients and (if the library has the options) a ridge-regularised or
   deviation-bounded FLoRA-NA would have broadcast. Per candidate: factor norms, the product step ‖B̂Â − B_gA_g‖
   against FedIT's and the target's ‖T − B_gA_g‖, its cosine with the target step, its gain along it, and the
   divergence ‖B̂Â − T‖/‖T‖; for the FLoRA-NA candidates also p, q and the objective against FedIT's;
-* a wrapper of ``fedlora.rounds.evaluate_on`` plus ``fedlora.training.evaluate`` that keeps the global model's dev
+* a wrapper of ``fedlora.protocol.rounds.evaluate_on`` plus ``fedlora.models.training.evaluate`` that keeps the global model's dev
   predictions (accuracy, and the share of rows given the most-predicted class: 1.0 = stuck at one class) and, before
   that, scores the ``--score`` candidates' adapters with the same round's averaged head: the one-round effect of the
   aggregation alone (the run's own adapter is put back before its evaluation, so the run is unchanged).
@@ -46,14 +46,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import fedlora.rounds
-import fedlora.training
+import fedlora.protocol.rounds
+import fedlora.models.training
 from fedlora.aggregation import Adapter, AggregationResult, ClientUpdate, aggregate, client_weights, get_method
 from fedlora.bench.presets import HEADLINE_BASE
-from fedlora.client import ClientResult
-from fedlora.config import RunConfig
-from fedlora.peft_bridge import set_adapter
-from fedlora.simulation import run as simulate
+from fedlora.protocol.client import ClientResult
+from fedlora.config.run import RunConfig
+from fedlora.models.lora_state import set_adapter
+from fedlora.engines.local import run as simulate
 
 METHODS = ("fedit", "flora-na")  # the two real runs per seed
 HAS_RIDGE = "ridge" in get_method("flora-na").options  # another change may add it; skip the column if absent
@@ -208,9 +208,9 @@ class Recorder:
 @contextlib.contextmanager
 def recording(recorder: Recorder) -> Iterator[None]:
     """Swap the wrappers in for one run; the library's own functions do all the work."""
-    real_step: Callable[..., Any] = fedlora.rounds.server_step
-    real_eval_on: Callable[..., Any] = fedlora.rounds.evaluate_on
-    real_predict: Callable[..., Any] = fedlora.training.evaluate
+    real_step: Callable[..., Any] = fedlora.protocol.rounds.server_step
+    real_eval_on: Callable[..., Any] = fedlora.protocol.rounds.evaluate_on
+    real_predict: Callable[..., Any] = fedlora.models.training.evaluate
 
     def server_step(method: str, global_adapter: Adapter, results: Sequence[ClientResult], **kw: Any) -> Any:
         agg, head = real_step(method, global_adapter, results, **kw)
@@ -241,9 +241,9 @@ def recording(recorder: Recorder) -> Iterator[None]:
             recorder.predictions(logits, labels)
         return logits, labels
 
-    with mock.patch.object(fedlora.rounds, "server_step", server_step), \
-            mock.patch.object(fedlora.rounds, "evaluate_on", evaluate_on), \
-            mock.patch.object(fedlora.training, "evaluate", predict):
+    with mock.patch.object(fedlora.protocol.rounds, "server_step", server_step), \
+            mock.patch.object(fedlora.protocol.rounds, "evaluate_on", evaluate_on), \
+            mock.patch.object(fedlora.models.training, "evaluate", predict):
         yield
 
 
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables_only:
         saved = json.loads(records_path.read_text())
     else:
-        from fedlora.cli import quiet_libraries
+        from fedlora.cli.commands import quiet_libraries
 
         quiet_libraries()
         saved = {"meta": provenance(sys.argv if argv is None else argv), "runs": []}

@@ -4,7 +4,7 @@
     python benchmarks/flower_wire.py --out docs/flower-wire-bytes.md   # and writes it
     python benchmarks/flower_wire.py --work /tmp/fw --methods fedit flora
 
-Starts one simulation-mode SuperLink on a free loopback port (``fedlora.flower.local``), then, per
+Starts one simulation-mode SuperLink on a free loopback port (``fedlora.engines.flower.local``), then, per
 method, runs a tiny real federation with ``flwr run <repo> sim`` (RTE, 2 SuperNodes, 2 rounds,
 1 local step, batch 4, max length 32, seed 0). From each run's ``metrics.jsonl`` it compares the
 LoRA bytes the messages carried (``wire_lora_bytes_up/down``) with ``round_bytes`` at the shapes of
@@ -28,9 +28,9 @@ from typing import Any
 from fedlora.aggregation import get_method
 from fedlora.aggregation.communication import FLOAT32_BYTES, round_bytes
 from fedlora.bench.comm import checkpoint_modules, shape_adapter
-from fedlora.config import RunConfig
-from fedlora.flower.config import run_config_overrides
-from fedlora.flower.local import simulation_superlink
+from fedlora.config.run import RunConfig
+from fedlora.engines.flower.config import run_config_overrides
+from fedlora.engines.flower.local import simulation_superlink
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "svd", "flora-na"]

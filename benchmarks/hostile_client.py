@@ -5,7 +5,7 @@
     python benchmarks/hostile_client.py --out table.md
     python benchmarks/hostile_client.py --client-ranks 1 1 2 --step-size 0.005   # low-rank honest clients
 
-The attack of issue 14, item 4: honest clients come from :func:`fedlora.synthetic.least_squares_clients`
+The attack of issue 14, item 4: honest clients come from :func:`fedlora.testing.synthetic.least_squares_clients`
 (gradient descent from a shared start on heterogeneous tasks); the attacker sends the global plus an
 honest client's direction scaled to 99× the round's median update norm (just under the 100× rejection
 bound) and claims ``num_examples`` = 10⁹ (the absolute cap), or the honest clients' median count.
@@ -42,7 +42,7 @@ import torch
 from fedlora.aggregation import Adapter, AggregationResult, ClientUpdate, LoraPair, aggregate, available_methods, get_method
 from fedlora.aggregation.ranks import sent_start
 from fedlora.aggregation.validation import update_norm
-from fedlora.synthetic import least_squares_clients
+from fedlora.testing.synthetic import least_squares_clients
 
 SHAPES = {f"layer{i}.{m}": (48, 32) for i in range(2) for m in ("q", "v")}  # (d, k)
 RANK = 4

@@ -8,7 +8,7 @@
 
 Sections (each table gives ratios against a baseline measured in the same run):
 
-  training     ``fedlora.training.train_local`` (the engine's step: AdamW on the LoRA factors, task loss
+  training     ``fedlora.models.training.train_local`` (the engine's step: AdamW on the LoRA factors, task loss
                weights) on real GSM8K train rows encoded by the gsm8k task (``--max-length`` 256), batches of
                ``--batch-sizes``, one untimed warm-up step, then ``--steps`` timed steps; per precision.
                supervised tok/s counts the response tokens the loss averages over (``task.loss_weight``),
@@ -20,7 +20,7 @@ Sections (each table gives ratios against a baseline measured in the same run):
                ``--max-new-tokens`` each. "generated" counts the tokens up to and including each row's first
                stop token (eos / end-of-turn), "padded" is rows x decode steps (what the batch computed).
                Baseline: batch 1.
-  memory       the real engine (``fedlora.simulation.run``: gsm8k, 1 round, 1 local step, batch 1,
+  memory       the real engine (``fedlora.engines.local.run``: gsm8k, 1 round, 1 local step, batch 1,
                max_length 128, 2 test examples, 4 new tokens, no local evaluation) with 1 and with
                ``--sim-clients`` clients, each in a fresh subprocess so peaks don't mix; the child's peak RSS
                (``VmHWM``, and ``ru_maxrss``) and, on CUDA, ``torch.cuda.max_memory_allocated``. A third child
@@ -183,8 +183,8 @@ def _ratio(x: float, base: float) -> str:
 
 
 def _model(seed: int, runtime: Any) -> tuple[Any, Any]:
-    from fedlora.causal_lm import default_causal_lm_path, load_causal_lm
-    from fedlora.runtime import attach_runtime
+    from fedlora.models.decoder import default_causal_lm_path, load_causal_lm
+    from fedlora.models.runtime import attach_runtime
 
     model, tokenizer = load_causal_lm(default_causal_lm_path(), RANK, LORA_ALPHA, None, seed)
     attach_runtime(model, runtime)
@@ -224,7 +224,7 @@ def _train_config(model: Any, task: Any, collate: Callable[..., Any], encoded: A
                   warmup: int, steps: int, runtime: Any, meter: Meter, seed: int) -> dict[str, Any]:
     """``warmup`` untimed then ``steps`` timed ``train_local`` steps of ``batch`` rows in ``micro`` micro-batches."""
     from fedlora.aggregation import get_method
-    from fedlora.training import train_local
+    from fedlora.models.training import train_local
 
     policy = get_method("fedit").policy
     rows = encoded.select_columns(["input_ids", "labels"]).to_list()
@@ -264,7 +264,7 @@ def _train_config(model: Any, task: Any, collate: Callable[..., Any], encoded: A
 
 def bench_training(args: argparse.Namespace, model: Any, tokenizer: Any, task: Any, raw: Any,
                    meter: Meter, precisions: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
-    from fedlora.runtime import resolve_runtime
+    from fedlora.models.runtime import resolve_runtime
 
     need = max(args.batch_sizes) * (args.warmup + args.steps)
     encoded = _rows(task, raw["train"], tokenizer, need, args.max_length, args.seed)
@@ -312,7 +312,7 @@ def bench_training(args: argparse.Namespace, model: Any, tokenizer: Any, task: A
 
 def bench_generation(args: argparse.Namespace, model: Any, tokenizer: Any, task: Any, raw: Any,
                      meter: Meter, precisions: Sequence[str]) -> list[str]:
-    from fedlora.runtime import resolve_runtime
+    from fedlora.models.runtime import resolve_runtime
     from fedlora.tasks.causal_lm import _end_of_turn_id, generate
 
     encoded = _rows(task, raw["test"], tokenizer, args.gen_prompts, args.max_length, args.seed)
@@ -375,13 +375,13 @@ def _child(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"clients": args.sim_child}
     cuda = args.device != "cpu" and torch.cuda.is_available()
     if args.sim_child == 0:
-        from fedlora.runtime import resolve_runtime
+        from fedlora.models.runtime import resolve_runtime
 
         model, _ = _model(args.seed, resolve_runtime(args.device, "fp32"))
         result["param_bytes"], result["params"], result["trainable"] = _param_bytes(model)
     else:
-        from fedlora.config import RunConfig
-        from fedlora.simulation import run
+        from fedlora.config.run import RunConfig
+        from fedlora.engines.local import run
 
         with tempfile.TemporaryDirectory(prefix="llm-throughput-sim-") as out:
             config = RunConfig(task="gsm8k", data_dir=args.data_dir, clients=args.sim_child, alpha=None, rounds=1,
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim_child is not None:
         return _child(args)
     _quiet()
-    from fedlora.runtime import resolve_runtime
+    from fedlora.models.runtime import resolve_runtime
     from fedlora.tasks import get_task
 
     runtime = resolve_runtime(args.device, "fp32")
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_train:
             print(f"training (load {_load()})", file=sys.stderr)
             md += ["", f"## Training ({args.steps} timed steps after {args.warmup} warm-up, max_length "
-                       f"{args.max_length}, `fedlora.training.train_local`)", "", f"Load average before: {_load()}.", ""]
+                       f"{args.max_length}, `fedlora.models.training.train_local`)", "", f"Load average before: {_load()}.", ""]
             lines, _ = bench_training(args, model, tokenizer, task, raw, meter, precisions)
             md += lines + ["", f"Load average after: {_load()}."]
         if not args.skip_generation:

@@ -8,13 +8,13 @@
 What is timed (one client round = ``--steps`` optimizer steps, the same client, seed and batches
 every time, so every repeat does exactly the same arithmetic):
 
-  batch pipeline      ``list(fedlora.client.round_batches(...))``: datasets row fetch + DataCollatorWithPadding
+  batch pipeline      ``list(fedlora.protocol.client.round_batches(...))``: datasets row fetch + DataCollatorWithPadding
   plain loop          ``peft.get_peft_model(AutoModelForSequenceClassification...)`` model, AdamW built,
                       ``torch.manual_seed``, ``model(**batch).loss; zero_grad; backward; step`` over the
                       pre-built batches (no DataLoader)
-  fedlora train_local ``fedlora.training.train_local`` over the same pre-built batches
+  fedlora train_local ``fedlora.models.training.train_local`` over the same pre-built batches
   fedlora train_client, pre-built batches
-                      ``fedlora.client.train_client`` with ``round_batches`` swapped for the pre-built list:
+                      ``fedlora.protocol.client.train_client`` with ``round_batches`` swapped for the pre-built list:
                       adds the adapter/head swap in (set_adapter/set_head) and out (get_adapter/get_head)
   fedlora train_client (engine)
                       ``train_client`` exactly as the local engine calls it (builds its own batches)
@@ -64,12 +64,12 @@ import torch  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
-import fedlora.client as fl_client  # noqa: E402
-import fedlora.federation as fl_federation  # noqa: E402
-from fedlora.client import derived_seed, round_batches, train_client  # noqa: E402
-from fedlora.model import default_model_path, load_model  # noqa: E402
-from fedlora.peft_bridge import get_adapter, get_head, set_adapter, set_head  # noqa: E402
-from fedlora.training import train_local  # noqa: E402
+import fedlora.protocol.client as fl_client  # noqa: E402
+import fedlora.protocol.federation as fl_federation  # noqa: E402
+from fedlora.protocol.client import derived_seed, round_batches, train_client  # noqa: E402
+from fedlora.models.classifier import default_model_path, load_model  # noqa: E402
+from fedlora.models.lora_state import get_adapter, get_head, set_adapter, set_head  # noqa: E402
+from fedlora.models.training import train_local  # noqa: E402
 
 _IMPORT_SECONDS = time.perf_counter() - _T0
 
@@ -109,7 +109,7 @@ def _call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
 
 def _run_config(**overrides: Any) -> Any:
     """A RunConfig; if validation is broken mid-refactor, an unvalidated namespace with its defaults."""
-    from fedlora.config import RunConfig
+    from fedlora.config.run import RunConfig
 
     try:
         return RunConfig(**overrides)
@@ -188,7 +188,7 @@ def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def plain_model(path: str) -> torch.nn.Module:
-    """transformers + PEFT, no fedlora: the same recipe (and seeds) as ``fedlora.model.load_model``."""
+    """transformers + PEFT, no fedlora: the same recipe (and seeds) as ``fedlora.models.classifier.load_model``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS, dtype=torch.float32)
@@ -269,7 +269,7 @@ def _fmt_s(x: float) -> str:
 
 
 def round_batches_fast(data: Any, steps: int, batch_size: int, seed: int, collate: Any):
-    """Proposed ``fedlora.client.round_batches``: identical batches, one Arrow fetch of plain lists.
+    """Proposed ``fedlora.protocol.client.round_batches``: identical batches, one Arrow fetch of plain lists.
 
     The current version indexes the torch-formatted dataset once per batch, which converts every row
     to tensors, then hands the collator a list of per-row dicts of tensors. Fetching all rows of the
@@ -324,7 +324,7 @@ class Bench:
         dt, self.plain = _timed(lambda: plain_model(path))
         self.startup.append(("model load, plain (`from_pretrained` + `get_peft_model`)", dt, ""))
 
-        from fedlora.data import load_glue
+        from fedlora.tasks.glue import load_glue
 
         dt, _ = _timed(lambda: load_glue("sst2", args.data_dir))
         self.startup.append(("data load, `load_glue('sst2')` (67k train + 872 dev rows)", dt, ""))
@@ -392,7 +392,7 @@ class Bench:
     def run_train_client(self, prebuilt: bool) -> float:
         kwargs = dict(model=self.model, client_id=self.client.client_id, train=self.client.train, local_test=None,
                       task=self.federation.task, tokenizer=self.tokenizer, global_adapter=self.global_adapter,
-                      global_head=self.global_head, local_B=None, policy=self.policy, steps=self.args.steps,
+                      global_head=self.global_head, policy=self.policy, steps=self.args.steps,
                       batch_size=self.args.batch_size, lr=LR, seed=self.seed)
         if prebuilt:
             with _patched(fl_client, "round_batches", lambda *a, **k: iter(self.batches)):
@@ -514,7 +514,7 @@ class Bench:
 
         from transformers import DataCollatorWithPadding
 
-        from fedlora.training import _policy_grad_flags
+        from fedlora.models.training import _policy_grad_flags
 
         model, steps, bs = self.model, self.args.steps, self.args.batch_size
         params = [p for p in model.parameters() if p.requires_grad]
@@ -575,7 +575,7 @@ class Bench:
 
 
 def engine_rounds(args: argparse.Namespace, fixes: bool = False) -> list[dict[str, Any]]:
-    """Two rounds of the real local engine (``fedlora.simulation.run``), wall time split by phase.
+    """Two rounds of the real local engine (``fedlora.engines.local.run``), wall time split by phase.
 
     Round 2 is the last round, so it also runs the clients' local (personalised) evaluation, as every
     ``eval_local_every``-th round does (default 5). ``fixes``: with ``round_batches_fast`` and the
@@ -583,11 +583,11 @@ def engine_rounds(args: argparse.Namespace, fixes: bool = False) -> list[dict[st
     """
     import importlib
 
-    import fedlora.simulation as sim
+    import fedlora.engines.local as sim
 
     owners: list[Any] = [sim]
-    with contextlib.suppress(ImportError):  # the round protocol moved to fedlora.rounds
-        owners.append(importlib.import_module("fedlora.rounds"))
+    with contextlib.suppress(ImportError):  # the round protocol moved to fedlora.protocol.rounds
+        owners.append(importlib.import_module("fedlora.protocol.rounds"))
     phases: dict[str, float] = {}
     rounds: list[dict[str, Any]] = []
     mark = [_busy_cpu_seconds(), time.process_time(), time.perf_counter()]
@@ -729,7 +729,7 @@ def render(args: argparse.Namespace, bench: Bench, check: dict[str, Any], sample
     if engine:
         lines += [
             "",
-            f"Real engine rounds (`fedlora.simulation.run`, fedit, {args.engine_clients} clients × {steps} steps, "
+            f"Real engine rounds (`fedlora.engines.local.run`, fedit, {args.engine_clients} clients × {steps} steps, "
             f"batch {args.batch_size} × {args.max_length}; round 2 is the last round so it also runs local evaluation, "
             "like every 5th round):",
             "",
@@ -769,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine before a sample")
     p.add_argument("--retries", type=int, default=2, help="re-time a disturbed sample up to this many times")
     p.add_argument("--try-fixes", action="store_true",
-                   help="also time the proposed round_batches (monkeypatched into fedlora.client)")
+                   help="also time the proposed round_batches (monkeypatched into fedlora.protocol.client)")
     p.add_argument("--profile", action="store_true", help="also cProfile one fedlora client round and one plain round")
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--engine-clients", type=int, default=0,

@@ -8,7 +8,7 @@ aggregates the factors separately, so B̂Â is not the average product; weights 
 Use it like a built-in one once this module is imported:
     python -c "import examples.custom_method" ...  or in your script:
     import examples.custom_method  # registers "median"
-    fedlora.simulation.run(RunConfig(method="median", ...))
+    fedlora.engines.local.run(RunConfig(method="median", ...))
 """
 
 from __future__ import annotations

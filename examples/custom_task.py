@@ -7,7 +7,7 @@ another model family or another objective implements :class:`fedlora.tasks.Task`
 encode, collate, build_model, evaluate).
 
     import examples.custom_task  # registers "reviews"
-    fedlora.simulation.run(RunConfig(task="reviews", data_dir="my_reviews/", ...))
+    fedlora.engines.local.run(RunConfig(task="reviews", data_dir="my_reviews/", ...))
 """
 
 from __future__ import annotations

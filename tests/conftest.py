@@ -50,7 +50,7 @@ def smollm2_path() -> str:
     """
     from filelock import FileLock
 
-    from fedlora.causal_lm import CACHE_ENV, INSTALL_HINT, default_causal_lm_path
+    from fedlora.models.decoder import CACHE_ENV, INSTALL_HINT, default_causal_lm_path
 
     cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fedlora")
     cache.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def tiny_bert_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from fedlora.model import default_model_path
+    from fedlora.models.classifier import default_model_path
 
     out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())

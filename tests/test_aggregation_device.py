@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggregate, available_methods
 from fedlora.aggregation.outcome import walk_tensors
-from fedlora.synthetic import least_squares_clients
+from fedlora.testing.synthetic import least_squares_clients
 
 SHAPES = {"attn.q": (6, 5), "attn.v": (6, 5), "mlp.up": (4, 7)}  # (d, k): non-square, two of one shape
 RANK = 2

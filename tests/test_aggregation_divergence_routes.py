@@ -11,7 +11,7 @@ import torch
 
 from fedlora.aggregation import ClientUpdate, aggregate
 from fedlora.aggregation.divergence import CLIENT_BLOCK, choose_route, divergence_report
-from fedlora.synthetic import least_squares_clients, random_clients
+from fedlora.testing.synthetic import least_squares_clients, random_clients
 
 
 def _setup(U: int, r: int, d: int, k: int, seed: int = 0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggregate, available_methods
-from fedlora.synthetic import least_squares_clients
+from fedlora.testing.synthetic import least_squares_clients
 
 SHAPES = {"attn.q": (12, 8), "mlp.up": (6, 10)}  # (d, k)
 RANK = 2

@@ -9,7 +9,7 @@ import torch
 
 from fedlora.aggregation import ClientUpdate, LoraPair, aggregate, available_methods, client_weights, get_method
 from fedlora.aggregation.methods.flora_na_als import GramProblem
-from fedlora.synthetic import least_squares_clients, random_clients
+from fedlora.testing.synthetic import least_squares_clients, random_clients
 
 SHAPES = {"attn.q": (24, 10), "attn.v": (24, 10), "mlp.up": (7, 19)}  # (d, k), non-square on purpose
 RANK = 3

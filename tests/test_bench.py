@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.bench import comm, get_preset, stats  # noqa: E402
 from fedlora.bench.grid import completed_rounds, expand, finished_runs, run_jobs, select, slug, status  # noqa: E402
-from fedlora.cli import main  # noqa: E402
+from fedlora.cli.commands import main  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 needs_glue = pytest.mark.skipif(not (GLUE / "RTE").is_dir(), reason=f"real GLUE files expected at {GLUE}")
@@ -174,7 +174,7 @@ def test_parallel_grid_names_the_failed_run(tmp_path, capsys):
 def test_interrupted_run_resumes_and_a_changed_config_is_refused(tmp_path):
     preset = select(get_preset("quick"), None, ["fedit"], None)
     [job] = expand(preset, tmp_path, str(GLUE), {"rounds": 2})
-    from fedlora.simulation import run
+    from fedlora.engines.local import run
 
     run(job.config.replace(rounds=1), progress=False)  # as if killed after round 1 (checkpoint on disk)
     (job.path / "config.json").write_text(job.config.to_json())  # the grid wrote the 2-round config
@@ -231,7 +231,7 @@ def test_gap_closed_is_zero_at_fedit_one_at_svd_and_pairs_by_setting_and_seed():
 def test_a_run_saved_before_an_option_existed_is_the_same_experiment_at_that_options_default():
     """config.json files written before e.g. --client-ranks existed still match (and --reuse) today's configs."""
     from fedlora.bench.grid import _config_key
-    from fedlora.config import RunConfig
+    from fedlora.config.run import RunConfig
 
     config = RunConfig(task="rte", method="fedit", rounds=2)
     saved = json.loads(config.to_json())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import cli
+from fedlora.cli import commands as cli
 from fedlora.aggregation import available_methods, get_method
-from fedlora.catalog import DOCS, METHOD_COLUMNS, TASK_COLUMNS, method_rows, render, task_rows
+from fedlora.cli.catalog import DOCS, METHOD_COLUMNS, TASK_COLUMNS, method_rows, render, task_rows
 from fedlora.tasks import available_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_every_task_row_names_its_family_metric_summary_and_data() -> None:
 
 
 def test_markdown_cells_escape_pipes_and_names_are_code() -> None:
-    from fedlora.catalog import markdown_table
+    from fedlora.cli.catalog import markdown_table
 
     table = markdown_table(("name", "summary"), [{"name": "x", "summary": "a | b"}], code="name")
     assert table.splitlines()[2] == "| `x` | a \\| b |"

@@ -1,4 +1,4 @@
-"""fedlora.causal_lm: the GGUF conversion cache, the causal-LM + LoRA loader, and the prompt helpers."""
+"""fedlora.models.decoder: the GGUF conversion cache, the causal-LM + LoRA loader, and the prompt helpers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora import causal_lm
-from fedlora.causal_lm import format_prompt, format_response, is_quantized, load_causal_lm
+from fedlora.models import decoder as causal_lm
+from fedlora.models.decoder import format_prompt, format_response, is_quantized, load_causal_lm
 
 # ---------------------------------------------------------------- conversion cache (cheap fake converter)
 
@@ -231,7 +231,7 @@ def test_missing_path_names_it(tmp_path: Path) -> None:
 
 
 def test_encoder_checkpoint_is_not_a_causal_lm() -> None:
-    from fedlora.model import default_model_path
+    from fedlora.models.classifier import default_model_path
 
     with pytest.raises(ValueError, match="not a causal"):
         load_causal_lm(default_model_path(), 4, 8.0, None, 0)

@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from fedlora import cli
-from fedlora.config import ConfigError, RunConfig
-from fedlora.config_schema import flag, help_line
+from fedlora.cli import commands as cli
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.config.schema import flag, help_line
 
 COMMANDS = ("run", "compare", "demo", "bench", "methods", "tasks")
 # Every kind of field: a pairs dict, tuples, an optional float spelled 'iid', optional ints, bools, the knobs.

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import cli
-from fedlora.config import ConfigError, RunConfig
-from fedlora.config_schema import data_fields, flag
-from fedlora.flower.config import FLOWER_OUT, FlowerOptions, app_config_table, run_config_from_flower, run_config_overrides
+from fedlora.cli import commands as cli
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.config.schema import data_fields, flag
+from fedlora.engines.flower.config import FLOWER_OUT, FlowerOptions, app_config_table, run_config_from_flower, run_config_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 NON_DEFAULT = dict(task="rte", max_length=40, rank=4, lora_alpha=8.0, client_ranks=(2, 4, 3), rank_map="svd", target_modules=("query", "key", "value"),
@@ -60,7 +60,7 @@ def test_cli_round_trips_every_field():
 
 def test_pyproject_flower_table_is_the_declared_one():
     table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert table == app_config_table(), "regenerate with fedlora.flower.config.print_app_config_table()"
+    assert table == app_config_table(), "regenerate with fedlora.engines.flower.config.print_app_config_table()"
     config, options = run_config_from_flower(table)
     assert config == RunConfig(out=FLOWER_OUT) and options == FlowerOptions()
 
@@ -85,7 +85,7 @@ def test_flower_refuses_unknown_keys_and_bad_values():
 
 
 def test_data_cache_key_follows_the_data_fields_only():
-    from fedlora.flower.data_cache import federation_key
+    from fedlora.engines.flower.data_cache import federation_key
 
     class Tok:
         name_or_path = "tok"
@@ -126,14 +126,14 @@ def test_method_options_are_converted_to_their_declared_types():
 
 
 def test_cli_refuses_a_bad_option_before_loading_anything(monkeypatch, capsys, tmp_path):
-    import fedlora.model
-    import fedlora.simulation
+    import fedlora.tasks.build
+    import fedlora.engines.local
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
-    monkeypatch.setattr(fedlora.model, "build_model", no_loading)
-    monkeypatch.setattr(fedlora.simulation, "build_model", no_loading)
+    monkeypatch.setattr(fedlora.tasks.build, "build_model", no_loading)
+    monkeypatch.setattr(fedlora.engines.local, "build_model", no_loading)
     code = cli.main(["run", "--method", "flora-na", "--method-option", "solver=bogus", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "solver" in err and "als, adamw" in err and "Traceback" not in err

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.checkpoint import CHECKPOINT_FILE, load_state
+from fedlora.protocol.checkpoint import CHECKPOINT_FILE, load_state
 
 TIMING = {"wall_seconds", "solve_seconds", "server_seconds"}
 RUN = ["run", "--task", "toy", "--method", "fedex-lora", "--rounds", "2", "--clients", "2", "--local-steps", "2",
@@ -43,7 +43,7 @@ def fedlora(*args: str, failpoint: str | None = None) -> subprocess.CompletedPro
 def in_process(*args: str) -> int:
     """``fedlora ARGS`` in this process (no interpreter start, no imports: seconds less than a subprocess),
     on one thread like the subprocesses, so the float summation order, and so every bit, is the same."""
-    from fedlora import cli
+    from fedlora.cli import commands as cli
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -105,8 +105,8 @@ def test_a_pickle_posing_as_a_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
 @pytest.mark.parametrize("filename", ["adapter_model.safetensors", "adapter_model.bin"])
 def test_a_pickle_posing_as_an_adapter_is_refused_and_runs_nothing(tmp_path, filename):
-    from fedlora.model import default_model_path, load_model
-    from fedlora.peft_bridge import load_model_with_adapter, save_adapter
+    from fedlora.models.classifier import default_model_path, load_model
+    from fedlora.runs.adapter_files import load_model_with_adapter, save_adapter
 
     model, _ = load_model(default_model_path(), 2, 2, 4.0, ["query"], seed=0)
     save_adapter(model, tmp_path / "adapter")

@@ -1,4 +1,4 @@
-"""Tests for fedlora.data: GLUE loading (real offline files), partitioning, metrics, tokenisation."""
+"""Tests for fedlora.tasks.glue: GLUE loading (real offline files), partitioning, metrics, tokenisation."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the hub
 
-from fedlora import data as fd  # noqa: E402
-from fedlora.data import partitioning  # noqa: E402
-from fedlora.data import (  # noqa: E402
+from fedlora.tasks import glue as fd  # noqa: E402
+from fedlora.tasks import partitioning  # noqa: E402
+from fedlora.tasks.glue import (  # noqa: E402
     compute_metrics, get_task, label_histogram, load_glue, make_loader, partition, split_local, tokenize,
 )
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import cli, simulation
-from fedlora.checkpoint import load_state
-from fedlora.config import ConfigError, RunConfig
+from fedlora.cli import commands as cli
+
+from fedlora.engines import local as simulation
+from fedlora.protocol.checkpoint import load_state
+from fedlora.config.run import ConfigError, RunConfig
 
 
 def one_line_error(capsys) -> str:
@@ -56,7 +58,7 @@ def write_rows(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 # -- item 11: the Flower data cache is keyed by content ---------------------------------------------
 def test_the_flower_data_cache_misses_after_an_in_place_edit_even_of_the_same_size_and_mtime(tmp_path):
-    from fedlora.flower.data_cache import federation_key
+    from fedlora.engines.flower.data_cache import federation_key
 
     class Tok:
         name_or_path = "tok"
@@ -126,10 +128,10 @@ def test_a_flower_resume_refuses_other_data_before_loading(tmp_path):
     from flwr.app import Context, RecordDict
 
     from fedlora.aggregation import LoraPair
-    from fedlora.checkpoint import ServerState, save_state
-    from fedlora.config_schema import flower_table
-    from fedlora.data_fingerprint import record
-    from fedlora.flower import server_app
+    from fedlora.protocol.checkpoint import ServerState, save_state
+    from fedlora.config.schema import flower_table
+    from fedlora.tasks.fingerprint import record
+    from fedlora.engines.flower import server_app
 
     write_rows(tmp_path / "first" / "train.jsonl", ROWS)
     write_rows(tmp_path / "other" / "train.jsonl", ROWS[:-1])
@@ -150,7 +152,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"{DATA} not found (../shared beside the repo)")
 def test_each_builtin_task_fingerprints_the_files_it_reads_from_the_data_root_or_its_folder():
-    from fedlora.data_fingerprint import fingerprint
+    from fedlora.tasks.fingerprint import fingerprint
 
     expected = {"gsm8k": ["gsm8k/train.jsonl", "gsm8k/test.jsonl"], "mbpp": ["mbpp/mbpp.jsonl"],
                 "humaneval": ["humaneval/HumanEval.jsonl.gz", "mbpp/mbpp.jsonl"],
@@ -163,7 +165,7 @@ def test_each_builtin_task_fingerprints_the_files_it_reads_from_the_data_root_or
 
 
 def test_a_custom_tasks_data_is_every_file_in_its_folder_but_hidden_ones_and_the_run_directory(tmp_path):
-    from fedlora.data_fingerprint import fingerprint
+    from fedlora.tasks.fingerprint import fingerprint
     from fedlora.tasks import Task, register_task
     from fedlora.tasks.base import _REGISTRY
     from fedlora.tasks.toy import ToyTask

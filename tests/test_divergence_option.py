@@ -8,9 +8,9 @@ import pytest
 
 from fedlora.aggregation import aggregate
 from fedlora.bench.stats import summarize_records
-from fedlora.config import ConfigError, RunConfig, divergence_due
-from fedlora.jsonsafe import json_safe, measured_mean, restore_nan
-from fedlora.synthetic import random_clients
+from fedlora.config.run import ConfigError, RunConfig, divergence_due
+from fedlora.util.jsonsafe import json_safe, measured_mean, restore_nan
+from fedlora.testing.synthetic import random_clients
 
 
 def test_every_n_measures_multiples_of_n_and_the_last_round():
@@ -55,7 +55,7 @@ def test_a_run_measured_every_other_round_plots_and_summarises_its_measured_roun
 
     import matplotlib.figure
 
-    from fedlora.reporting import plot_runs, summarize
+    from fedlora.reporting.curves import plot_runs, summarize
 
     figures: list = []
     original = matplotlib.figure.Figure.savefig

@@ -16,11 +16,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedlora import simulation  # noqa: E402
-from fedlora.cli import main  # noqa: E402
-from fedlora.config import ConfigError, RunConfig  # noqa: E402
-from fedlora.peft_bridge import get_adapter, load_model_with_adapter  # noqa: E402
-from fedlora.progress import on_phase  # noqa: E402
+from fedlora.engines import local as simulation  # noqa: E402
+from fedlora.cli.commands import main  # noqa: E402
+from fedlora.config.run import ConfigError, RunConfig  # noqa: E402
+from fedlora.models.lora_state import get_adapter  # noqa: E402
+from fedlora.runs.adapter_files import load_model_with_adapter  # noqa: E402
+from fedlora.util.progress import on_phase  # noqa: E402
 from fedlora.tasks import get_task, register_task  # noqa: E402
 from fedlora.tasks.classification import SequenceClassificationTask, accuracy  # noqa: E402
 
@@ -78,8 +79,8 @@ def check_outputs_and_reload(config: RunConfig, history: list[dict]) -> None:
     assert RunConfig.from_json((out / "config.json").read_text()) == config
     assert (out / "global_accuracy.png").stat().st_size > 0 and (out / "divergence.png").stat().st_size > 0
     model, tokenizer = load_model_with_adapter(out / "adapter")
-    from fedlora.client import evaluate_on
-    from fedlora.federation import build_federation
+    from fedlora.protocol.client import evaluate_on
+    from fedlora.protocol.federation import build_federation
 
     federation = build_federation(config, tokenizer)
     assert evaluate_on(model, federation.test, federation.task, tokenizer)["main"] == history[-1]["global_metric"]

@@ -16,9 +16,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedlora import simulation  # noqa: E402
-from fedlora.config import RunConfig  # noqa: E402
-from fedlora.runtime import resolve_runtime  # noqa: E402
+from fedlora.engines import local as simulation  # noqa: E402
+from fedlora.config.run import RunConfig  # noqa: E402
+from fedlora.models.runtime import resolve_runtime  # noqa: E402
 from fedlora.tasks import get_task  # noqa: E402
 from fedlora.tasks.causal_lm import teacher_forced  # noqa: E402
 
@@ -38,7 +38,7 @@ def reload_and_score(out: Path, config: RunConfig) -> dict[str, float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedlora.model_card import base_model_path
+    from fedlora.runs.model_card import base_model_path
 
     adapter = out / "adapter"
     base_path = base_model_path(adapter)  # the recorded reference (SmolLM2's hub id) -> the bundled copy, offline
@@ -84,7 +84,7 @@ def test_mbpp_through_the_engine_scores_pass_at_1_in_the_sandbox(tmp_path, tiny_
         assert r["global"]["pass@1"] == 0.0  # a random 2-layer model writes no working code
         assert set(r["local_metric"]) == {"client-0", "client-1"}
     if method != "fedsa-lora":  # FedSA-LoRA's saved global B is the average, not what the clients evaluate
-        from fedlora.peft_bridge import load_model_with_adapter
+        from fedlora.runs.adapter_files import load_model_with_adapter
 
         model, tokenizer = load_model_with_adapter(Path(config.out) / "adapter")
         task = get_task("mbpp").configure(config)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.aggregation import ClientUpdate, LoraPair, aggregate, available_methods, get_method  # noqa: E402
 from fedlora.aggregation import registry as method_registry  # noqa: E402
-from fedlora.config import ConfigError, RunConfig  # noqa: E402
+from fedlora.config.run import ConfigError, RunConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def reviews_task():
 def test_a_new_task_is_one_decorated_class_and_runs_end_to_end(reviews_task, tmp_path):
     import json
 
-    from fedlora import simulation
+    from fedlora.engines import local as simulation
 
     words = {0: ["dull", "awful", "boring", "bad"], 1: ["great", "lovely", "superb", "good"]}
     for split, n in (("train", 24), ("test", 8)):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.flower.local import (
+from fedlora.engines.flower.local import (
     Processes,
     flower_env,
     free_port,

@@ -16,9 +16,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedlora import simulation  # noqa: E402
-from fedlora.config import RunConfig  # noqa: E402
-from fedlora.flower.local import (  # noqa: E402
+from fedlora.engines import local as simulation  # noqa: E402
+from fedlora.config.run import RunConfig  # noqa: E402
+from fedlora.engines.flower.local import (  # noqa: E402
     Processes,
     flower_env,
     free_port,
@@ -99,8 +99,8 @@ def test_tls_deployment_two_rounds_survives_a_killed_supernode(tmp_path):
     assert [(f["node"], f["partition"]) for f in history[1]["failed_nodes"]] == [(node_ids["supernode-1"], 1)]
     assert history[0]["failed_nodes"] == []
 
-    from fedlora.checkpoint import load_state
-    from fedlora.peft_bridge import load_model_with_adapter
+    from fedlora.protocol.checkpoint import load_state
+    from fedlora.runs.adapter_files import load_model_with_adapter
 
     assert load_state(Path(flower.out)).round == 2  # no global state lost
     adapter = Path(flower.out) / "adapter"

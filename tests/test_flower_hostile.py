@@ -3,7 +3,7 @@
 A fake Grid stands in for the SuperLink: each node is a function from the message it is sent to
 its reply (real ``flwr.app`` Messages and records), so crafted replies reach the strategy exactly
 as Flower delivers them, with no Ray, no processes and no local training. The server is the real
-:class:`fedlora.rounds.Server` on the tiny ``toy`` task (FedEx-LoRA: it merges into the frozen
+:class:`fedlora.protocol.rounds.Server` on the tiny ``toy`` task (FedEx-LoRA: it merges into the frozen
 weights, so base versions and resends are exercised); one model is built per module.
 """
 
@@ -27,13 +27,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedlora.config import RunConfig  # noqa: E402
-from fedlora.flower.config import FlowerOptions  # noqa: E402
-from fedlora.flower.merges import MergeLedger  # noqa: E402
-from fedlora.flower.nodes import FederationError  # noqa: E402
-from fedlora.flower.strategy import FedLoraStrategy  # noqa: E402
-from fedlora.flower.wire import record_tensors, record_to_deltas, round_record  # noqa: E402
-from fedlora.rounds import BaseMerge, Server  # noqa: E402
+from fedlora.config.run import RunConfig  # noqa: E402
+from fedlora.engines.flower.config import FlowerOptions  # noqa: E402
+from fedlora.engines.flower.merges import MergeLedger  # noqa: E402
+from fedlora.engines.flower.nodes import FederationError  # noqa: E402
+from fedlora.engines.flower.strategy import FedLoraStrategy  # noqa: E402
+from fedlora.engines.flower.wire import record_tensors, record_to_deltas, round_record  # noqa: E402
+from fedlora.protocol.rounds import BaseMerge, Server  # noqa: E402
+from fedlora.runs.outputs import RunFolder  # noqa: E402
 
 CLIENTS = 4
 CONFIG = RunConfig(task="toy", method="fedex-lora", clients=CLIENTS, rank=2, rounds=50, local_steps=1, batch_size=4,
@@ -55,8 +56,8 @@ def task_identity():
 
 @pytest.fixture(scope="module")
 def world():
-    from fedlora.federation import build_federation
-    from fedlora.model import build_model
+    from fedlora.protocol.federation import build_federation
+    from fedlora.tasks.build import build_model
 
     torch.manual_seed(0)
     model, tokenizer = build_model(CONFIG)
@@ -67,7 +68,8 @@ def world():
 def make_strategy(world, tmp_path):
     def make(**options) -> FedLoraStrategy:
         model, tokenizer, federation = world
-        server = Server.open(CONFIG.replace(out=str(tmp_path / "run")), model, tokenizer, federation, keep_merges=True)
+        config = CONFIG.replace(out=str(tmp_path / "run"))
+        server = Server.open(config, model, tokenizer, federation, RunFolder(config), keep_merges=True)
         strategy = FedLoraStrategy(server, FlowerOptions(**{"round_timeout": 5.0} | options))
         strategy.POLL_SECONDS = 0.05
         return strategy
@@ -291,8 +293,8 @@ def test_the_merge_ledger_bounds_memory_and_resends():
 
 def test_a_reset_download_restores_pristine_weights_then_merges_the_total(world):
     """The ClientApp's side of a reset: its own earlier merges are dropped, not added to the total."""
-    from fedlora.flower.client_app import _load, _sync_base
-    from fedlora.peft_bridge import lora_layers, lora_scaling
+    from fedlora.engines.flower.client_app import _load, _sync_base
+    from fedlora.models.lora_state import lora_layers, lora_scaling
 
     proc = _load(CONFIG)
     module = next(iter(proc.pristine))
@@ -339,7 +341,7 @@ def test_enough_supernodes_go_on_without_the_missing_ones(make_strategy):
 
 # -- the flwr CLI's connection file (issue 15.7) ------------------------------------------------
 def test_writing_a_connection_twice_leaves_valid_toml_and_keeps_the_rest(tmp_path):
-    from fedlora.flower.local import main, write_connection
+    from fedlora.engines.flower.local import main, write_connection
 
     home = tmp_path / "flwr"
     home.mkdir()
@@ -364,9 +366,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fedlora.aggregation import LoraPair  # noqa: E402
-from fedlora.flower.replies import (Expected, TrainReply, expected_arrays, parse_query_reply,  # noqa: E402
+from fedlora.engines.flower.replies import (Expected, TrainReply, expected_arrays, parse_query_reply,  # noqa: E402
                                     parse_train_reply, to_result)
-from fedlora.flower.wire import model_record  # noqa: E402
+from fedlora.engines.flower.wire import model_record  # noqa: E402
 
 FUZZ_ADAPTER = {m: LoraPair(A=torch.randn(2, 5), B=torch.randn(6, 2)) for m in ("layer.0.query", "layer.0.value")}
 FUZZ_HEAD = {"classifier.weight": torch.randn(3, 6), "classifier.bias": torch.randn(3)}

@@ -31,10 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
-from fedlora import simulation  # noqa: E402
-from fedlora.config import RunConfig  # noqa: E402
-from fedlora.flower.config import run_config_overrides  # noqa: E402
-from fedlora.flower.local import simulation_superlink  # noqa: E402
+from fedlora.engines import local as simulation  # noqa: E402
+from fedlora.config.run import RunConfig  # noqa: E402
+from fedlora.engines.flower.config import run_config_overrides  # noqa: E402
+from fedlora.engines.flower.local import simulation_superlink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -102,7 +102,7 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        from fedlora.flower.client_app import app as client_app
+        from fedlora.engines.flower.client_app import app as client_app
 
         replies = []
         for msg in messages:
@@ -134,8 +134,8 @@ def in_process_flower(monkeypatch, tmp_path):
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.flower import client_app
-    from fedlora.flower.server_app import app as server_app
+    from fedlora.engines.flower import client_app
+    from fedlora.engines.flower.server_app import app as server_app
 
     monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "cache"))  # as the simulation SuperLink's
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)

@@ -12,10 +12,10 @@ from flwr.app import Array, RecordDict
 
 from fedlora.aggregation import ClientUpdate, LoraPair, aggregate, get_method
 from fedlora.aggregation.communication import round_bytes
-from fedlora.config import ConfigError, RunConfig
-from fedlora.flower.client_app import _global_init
-from fedlora.flower.config import run_config_from_flower
-from fedlora.flower.wire import (
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.engines.flower.client_app import _global_init
+from fedlora.engines.flower.config import run_config_from_flower
+from fedlora.engines.flower.wire import (
     content_bytes,
     deltas_record,
     model_record,
@@ -152,7 +152,7 @@ def test_missing_factors_come_from_the_receivers_copy():
 def test_certificates_are_for_loopback_and_signed_by_the_ca(tmp_path):
     from cryptography import x509
 
-    from fedlora.flower.local import generate_certificates
+    from fedlora.engines.flower.local import generate_certificates
 
     paths = generate_certificates(tmp_path)
     ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())

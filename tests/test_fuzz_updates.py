@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlora.aggregation import ClientUpdate, LoraPair, available_methods
-from fedlora.client import ClientResult
-from fedlora.server import server_step
+from fedlora.protocol.client import ClientResult
+from fedlora.protocol.server import server_step
 
 SHAPES = {"q": (5, 3), "v": (4, 6)}  # (d, k), non-square
 RANK = 2

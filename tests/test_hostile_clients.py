@@ -18,11 +18,11 @@ import torch
 from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggregate, available_methods, get_method
 from fedlora.aggregation.ranks import sent_start
 from fedlora.aggregation.validation import update_norm
-from fedlora.client import ClientResult
-from fedlora.config import ConfigError, RunConfig
-from fedlora.rounds import Server
-from fedlora.server import server_step
-from fedlora.synthetic import least_squares_clients
+from fedlora.protocol.client import ClientResult
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.protocol.rounds import Server
+from fedlora.protocol.server import server_step
+from fedlora.testing.synthetic import least_squares_clients
 
 SHAPES = {"q": (12, 8), "v": (10, 6)}  # (d, k)
 RANK = 2

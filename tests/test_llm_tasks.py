@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from fedlora.aggregation import get_method
-from fedlora.config import ConfigError, RunConfig
-from fedlora.data.partitioning import quantity_partition
-from fedlora.runtime import resolve_runtime
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.tasks.partitioning import quantity_partition
+from fedlora.models.runtime import resolve_runtime
 from fedlora.tasks import get_task
 from fedlora.tasks.causal_lm import IGNORE, generate, teacher_forced
-from fedlora.training import train_local
+from fedlora.models.training import train_local
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"{DATA} not found (../shared beside the repo)")
@@ -80,7 +80,7 @@ def test_mathcode_mixes_the_domains_and_alpha_skews_each_clients_mix() -> None:
     data = task.load(DATA)
     keys = task.partition_key(data["train"])
     assert np.bincount(keys).tolist() == [7473, 374]
-    from fedlora.data.partitioning import partition
+    from fedlora.tasks.partitioning import partition
 
     parts = partition(data["train"], 4, 0.1, seed=0, keys=keys)
     shares = [np.mean(np.asarray(p["domain"]) == "mbpp") for p in parts]
@@ -158,7 +158,7 @@ def test_no_generation_prompt_is_cut_for_the_reference_answers_length(smollm2_pa
     (and MBPP one) to the reference answer's budget; every prompt here is shorter than the model's room."""
     from transformers import AutoTokenizer
 
-    from fedlora.causal_lm import format_prompt
+    from fedlora.models.decoder import format_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     for name in ("humaneval", "mbpp"):
@@ -241,7 +241,7 @@ def test_evaluate_writes_samples_and_caps_generations(tiny, gsm8k) -> None:
 
 
 def test_a_max_new_tokens_the_model_cannot_hold_is_refused_when_the_model_is_built(tiny_llama_path) -> None:
-    from fedlora.model import build_model
+    from fedlora.tasks.build import build_model
 
     with pytest.raises(ValueError, match="--max-new-tokens 512 leaves no room"):
         build_model(RunConfig(task="gsm8k", model=tiny_llama_path, max_new_tokens=512))

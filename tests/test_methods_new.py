@@ -14,7 +14,7 @@ from fedlora.aggregation import AggregationError, ClientUpdate, LoraPair, aggreg
 from fedlora.aggregation.methods.fedrot_lora import align_to_global
 from fedlora.aggregation.methods.fedsvd import svd_refactor
 from fedlora.aggregation.methods.flora_na_stable import MAX_DEVIATION, REBALANCE, RIDGE
-from fedlora.synthetic import least_squares_clients
+from fedlora.testing.synthetic import least_squares_clients
 
 D, K, R, U = 7, 5, 3, 4
 SHAPES = {"attn.q": (D, K), "mlp.up": (6, 9)}  # (d, k), non-square, two shapes

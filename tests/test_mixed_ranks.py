@@ -10,11 +10,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedlora import server as server_module  # noqa: E402
-from fedlora import simulation  # noqa: E402
+from fedlora.protocol import server as server_module  # noqa: E402
+from fedlora.engines import local as simulation  # noqa: E402
 from fedlora.aggregation import ClientUpdate, LoraPair, aggregate, get_method  # noqa: E402
 from fedlora.aggregation.ranks import assign_ranks, pad, restrict, to_client, truncate  # noqa: E402
-from fedlora.config import ConfigError, RunConfig  # noqa: E402
+from fedlora.config.run import ConfigError, RunConfig  # noqa: E402
 
 D, K, R = 7, 5, 4  # non-square on purpose
 
@@ -119,7 +119,7 @@ def capture_updates(monkeypatch) -> list[list[ClientUpdate]]:
         seen.append([r.update for r in results])
         return real(method, global_adapter, results, **kwargs)
 
-    monkeypatch.setattr("fedlora.rounds.server_step", spy)
+    monkeypatch.setattr("fedlora.protocol.rounds.server_step", spy)
     return seen
 
 
@@ -151,7 +151,7 @@ def test_equal_client_ranks_reproduce_the_plain_run(tmp_path):
 @pytest.mark.slow
 def test_a_client_cannot_write_beyond_its_rank(tmp_path, monkeypatch):
     """An untrusted rank-1 client that fills every component gets only its first one aggregated."""
-    import fedlora.rounds as rounds
+    import fedlora.protocol.rounds as rounds
 
     real_train = rounds.train_planned
     seen = capture_updates(monkeypatch)
@@ -164,7 +164,7 @@ def test_a_client_cannot_write_beyond_its_rank(tmp_path, monkeypatch):
                 pair.B.fill_(1e3)
         return result
 
-    monkeypatch.setattr("fedlora.simulation.train_planned", hostile)
+    monkeypatch.setattr("fedlora.engines.local.train_planned", hostile)
     simulation.run(tiny(tmp_path, client_ranks=(1, 4, 4), rounds=1), progress=False)
     for pair in seen[0][0].adapter.values():
         assert not pair.A[1:].any() and not pair.B[:, 1:].any()

@@ -1,4 +1,4 @@
-"""fedlora.model / fedlora.peft_bridge / fedlora.training: round trips, merge maths, saving, training.
+"""fedlora.models.classifier / fedlora.models.lora_state / fedlora.models.training: round trips, merge maths, saving, training.
 
 Maths tests use a tiny hand-built module with a NON-SQUARE LoRA target (Linear(7, 5), so a
 transposed (k, d) delta cannot be silently accepted) and lora_alpha != r (so a dropped scaling
@@ -20,10 +20,11 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification
 
-from fedlora import peft_bridge as pb
+from fedlora.models import lora_state as pb
+from fedlora.runs import adapter_files
 from fedlora.aggregation.types import Adapter, LoraPair, TrainingPolicy
-from fedlora.model import default_model_path, load_model
-from fedlora.training import evaluate, train_local
+from fedlora.models.classifier import default_model_path, load_model
+from fedlora.models.training import evaluate, train_local
 
 TARGETS = ["query", "value", "intermediate.dense"]  # intermediate.dense is 384 -> 1536: non-square
 SENTENCES = [
@@ -217,12 +218,12 @@ def test_save_reload_identical_logits(model_path: str, tmp_path: Path) -> None:
     pb.set_adapter(model, random_adapter(model, 7))
     pb.set_head(model, {k: v + 0.3 for k, v in pb.get_head(model).items()})
     batch = batch_of(tok)
-    pb.save_adapter(model, tmp_path)
+    adapter_files.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / pb.BASE_WEIGHTS_FILE).exists()
     base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, local_files_only=True)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()
     assert torch.equal(logits(reloaded, batch), logits(model, batch))
-    again, _ = pb.load_model_with_adapter(tmp_path)
+    again, _ = adapter_files.load_model_with_adapter(tmp_path)
     assert torch.equal(logits(again, batch), logits(model, batch))
 
 
@@ -232,9 +233,9 @@ def test_save_reload_after_merge(model_path: str, tmp_path: Path) -> None:
     old, new = random_adapter(model, 8), random_adapter(model, 9)
     pb.set_adapter(model, new)
     pb.merge_base_delta(model, {m: old[m].product() - new[m].product() for m in old})
-    pb.save_adapter(model, tmp_path)
+    adapter_files.save_adapter(model, tmp_path)
     assert (tmp_path / pb.BASE_WEIGHTS_FILE).is_file()
-    reloaded, _ = pb.load_model_with_adapter(tmp_path)
+    reloaded, _ = adapter_files.load_model_with_adapter(tmp_path)
     assert torch.equal(logits(reloaded, batch), logits(model, batch))
     # A plain PEFT reload lacks the merged weights, which is why base_weights.safetensors exists.
     base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, local_files_only=True)

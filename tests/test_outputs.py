@@ -16,16 +16,17 @@ import matplotlib
 import pytest
 import torch
 
-from fedlora.config import ConfigError, RunConfig
-from fedlora.loggers import check_installed, check_targets, flatten, open_trackers
-from fedlora.model_card import MINILM_HUB_ID, portable_reference
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.config.run import check_trackers as check_targets
+from fedlora.runs.trackers import check_installed, flatten, open_trackers
+from fedlora.runs.model_card import MINILM_HUB_ID, portable_reference
 
 pytest.importorskip("tensorboard")
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedlora.simulation import run
+    from fedlora.engines.local import run
 
     out = tmp_path_factory.mktemp("outputs") / "toy-run"
     config = RunConfig(task="toy", method="fedex-lora", rounds=2, clients=2, alpha=0.5, local_steps=1, batch_size=4,
@@ -40,7 +41,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def test_adapter_records_the_hub_id_and_loads_elsewhere_with_its_cards_snippet(toy_run, tmp_path, monkeypatch):
-    from fedlora.peft_bridge import load_model_with_adapter
+    from fedlora.runs.adapter_files import load_model_with_adapter
 
     adapter_config = json.loads((toy_run / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == MINILM_HUB_ID  # not a path into this virtualenv
@@ -105,7 +106,7 @@ def test_flatten_keeps_jsonl_names_and_drops_what_is_not_a_number():
 
 
 def test_a_given_model_is_recorded_as_given_and_the_bundled_one_by_its_hub_id():
-    from fedlora.model import default_model_path
+    from fedlora.models.classifier import default_model_path
 
     assert portable_reference(default_model_path(), None)[0] == MINILM_HUB_ID
     assert portable_reference("/somewhere/else", "my-org/my-model") == (
@@ -137,7 +138,7 @@ def _write_run(path: Path, method: str, divergences: list[float]) -> Path:
 
 
 def test_a_three_round_plot_has_integer_rounds_a_title_and_labelled_log_ticks(tmp_path, monkeypatch):
-    from fedlora.reporting import plot_runs
+    from fedlora.reporting.curves import plot_runs
 
     figures = _captured_figures(monkeypatch)
     runs = [_write_run(tmp_path / "a", "fedit", [0.3, 0.01, 0.002]), _write_run(tmp_path / "b", "flora", [0.0, 0.0, 0.0])]
@@ -168,7 +169,7 @@ def test_every_preset_label_has_its_own_colour_and_marker():
 
 
 def test_progress_says_run_k_of_n_and_rescales_the_eta_by_the_measured_speed():
-    from fedlora.progress import RunProgress
+    from fedlora.cli.progress import RunProgress
 
     lines: list[str] = []
     progress = RunProgress([10.0, 10.0, 20.0], log=lines.append)
@@ -182,8 +183,8 @@ def test_progress_says_run_k_of_n_and_rescales_the_eta_by_the_measured_speed():
 
 
 def test_demo_prints_its_plan_and_run_k_of_n_before_running(monkeypatch, capsys, tmp_path):
-    import fedlora.cli as cli
-    import fedlora.simulation as simulation
+    import fedlora.cli.commands as cli
+    import fedlora.engines.local as simulation
 
     ran: list[str] = []
     monkeypatch.setattr(simulation, "run", lambda config, **kwargs: ran.append(config.method))
@@ -212,10 +213,10 @@ def test_bench_grid_prints_its_plan_and_an_overall_eta(tmp_path):
 
 
 def test_the_bundled_smollm2_is_recorded_by_its_hub_id(tmp_path):
-    from fedlora.causal_lm import DEFAULT_MODEL
-    from fedlora.model_card import SMOLLM2_HUB_ID
+    from fedlora.models.decoder import DEFAULT_MODEL
+    from fedlora.runs.model_card import SMOLLM2_HUB_ID
 
-    converted = tmp_path / f"{DEFAULT_MODEL}-c73d7e50c92c"  # where fedlora.causal_lm dequantises the GGUF
+    converted = tmp_path / f"{DEFAULT_MODEL}-c73d7e50c92c"  # where fedlora.models.decoder dequantises the GGUF
     converted.mkdir()
     assert portable_reference(str(converted), None)[0] == SMOLLM2_HUB_ID
     assert portable_reference(str(converted), str(converted))[0] == str(converted)  # --model given: as given
@@ -225,9 +226,9 @@ def test_the_model_cards_command_rebuilds_the_runs_config() -> None:
     """The card's `fedlora run ...` line, typed again, is the same experiment (task, method and seed always named)."""
     import shlex
 
-    from fedlora.cli import build_parser, config_from_args
-    from fedlora.config import RunConfig
-    from fedlora.model_card import command_line
+    from fedlora.cli.commands import build_parser, config_from_args
+    from fedlora.config.run import RunConfig
+    from fedlora.runs.model_card import command_line
 
     config = RunConfig(task="toy", method="flora-na", rounds=2, clients=3, alpha=None, target_modules=("query",),
                        method_options={"solver": "adamw"}, lr_schedule="cosine", out="runs/card")
@@ -245,7 +246,7 @@ def test_the_model_card_escapes_what_it_quotes_and_names_no_local_path(tmp_path)
     import yaml
     from markdown_it import MarkdownIt
 
-    from fedlora.model_card import write_model_card
+    from fedlora.runs.model_card import write_model_card
 
     name = 'run "q" \\ \' `tick` ``x``\n# injected *em* [link](x) <b>|'
     data, model, adapter = tmp_path / "data", tmp_path / "my-model", tmp_path / "adapter"
@@ -292,7 +293,7 @@ def _write_llm_run(path: Path, exact_match: list[float], loss: list[float], toke
 
 
 def test_an_llm_run_plots_each_metric_under_its_own_name_on_a_nonnegative_axis(tmp_path, monkeypatch):
-    from fedlora.reporting import plot_run
+    from fedlora.reporting.curves import plot_run
 
     figures = _captured_figures(monkeypatch)
     run = _write_llm_run(tmp_path / "run", [0.0, 0.0, 0.0], [2.1, 1.7, 1.5], [0.40, 0.45, 0.47])
@@ -309,7 +310,7 @@ def test_an_llm_run_plots_each_metric_under_its_own_name_on_a_nonnegative_axis(t
 
 
 def test_a_signed_metric_keeps_its_negative_axis_and_a_glue_run_plots_its_metric_only(tmp_path, monkeypatch):
-    from fedlora.reporting import plot_runs
+    from fedlora.reporting.curves import plot_runs
 
     figures = _captured_figures(monkeypatch)
     run = _write_run(tmp_path / "cola", "fedit", [0.3, 0.2, 0.1])
@@ -324,7 +325,7 @@ def test_a_signed_metric_keeps_its_negative_axis_and_a_glue_run_plots_its_metric
 
 
 def test_compare_shows_the_local_column_only_when_a_run_measured_it(tmp_path):
-    from fedlora.reporting import compare_table
+    from fedlora.reporting.curves import compare_table
 
     runs = [_write_run(tmp_path / "a", "fedit", [0.3, 0.2, 0.1]), _write_run(tmp_path / "b", "svd", [0.0, 0.0, 0.0])]
     header, _, row, _ = compare_table(runs).splitlines()
@@ -337,8 +338,8 @@ def test_compare_shows_the_local_column_only_when_a_run_measured_it(tmp_path):
 
 
 def test_the_demo_ends_saying_where_its_table_runs_and_adapters_are(monkeypatch, capsys, tmp_path):
-    import fedlora.cli as cli
-    import fedlora.simulation as simulation
+    import fedlora.cli.commands as cli
+    import fedlora.engines.local as simulation
 
     def fake_run(config, **kwargs):  # what a real run leaves: config.json, metrics.jsonl, adapter/
         _write_run(Path(config.out + ".src"), config.method, [0.2, 0.1, 0.05])
@@ -365,7 +366,7 @@ def test_the_demo_ends_saying_where_its_table_runs_and_adapters_are(monkeypatch,
     ("gsm8k", "auto", None, "IID split"),
 ])
 def test_the_model_card_says_how_the_clients_data_was_split(tmp_path, task, skew, alpha, expected):
-    from fedlora.model_card import write_model_card
+    from fedlora.runs.model_card import write_model_card
 
     config = RunConfig(task=task, skew=skew, alpha=alpha, out=str(tmp_path / "run"))
     card = write_model_card(tmp_path, config, [], "base", "as loaded").read_text()
@@ -376,7 +377,7 @@ def test_the_model_card_says_how_the_clients_data_was_split(tmp_path, task, skew
 def test_the_base_record_of_a_causal_lm_has_no_classifier_head_fields():
     from types import SimpleNamespace
 
-    from fedlora.peft_bridge import base_meta
+    from fedlora.runs.adapter_files import base_meta
 
     head = SimpleNamespace(num_labels=2, problem_type=None)  # what transformers' config says for any model
     llm = base_meta("CAUSAL_LM", head, "HuggingFaceTB/SmolLM2-135M-Instruct", "/x", "as loaded", [])
@@ -386,7 +387,7 @@ def test_the_base_record_of_a_causal_lm_has_no_classifier_head_fields():
 
 
 def test_overwrite_removes_the_per_metric_plots_and_nothing_else(tmp_path):
-    from fedlora.run_dir import claim, refuse_existing, remove_outputs
+    from fedlora.runs.run_dir import claim, refuse_existing, remove_outputs
 
     out = tmp_path / "run"
     out.mkdir()

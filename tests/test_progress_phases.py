@@ -1,4 +1,4 @@
-"""Every long phase of a run is named where the user sees progress (fedlora.progress.phase).
+"""Every long phase of a run is named where the user sees progress (fedlora.util.progress.phase).
 
 That a real run names its phases in the bar is checked by test_end_to_end.py's tiny toy run (no extra run here)."""
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import torch
 
-from fedlora import progress
-from fedlora.progress import current_phase, on_phase, phase, update_phase
+from fedlora.util import progress
+from fedlora.util.progress import current_phase, on_phase, phase, update_phase
 from fedlora.tasks import causal_lm
 
 
@@ -39,7 +39,7 @@ def test_a_phase_that_raises_still_ends() -> None:
 def test_a_long_phase_is_logged_with_its_duration(monkeypatch, caplog) -> None:
     clock = iter([0.0, 42.0])
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
-    with caplog.at_level("INFO", logger="fedlora.progress"), phase("global evaluation"):
+    with caplog.at_level("INFO", logger="fedlora.util.progress"), phase("global evaluation"):
         pass
     assert "global evaluation: 42 s" in caplog.text
 

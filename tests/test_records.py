@@ -10,10 +10,10 @@ import torch
 
 from fedlora.aggregation import ClientUpdate, LoraPair
 from fedlora.bench.stats import summarize_records
-from fedlora.client import ClientResult
-from fedlora.jsonsafe import json_safe, read_metrics
-from fedlora.records import round_record
-from fedlora.reporting import compare_table, plot_runs
+from fedlora.protocol.client import ClientResult
+from fedlora.util.jsonsafe import json_safe, read_metrics
+from fedlora.protocol.records import round_record
+from fedlora.reporting.curves import compare_table, plot_runs
 
 
 def _record(round_: int, skipped: bool) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedlora.aggregation import available_methods, get_method
-from fedlora.config import RunConfig
-from fedlora.rounds import sample_clients
+from fedlora.config.run import RunConfig
+from fedlora.protocol.rounds import sample_clients
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedlora"
 # bench/ compares every method against the paper's baseline (FedIT) in its reports; the methods

@@ -23,10 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fedlora import cli, simulation
+from fedlora.cli import commands as cli
+
+from fedlora.engines import local as simulation
 from fedlora.aggregation import LoraPair
-from fedlora.checkpoint import CHECKPOINT_FILE, CheckpointError, ServerState, load_state, save_state
-from fedlora.config import ConfigError, RunConfig
+from fedlora.protocol.checkpoint import CHECKPOINT_FILE, CheckpointError, ServerState, load_state, save_state
+from fedlora.config.run import ConfigError, RunConfig
 
 RECORD = {"round": 1, "global": {"main": 0.5}, "global_metric": 0.5, "skipped": False, "divergence": 0.1}
 
@@ -99,8 +101,8 @@ def test_the_engine_refuses_to_resume_another_experiment(tmp_path):
 def test_a_flower_resume_refuses_another_experiment_before_loading(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from fedlora.flower import server_app
-    from fedlora.config_schema import flower_table
+    from fedlora.engines.flower import server_app
+    from fedlora.config.schema import flower_table
 
     config = make_run(tmp_path / "run")
     changed = {**flower_table(RunConfig, overrides=dataclasses.asdict(config.replace(method="fedit"))), "resume": True}
@@ -138,7 +140,7 @@ def test_a_fresh_run_refuses_an_existing_run_directory_unless_overwrite(tmp_path
 # -- item 10: one run per directory ---------------------------------------------------------------
 def test_a_second_run_on_a_locked_directory_fails_naming_the_holder(tmp_path, capsys, engine):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fedlora.runlock import acquire; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fedlora.runs.lock import acquire; "
                                f"acquire({str(out)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -216,7 +218,7 @@ def test_a_run_where_every_round_was_skipped_exits_non_zero(tmp_path, capsys, mo
 
 # -- item 13: one line, not a traceback -----------------------------------------------------------
 def test_a_tsv_field_over_csvs_default_limit_is_read(tmp_path):
-    from fedlora.data.loading import load_glue
+    from fedlora.tasks.glue.loading import load_glue
 
     (tmp_path / "SST-2").mkdir()
     rows = [("sentence", "label"), ("good " * 40_000, "1"), ("bad", "0")]  # 200,000 characters > 131,072
@@ -228,7 +230,7 @@ def test_a_tsv_field_over_csvs_default_limit_is_read(tmp_path):
 
 
 def test_max_length_above_the_models_positions_and_missing_target_modules_are_refused():
-    from fedlora.model import build_model
+    from fedlora.tasks.build import build_model
 
     with pytest.raises(ValueError, match="--max-length 1024 .*512 positions"):
         build_model(RunConfig(task="toy", max_length=1024, device="cpu"))
@@ -266,7 +268,7 @@ def test_metrics_are_strict_json(tmp_path):
     assert json.loads(text)[0]["divergence"] is None
     assert load_state(out).history == state.history
     (out / "metrics.jsonl").write_text(json.dumps(state.history[0], allow_nan=False) + "\n")
-    from fedlora.jsonsafe import read_metrics  # readers get NaN back where a number is always expected
+    from fedlora.util.jsonsafe import read_metrics  # readers get NaN back where a number is always expected
 
     assert math.isnan(read_metrics(out / "metrics.jsonl")[0]["divergence"])
 
@@ -275,7 +277,7 @@ def test_metrics_are_strict_json(tmp_path):
 def test_offline_without_data_dir_is_one_line_naming_data_dir(monkeypatch):
     import datasets
 
-    from fedlora.data.loading import load_glue
+    from fedlora.tasks.glue.loading import load_glue
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)\n" * 20)
@@ -291,7 +293,7 @@ def test_offline_without_data_dir_is_one_line_naming_data_dir(monkeypatch):
 def test_a_dirichlet_split_with_more_clients_than_a_draw_can_fill_works():
     import datasets
 
-    from fedlora.data.partitioning import partition
+    from fedlora.tasks.partitioning import partition
 
     train = datasets.Dataset.from_dict({"label": np.arange(60) % 2})  # 20 clients on 60 rows, alpha 0.1
     parts = partition(train, 20, 0.1, seed=0)
@@ -364,7 +366,7 @@ def test_the_python_api_refuses_a_foreign_folder_before_loading(tmp_path, monkey
 
 
 def test_a_run_marks_its_directory_and_overwrite_then_replaces_it(tmp_path, capsys, engine):
-    from fedlora.run_dir import RUN_MARKER, is_run
+    from fedlora.runs.run_dir import RUN_MARKER, is_run
 
     out = tmp_path / "run"
     argv = ["run", "--task", "toy", "--rounds", "1", "--out", str(out)]
@@ -397,7 +399,7 @@ def test_the_run_lock_refuses_a_lock_file_that_is_not_its_own(tmp_path, capsys, 
 
 
 def test_the_run_lock_reuses_its_own_file_without_truncating_it(tmp_path):
-    from fedlora import runlock
+    from fedlora.runs import lock as runlock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -426,7 +428,7 @@ def test_demo_refuses_to_replace_existing_runs_unless_overwrite(tmp_path, capsys
 # -- item 16: "no cap" is spelled all everywhere; 0 is refused everywhere -------------------------
 @pytest.mark.parametrize("name", ["max_eval_examples", "max_eval_generations"])
 def test_a_zero_cap_is_refused_everywhere_and_all_means_no_cap(tmp_path, capsys, name):
-    from fedlora.config_schema import flag
+    from fedlora.config.schema import flag
 
     message = f"--{flag(name)}=0 is invalid: .*write all"
     with pytest.raises(ConfigError, match=message):
@@ -436,7 +438,7 @@ def test_a_zero_cap_is_refused_everywhere_and_all_means_no_cap(tmp_path, capsys,
     (tmp_path / "run.toml").write_text(f'task = "toy"\n{flag(name)} = 0\n')
     with pytest.raises(ConfigError, match=message):
         cli.config_from_args(cli.build_parser().parse_args(["run", "--config", str(tmp_path / "run.toml")]))
-    from fedlora.flower.config import run_config_from_flower
+    from fedlora.engines.flower.config import run_config_from_flower
 
     with pytest.raises(ConfigError, match=message):
         run_config_from_flower({"task": "toy", flag(name): 0})
@@ -494,7 +496,7 @@ def test_a_rank_above_the_sanity_bound_is_refused_before_loading():
 def test_a_rank_above_a_layers_min_d_k_is_refused_once_the_shapes_are_known():
     from peft import LoraConfig, get_peft_model
 
-    from fedlora.model_checks import check_built
+    from fedlora.models.checks import check_built
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -531,7 +533,7 @@ def test_compare_names_the_file_and_line_that_is_not_a_json_object(tmp_path, cap
 
 def test_a_planted_tmp_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
     # config.json.tmp / checkpoint.safetensors.tmp pointing at a file of the user's: the write must not touch it.
-    from fedlora.checkpoint import ServerState, atomic_write_text, save_state
+    from fedlora.protocol.checkpoint import ServerState, atomic_write_text, save_state
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

@@ -11,12 +11,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.aggregation import LoraPair, TrainingPolicy  # noqa: E402
-from fedlora.client import train_client  # noqa: E402
-from fedlora.model import build_model  # noqa: E402
-from fedlora.peft_bridge import (  # noqa: E402
+from fedlora.protocol.client import train_client  # noqa: E402
+from fedlora.tasks.build import build_model  # noqa: E402
+from fedlora.models.lora_state import (  # noqa: E402
     get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta, merged_base_weights, set_adapter,
 )
-from fedlora.runtime import Runtime, attach_runtime, resolve_runtime, runtime_of  # noqa: E402
+from fedlora.models.runtime import Runtime, attach_runtime, resolve_runtime, runtime_of  # noqa: E402
 from fedlora.tasks import get_task  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -88,7 +88,7 @@ def test_autocast_is_off_for_fp32_and_bf16_on_cpu_otherwise() -> None:
 def toy_batches():
     from transformers import AutoTokenizer
 
-    from fedlora.model import default_model_path
+    from fedlora.models.classifier import default_model_path
 
     task = get_task("toy")
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
@@ -99,7 +99,7 @@ def toy_batches():
 def train_two_steps(model, task, tokenizer, train, runtime=None):
     return train_client(
         model, client_id="c", train=train, local_test=None, task=task, tokenizer=tokenizer,
-        global_adapter=get_adapter(model), global_head=get_head(model), local_B=None, policy=TrainingPolicy(),
+        global_adapter=get_adapter(model), global_head=get_head(model), policy=TrainingPolicy(),
         steps=2, batch_size=8, lr=5e-3, seed=3, runtime=runtime,
     )
 

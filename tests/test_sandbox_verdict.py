@@ -164,8 +164,8 @@ def test_without_the_boundary_code_is_refused_unless_the_user_accepts_the_risk(m
 def test_fedlora_run_refuses_a_code_task_before_loading(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     import fedlora.sandbox.harness as harness
-    import fedlora.simulation as simulation
-    from fedlora.cli import main
+    import fedlora.engines.local as simulation
+    from fedlora.cli.commands import main
 
     monkeypatch.setattr(harness, "problem", lambda: NO_BWRAP)
     monkeypatch.setattr(simulation, "build_model", lambda *a: pytest.fail("loaded a model"))

@@ -14,10 +14,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.aggregation import TrainingPolicy  # noqa: E402
-from fedlora.client import evaluate_on, train_client  # noqa: E402
-from fedlora.federation import build_federation  # noqa: E402
-from fedlora.peft_bridge import get_adapter, get_head  # noqa: E402
-from fedlora.runtime import Runtime  # noqa: E402
+from fedlora.protocol.client import evaluate_on, train_client  # noqa: E402
+from fedlora.protocol.federation import build_federation  # noqa: E402
+from fedlora.models.lora_state import get_adapter, get_head  # noqa: E402
+from fedlora.models.runtime import Runtime  # noqa: E402
 from fedlora.tasks import Task, available_tasks, get_task, register_task  # noqa: E402
 from fedlora.tasks.classification import SequenceClassificationTask, accuracy  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_toy_is_learned_in_a_few_local_steps(toy_model) -> None:
     start_adapter, start_head = get_adapter(model), get_head(model)
     result = train_client(
         model, client_id="c", train=train, local_test=test, task=toy, tokenizer=tokenizer,
-        global_adapter=start_adapter, global_head=start_head, local_B=None, policy=TrainingPolicy(),
+        global_adapter=start_adapter, global_head=start_head, policy=TrainingPolicy(),
         steps=8, batch_size=16, lr=5e-3, seed=0,
     )
     assert set(before) == {"accuracy", "main"} and before["main"] < 0.75
@@ -154,7 +154,7 @@ def test_a_twenty_row_task_trains_and_evaluates_through_the_engine_functions() -
     assert sum(c.num_examples + len(c.local_test) for c in federation.clients) == 16
     result = train_client(
         model, client_id="client-0", train=federation.clients[0].train, local_test=federation.clients[0].local_test,
-        task=task, tokenizer=tokenizer, global_adapter=get_adapter(model), global_head=get_head(model), local_B=None,
+        task=task, tokenizer=tokenizer, global_adapter=get_adapter(model), global_head=get_head(model),
         policy=TrainingPolicy(), steps=2, batch_size=4, lr=1e-3, seed=0,
     )
     assert set(result.local_metrics) == {"share_right", "main"}
@@ -176,9 +176,9 @@ def test_sst2_task_loads_partitions_encodes_and_scores_like_the_glue_functions(t
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    from fedlora.data import compute_metrics, load_glue, partition, tokenize
-    from fedlora.data.partitioning import column  # one Arrow read (iterating a Column is slow)
-    from fedlora.training import evaluate
+    from fedlora.tasks.glue import compute_metrics, load_glue, partition, tokenize
+    from fedlora.tasks.partitioning import column  # one Arrow read (iterating a Column is slow)
+    from fedlora.models.training import evaluate
 
     model, tokenizer = toy_model  # the same MiniLM; the head size (2) fits SST-2
     sst2 = get_task("sst2")
@@ -201,7 +201,7 @@ def test_sst2_task_loads_partitions_encodes_and_scores_like_the_glue_functions(t
 
 @needs_glue
 def test_build_federation_on_glue_equals_the_pre_task_pipeline(toy_model) -> None:
-    from fedlora.data import label_histogram, load_glue, partition, split_local, tokenize
+    from fedlora.tasks.glue import label_histogram, load_glue, partition, split_local, tokenize
 
     _, tokenizer = toy_model
     config = Cfg(task="rte", data_dir=str(GLUE), clients=3, max_eval_examples=50)

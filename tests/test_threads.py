@@ -1,4 +1,4 @@
-"""``--threads N|auto`` and the OpenMP wait policy (fedlora.threads): what auto picks, when the policy can be set."""
+"""``--threads N|auto`` and the OpenMP wait policy (fedlora.util.threads): what auto picks, when the policy can be set."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from fedlora import threads
-from fedlora.cli import build_parser, main
+from fedlora.util import threads
+from fedlora.cli.commands import build_parser, main
 
 
 @pytest.mark.parametrize("passive", [False, True])
@@ -99,10 +99,10 @@ def test_the_cli_entry_imports_no_torch_so_the_wait_policy_still_counts() -> Non
     # main() is entered with a usage error, so nothing heavy runs: only whether the policy was set before torch
     code = "\n".join([
         "import os, sys",
-        "import fedlora.__main__, fedlora.cli, fedlora.bench.cli",
+        "import fedlora.__main__, fedlora.cli.commands, fedlora.bench.cli",
         "assert 'torch' not in sys.modules, 'torch imported before main() could set OMP_WAIT_POLICY'",
         "try:",
-        "    fedlora.cli.main(['run', '--threads', 'none'])",
+        "    fedlora.cli.commands.main(['run', '--threads', 'none'])",
         "except SystemExit:",
         "    pass",
         "print(os.environ.get('OMP_WAIT_POLICY'))",

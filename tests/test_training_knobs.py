@@ -15,13 +15,13 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora.aggregation import TrainingPolicy  # noqa: E402
-from fedlora.client import round_batches  # noqa: E402
-from fedlora.config import ConfigError, RunConfig  # noqa: E402
-from fedlora.optim import LR_SCHEDULES, LocalOptim, lr_factor  # noqa: E402
-from fedlora.peft_bridge import get_adapter, get_head, lora_layers, set_adapter, set_head  # noqa: E402
-from fedlora.runtime import Runtime  # noqa: E402
+from fedlora.protocol.client import round_batches  # noqa: E402
+from fedlora.config.run import ConfigError, RunConfig  # noqa: E402
+from fedlora.models.optim import LR_SCHEDULES, LocalOptim, lr_factor  # noqa: E402
+from fedlora.models.lora_state import get_adapter, get_head, lora_layers, set_adapter, set_head  # noqa: E402
+from fedlora.models.runtime import Runtime  # noqa: E402
 from fedlora.tasks import get_task  # noqa: E402
-from fedlora.training import train_local  # noqa: E402
+from fedlora.models.training import train_local  # noqa: E402
 
 CPU = Runtime(torch.device("cpu"))
 LR = 5e-3
@@ -156,7 +156,7 @@ def test_clipping_bounds_the_global_gradient_norm(toy, monkeypatch, scaled: bool
 
 
 def test_lora_dropout_is_set_on_every_peft_module_and_saved_in_its_config() -> None:
-    from fedlora.model import build_model
+    from fedlora.tasks.build import build_model
 
     model, _ = build_model(RunConfig(task="toy", lora_dropout=0.25, device="cpu", target_modules=("query", "value")))
     layers = lora_layers(model).values()
@@ -170,8 +170,8 @@ def test_lora_dropout_is_set_on_every_peft_module_and_saved_in_its_config() -> N
 def test_the_engines_and_flower_pass_the_knobs(monkeypatch) -> None:
     """train_planned (the local engine's and the Flower ClientApp's client step) gives train_client the
     config's knobs for the round; Flower's run config carries them under the same dashed names."""
-    from fedlora import rounds
-    from fedlora.flower.config import app_config_table, run_config_from_flower
+    from fedlora.protocol import rounds
+    from fedlora.engines.flower.config import app_config_table, run_config_from_flower
 
     knobs = {"lora-dropout": 0.1, "weight-decay": 0.01, "lr-schedule": "linear", "warmup-steps": 5,
              "max-grad-norm": 1.0}

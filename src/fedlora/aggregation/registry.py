@@ -26,6 +26,14 @@ _REGISTRY: dict[str, "MethodSpec"] = {}
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """One registered aggregation method: its pure function, what clients must do, and its options.
+
+    ``fn`` maps client updates to an :class:`AggregationResult` (the formula and paper in its docstring);
+    ``policy`` tells both engines what clients train, upload and keep private, and what the server
+    downloads (:class:`TrainingPolicy`); the options a user may set are read from ``fn``'s keyword-only
+    parameters and checked before a run starts.
+    """
+
     name: str
     fn: MethodFn
     policy: TrainingPolicy

@@ -4,7 +4,7 @@ A LoRA-adapted weight is ``W = W0 + s · B @ A`` with ``A`` of shape (r, k), ``B
 shape (d, r) and ``s = lora_alpha / r`` (PEFT's convention: ``lora_A.weight`` is (r, k),
 ``lora_B.weight`` is (d, r)). Everything in :mod:`fedlora.aggregation` works in the
 *product space* of ``B @ A``; the scaling ``s`` is applied only when a product-space change
-is merged into a frozen weight (see :func:`fedlora.peft_bridge.merge_base_delta`).
+is merged into a frozen weight (see :func:`fedlora.models.lora_state.merge_base_delta`).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     reuse = finished_runs(args.reuse) if args.reuse else None
     threads = getattr(args, "threads", "auto")
     if not args.report_only and args.workers == 1:
-        from fedlora.threads import apply_threads
+        from fedlora.util.threads import apply_threads
 
         print(apply_threads(threads), flush=True)
     # --workers N: each worker gets --threads N, or with auto the usable CPUs split evenly (the workers are the load)
@@ -137,9 +137,9 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for benchmarks/paper.py (same options as `fedlora bench`)."""
-    from fedlora.cli_parser import Parser  # no prefixes, a did-you-mean: as `fedlora bench`
+    from fedlora.cli.parser import Parser  # no prefixes, a did-you-mean: as `fedlora bench`
 
-    from fedlora.threads import add_threads_option, prefer_passive_wait
+    from fedlora.util.threads import add_threads_option, prefer_passive_wait
 
     prefer_passive_wait()  # benchmarks/paper.py enters here, before torch is imported
     parser = Parser(prog="fedlora bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     add_threads_option(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    from fedlora.cli import quiet_libraries
+    from fedlora.cli.commands import quiet_libraries
 
     quiet_libraries()
     return run_from_args(args, argv)

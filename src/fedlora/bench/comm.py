@@ -83,7 +83,7 @@ def checkpoint_modules(run_dir: Path) -> list[tuple[str, int, int, int]]:
     """(module, r, d, k) of the adapter actually trained, read from the checkpoint's tensor headers."""
     from safetensors import safe_open
 
-    from fedlora.checkpoint import CHECKPOINT_FILE
+    from fedlora.protocol.checkpoint import CHECKPOINT_FILE
 
     modules = []
     with safe_open(str(run_dir / CHECKPOINT_FILE), framework="pt") as f:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedlora.bench.presets import Preset, Variant, estimate_seconds
-from fedlora.checkpoint import CHECKPOINT_FILE
-from fedlora.config import RunConfig
+from fedlora.protocol.checkpoint import CHECKPOINT_FILE
+from fedlora.config.run import RunConfig
 
 IGNORED_IN_MATCH = {"out", "data_dir"}  # moving the results or the data does not change a run
 
@@ -171,8 +171,8 @@ def run_jobs(jobs: list[Job], step_seconds: float, progress: bool = False,
             continue
         todo.append((where, job, state))
 
-    # "run k of n" over the runs this invocation executes, with an overall ETA (fedlora.progress)
-    from fedlora.progress import RunProgress, plan_text
+    # "run k of n" over the runs this invocation executes, with an overall ETA (fedlora.util.progress)
+    from fedlora.cli.progress import RunProgress, plan_text
 
     estimates = [estimate_seconds(job.config, step_seconds) for _, job, _ in todo]
     order = {id(job): k for k, (_, job, _) in enumerate(todo)}
@@ -190,7 +190,7 @@ def run_jobs(jobs: list[Job], step_seconds: float, progress: bool = False,
         _run_parallel(todo, workers, runner, finished, threads)
         return counts
     if runner is None:
-        from fedlora.simulation import run as runner
+        from fedlora.engines.local import run as runner
     for where, job, state in todo:
         tracker.start(order[id(job)], f"{where} ({state})")
         start = time.perf_counter()
@@ -212,7 +212,7 @@ def threads_per_worker(workers: int) -> int:
 def _start_worker(threads: int) -> None:
     import torch
 
-    from fedlora.cli import quiet_libraries  # a spawned process starts with the libraries' defaults
+    from fedlora.cli.commands import quiet_libraries  # a spawned process starts with the libraries' defaults
 
     torch.set_num_threads(threads)
     quiet_libraries()
@@ -220,7 +220,7 @@ def _start_worker(threads: int) -> None:
 
 def _timed_run(runner: Callable[..., Any] | None, config: RunConfig, resume: bool) -> float:
     if runner is None:
-        from fedlora.simulation import run as runner
+        from fedlora.engines.local import run as runner
     start = time.perf_counter()
     runner(config, resume=resume, progress=False)
     return time.perf_counter() - start

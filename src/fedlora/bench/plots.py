@@ -21,8 +21,10 @@ matplotlib.use("Agg")  # files only: servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedlora.plot_style import integer_rounds, linear_axis, setting_title  # noqa: E402
-from fedlora.plot_style import value_axis  # noqa: E402
+from fedlora.reporting.labels import known_labels as _known_labels  # noqa: E402,F401
+from fedlora.reporting.labels import method_style  # noqa: E402
+from fedlora.reporting.style import integer_rounds, linear_axis, setting_title  # noqa: E402
+from fedlora.reporting.style import value_axis  # noqa: E402
 
 
 def _by_task_label(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[list[dict[str, Any]]]]]:
@@ -122,34 +124,6 @@ def plot_all(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str]
     written.append(_save(fig, out / "local_vs_global.png"))
     written.append(plot_frontier(runs, out, metric_names))
     return written
-
-
-# A fixed style per method, so a method keeps its colour and marker in every plot.
-# tab10 plus four dark extras: no pale shades (tab20's light halves were unreadable as thin lines).
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#8f8f00",
-            "#17becf", "#000000", "#b8860b", "#006400", "#4b0082")
-_MARKERS = "osD^v<>pXh*P8d"
-
-
-def _known_labels() -> list[str]:
-    """Every method, then every other preset label: a fixed index per label, whatever the plot holds."""
-    from fedlora.aggregation import available_methods
-    from fedlora.bench.presets import PRESETS
-
-    known = list(available_methods())
-    for preset in PRESETS.values():
-        known += [v.label for v in preset.methods if v.label not in known]
-    return known
-
-
-def method_style(label: str) -> dict[str, Any]:
-    """Colour and marker of a method label ("flora-na", "flora-na [alpha=0.1]" share them; a variant
-    such as "flora-na (adamw)" has its own). No two labels of the presets share both."""
-    name = label.partition(" [")[0]
-    known = _known_labels()
-    index = known.index(name) if name in known else sum(map(ord, name))
-    return {"color": _COLOURS[index % len(_COLOURS)],
-            "marker": _MARKERS[(index + index // len(_COLOURS)) % len(_MARKERS)]}
 
 
 def plot_frontier(runs: list[dict[str, Any]], out: Path, metric_names: dict[str, str], title: str = "") -> Path:

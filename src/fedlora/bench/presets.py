@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlora.config import RunConfig
+from fedlora.config.run import RunConfig
+from fedlora.reporting.labels import register_labels
 
 # Measured on an idle 2-core CPU with the bundled MiniLM: one AdamW step at batch 32 × 64 tokens.
 STEP_SECONDS = 0.35
@@ -149,6 +150,8 @@ PRESETS: dict[str, Preset] = {
                     eval_local_every=0, max_eval_examples=8, max_local_eval_examples=8)),
     )
 }
+# Each variant label keeps one colour and marker in every plot (fedlora.reporting.style.method_style).
+register_labels(v.label for preset in PRESETS.values() for v in preset.methods)
 
 
 def get_preset(name: str) -> Preset:
@@ -214,7 +217,7 @@ def measure_step_seconds(steps: int = 3) -> float:
 
     import torch
 
-    from fedlora.model import default_model_path, load_model
+    from fedlora.models.classifier import default_model_path, load_model
 
     model, _ = load_model(default_model_path(), 2, 8, 16.0, ["query", "value"], seed=0)
     model.train()

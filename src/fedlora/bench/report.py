@@ -9,7 +9,7 @@ from typing import Any
 from fedlora.bench import comm, plots, stats
 from fedlora.bench.grid import Job, completed_rounds, threads_per_worker
 from fedlora.bench.presets import Preset, STEP_SECONDS
-from fedlora.jsonsafe import read_metrics
+from fedlora.util.jsonsafe import read_metrics
 
 
 def commit() -> str:
@@ -22,7 +22,7 @@ def commit() -> str:
 
 
 def metric_names(tasks: list[str]) -> dict[str, str]:
-    from fedlora.data import get_task
+    from fedlora.tasks.glue import get_task
 
     return {t: get_task(t).metric for t in tasks}
 

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from fedlora.jsonsafe import measured_mean
+from fedlora.util.jsonsafe import measured_mean
 
 # (key, column header, format) of the seed-aggregated columns, in table order.
 COLUMNS: tuple[tuple[str, str, str], ...] = (

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
     from transformers import PreTrainedTokenizerBase
 
-    from fedlora.config import RunConfig
-    from fedlora.runtime import Runtime
+    from fedlora.config.run import RunConfig
+    from fedlora.models.runtime import Runtime
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, "Tensor"]]
 TaskT = TypeVar("TaskT", bound="type[Task]")
@@ -57,9 +57,12 @@ class Task(ABC):
     name: str = ""
     metric: str = ""
     default_max_length: int = 64  # tokens per example when the run says --max-length auto
-    # What `fedlora tasks` and docs/tasks.md say about the task (fedlora.catalog): one line each.
+    # What `fedlora tasks` and docs/tasks.md say about the task (fedlora.cli.catalog): one line each.
     summary: str = ""  # what is learned; "" shows the class docstring's first line
     data: str = ""  # where the data comes from (hub id, files under --data-dir) and its train/test splits
+    # Model-loading options of RunConfig that only some task families implement (the config refuses
+    # them for the others by asking the task, not by testing its class).
+    model_options: frozenset[str] = frozenset()
 
     @property
     def family(self) -> str:
@@ -107,7 +110,7 @@ class Task(ABC):
         folder (``data_dir``, else ``$FEDLORA_DATA_DIR``), sorted, less hidden ones (``.git``, ``.cache``:
         not data, and they change); override it to name only the files read.
         """
-        from fedlora.data.loading import resolve_data_dir
+        from fedlora.tasks.glue.loading import resolve_data_dir
 
         root = resolve_data_dir(data_dir)
         if root is None or not root.exists():
@@ -237,7 +240,7 @@ def task_for(config: RunConfig) -> Task:
 
 def _load_builtin_tasks() -> None:
     # Importing the modules registers the built-in tasks (each decorator runs once).
-    import fedlora.tasks.glue  # noqa: F401
+    import fedlora.tasks.glue.task  # noqa: F401
     import fedlora.tasks.instruct  # noqa: F401
     import fedlora.tasks.llm  # noqa: F401
     import fedlora.tasks.toy  # noqa: F401

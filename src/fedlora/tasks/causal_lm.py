@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlora.progress import duration, phase, update_phase
+from fedlora.util.progress import duration, phase, update_phase
 from fedlora.tasks.base import Collate, Task
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
     from transformers import PreTrainedTokenizerBase
 
-    from fedlora.config import RunConfig
-    from fedlora.runtime import Runtime
+    from fedlora.config.run import RunConfig
+    from fedlora.models.runtime import Runtime
 
 log = logging.getLogger(__name__)
 COLUMNS = ("prompt", "response", "reference", "domain")
@@ -69,6 +69,7 @@ class CausalLMTask(Task):
     generates = True
     load_in_4bit = False
     gradient_checkpointing = False
+    model_options = frozenset({"load_in_4bit", "gradient_checkpointing"})
     eval_batch_size = 8
     system_prompt: str | None = None
 
@@ -93,7 +94,7 @@ class CausalLMTask(Task):
     # -- data -------------------------------------------------------------------------------------
     def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
         """Adds ``input_ids``, ``attention_mask``, ``labels`` (prompt masked) and ``prompt_ids``; keeps the text."""
-        from fedlora.causal_lm import format_prompt, format_response
+        from fedlora.models.decoder import format_prompt, format_response
 
         missing = [c for c in COLUMNS if c not in ds.column_names]
         if missing:
@@ -130,7 +131,7 @@ class CausalLMTask(Task):
         self, model: str | None, rank: int, lora_alpha: float, target_modules: Sequence[str], seed: int
     ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
         """``model`` (default: SmolLM2-135M-Instruct, converted once from the bundled GGUF) + LoRA."""
-        from fedlora.causal_lm import default_causal_lm_path, load_causal_lm
+        from fedlora.models.decoder import default_causal_lm_path, load_causal_lm
 
         return load_causal_lm(model or default_causal_lm_path(), rank, lora_alpha, list(target_modules) or None, seed,
                               load_in_4bit=self.load_in_4bit, gradient_checkpointing=self.gradient_checkpointing)
@@ -252,7 +253,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
 
 def prompt_room(model: nn.Module, max_new_tokens: int) -> int | None:
     """The longest prompt ``model`` can continue by ``max_new_tokens`` tokens (None: its positions are not limited)."""
-    from fedlora.model_checks import max_positions
+    from fedlora.models.checks import max_positions
 
     limit = max_positions(model)
     if limit is None:
@@ -282,7 +283,7 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The id of what closes an assistant turn in the chat template (``<|im_end|>``, ``<|eot_id|>``...), when it
     is one token; generation stops there as well as at eos."""
-    from fedlora.causal_lm import end_of_turn
+    from fedlora.models.decoder import end_of_turn
 
     ids = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
     return int(ids[0]) if len(ids) == 1 else None

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the heavy libraries load when a task is used, not when its 
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from fedlora.runtime import Runtime
+    from fedlora.models.runtime import Runtime
 
 
 class SequenceClassificationTask(Task):
@@ -53,14 +53,14 @@ class SequenceClassificationTask(Task):
         including ``"main"`` (the value of ``self.metric``)."""
 
     def partition_key(self, train: datasets.Dataset) -> np.ndarray:
-        """Class ids, or regression scores binned to integers (:func:`fedlora.data.partitioning.partition_labels`)."""
-        from fedlora.data.partitioning import partition_labels
+        """Class ids, or regression scores binned to integers (:func:`fedlora.tasks.partitioning.partition_labels`)."""
+        from fedlora.tasks.partitioning import partition_labels
 
         return partition_labels(train)
 
     def encode(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
         """``input_ids``, ``attention_mask`` (, ``token_type_ids``) and ``labels``; truncated, not padded."""
-        from fedlora.data.tokenization import encode_text
+        from fedlora.tasks.glue.tokenization import encode_text
 
         return encode_text(ds, tokenizer, self.text_fields, max_length, name=self.name, regression=self.is_regression)
 
@@ -73,7 +73,7 @@ class SequenceClassificationTask(Task):
         self, model: str | None, rank: int, lora_alpha: float, target_modules: Sequence[str], seed: int
     ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
         """``model`` (default: the bundled all-MiniLM-L6-v2) + LoRA + a ``num_labels`` head, seeded."""
-        from fedlora.model import default_model_path, load_model
+        from fedlora.models.classifier import default_model_path, load_model
 
         return load_model(model or default_model_path(), self.num_labels, rank, lora_alpha, list(target_modules) or None,
                           seed=seed)
@@ -85,7 +85,7 @@ class SequenceClassificationTask(Task):
         """Logits over ``data`` in order (no shuffling), then :meth:`score` (``samples``: not used)."""
         from torch.utils.data import DataLoader
 
-        from fedlora.training import evaluate as predict
+        from fedlora.models.training import evaluate as predict
 
         loader = DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate(tokenizer))
         predictions, labels = predict(model, loader, self.num_labels, runtime)

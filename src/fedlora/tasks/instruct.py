@@ -25,7 +25,7 @@ from fedlora.tasks.llm import read_jsonl, split
 if TYPE_CHECKING:
     import datasets
 
-    from fedlora.config import RunConfig
+    from fedlora.config.run import RunConfig
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "input", "query")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion", "target")

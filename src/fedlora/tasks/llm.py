@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlora.progress import phase
+from fedlora.util.progress import phase
 from fedlora.tasks.base import register_task
 from fedlora.tasks.causal_lm import COLUMNS, CausalLMTask
 
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from fedlora.config import RunConfig
-    from fedlora.runtime import Runtime
+    from fedlora.config.run import RunConfig
+    from fedlora.models.runtime import Runtime
 
 MBPP_TRAIN_IDS, MBPP_TEST_IDS = range(601, 975), range(11, 511)
 CODE_TIMEOUT_S = 20.0  # per generated program: MBPP's slowest reference (task 123) takes ~9 s on a busy 2-core CPU
@@ -79,7 +79,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def local_dir(data_dir: str | Path | None) -> Path | None:
-    from fedlora.data.loading import resolve_data_dir
+    from fedlora.tasks.glue.loading import resolve_data_dir
 
     return resolve_data_dir(data_dir)
 
@@ -90,7 +90,7 @@ def from_hub(*args: Any, **kwargs: Any) -> Any:
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # offline users get one line and a pointer to the local alternative
-        from fedlora.data.loading import hub_unavailable
+        from fedlora.tasks.glue.loading import hub_unavailable
 
         raise hub_unavailable(str(args[0]), exc, "a data folder such as ../shared/data") from None
 

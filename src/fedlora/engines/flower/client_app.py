@@ -1,0 +1,193 @@
+"""The ClientApp: one federated client per SuperNode, training with :func:`fedlora.protocol.client.train_client`.
+
+The SuperNode's ``node_config`` says which client it is (``partition-id``, ``num-partitions``);
+the client builds the same federation as the local engine and takes its own ClientData. The
+model and tokenizer are cached per process and the tokenised client data on disk
+(:mod:`fedlora.engines.flower.data_cache`: a SuperNode starts a new ClientApp process per round, and
+building the federation tokenises the whole task); everything that belongs to one client lives in ``context.state``, because in
+simulation several virtual SuperNodes share one process (and so the cached model):
+
+* ``"base"``: the frozen weights this client has merged ``base_delta`` into, and how many
+  rounds of deltas that includes (FedEx-LoRA, FLoRA); restored before each round.
+* ``"local-B"``: FedSA-LoRA's private B factors, kept across rounds.
+
+Only the LoRA factors the method shares travel (:mod:`fedlora.engines.flower.wire`); the others come
+from the client itself: FFA-LoRA's frozen A is the seed-determined init, FLoRA's re-initialised
+global adapter is drawn from the ``init-seed`` the server names, FedSA-LoRA's B is ``"local-B"``
+(the init before the client's first round).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import Tensor
+
+from fedlora.aggregation import Adapter, LoraPair, get_method
+from fedlora.aggregation.api import SERVER_DTYPE
+from fedlora.aggregation.ranks import pad, truncate
+from fedlora.aggregation.methods.flora import reinitialised
+from fedlora.config.run import ConfigError, RunConfig
+from fedlora.protocol.federation import ClientData
+from fedlora.engines.flower.data_cache import client_data
+from fedlora.engines.flower.config import run_config_from_flower
+from fedlora.engines.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
+                                 tensors_record)
+from fedlora.tasks.build import build_model
+from fedlora.protocol.rounds import RoundPlan, train_planned
+from fedlora.models.lora_state import get_adapter, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+@dataclass
+class _Process:
+    model: torch.nn.Module
+    tokenizer: object
+    clients: dict[int, tuple[Any, ClientData]]  # partition -> its data (several in simulation)
+    pristine: dict[str, Tensor]  # untouched frozen weights of every LoRA module
+    initial: Adapter  # the seed-determined LoRA init, identical on every node and the server
+    touched: bool = False  # some client in this process changed the frozen weights
+
+
+_CACHE: dict[str, _Process] = {}
+
+
+def _process(config: RunConfig) -> _Process:
+    """The process-wide model and tokenizer for ``config`` (keyed by its JSON: RunConfig holds a dict)."""
+    key = config.to_json()
+    if key not in _CACHE:
+        _CACHE.clear()  # a new run in a long-lived process: drop the previous run's model
+        _CACHE[key] = _load(config)
+    return _CACHE[key]
+
+
+def _load(config: RunConfig) -> _Process:
+    model, tokenizer = build_model(config)
+    pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in lora_layers(model).items()}
+    return _Process(model, tokenizer, {}, pristine, initial=get_adapter(model))
+
+
+def _partition(context: Context, config: RunConfig) -> int:
+    try:
+        partition, total = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise ConfigError(f"SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>' (missing {exc})") from exc
+    if total != config.clients or not 0 <= partition < total:
+        raise ConfigError(f"node-config partition-id={partition} num-partitions={total} does not fit clients={config.clients}")
+    return partition
+
+
+def _sync_base(proc: _Process, state: RecordDict, deltas: dict[int, dict[str, Tensor]] | None,
+               reset: bool = False) -> int:
+    """Put this client's frozen weights into the shared model, merge new deltas; return its version.
+
+    ``reset``: the server sends the sum of every merge (this node is new or too far behind for
+    the merges it kept one by one, :mod:`fedlora.engines.flower.merges`): start again from the pristine weights.
+    """
+    if reset:
+        for key in ("base", "base-weights"):
+            if key in state:
+                del state[key]
+    if deltas is None and "base" not in state and not proc.touched:
+        return 0  # nobody has changed frozen weights (FedIT, FLoRA-NA, ...): nothing to restore
+    proc.touched = True
+    version = int(state["base"]["version"]) if "base" in state else 0
+    weights = record_tensors(state["base-weights"]) if "base-weights" in state else {}
+    restore_base_weights(proc.model, {**proc.pristine, **weights})  # pristine where this client merged nothing
+    if deltas is None:
+        return version
+    for round_, delta in deltas.items():
+        if round_ > version:  # replay in round order: the same additions the local engine made
+            merge_base_delta(proc.model, delta)
+            version = round_
+    state["base"] = ConfigRecord({"version": version})
+    state["base-weights"] = tensors_record(merged_base_weights(proc.model))
+    return version
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the ServerApp which client (partition) this SuperNode is: its node config, as given.
+
+    The server checks the claim (:mod:`fedlora.engines.flower.nodes`): a node config that does not fit the
+    run is refused there, with the reason in the ServerApp's log, rather than failing here.
+    """
+    try:
+        claim = {key: int(context.node_config[key]) for key in ("partition-id", "num-partitions")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>' ({exc!r})") from exc
+    record = MetricRecord(claim)
+    return Message(RecordDict({"partition": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, _ = run_config_from_flower(context.run_config)
+    partition = _partition(context, config)
+    proc = _process(config)
+    settings = msg.content["config"]
+    policy = get_method(config.method).policy.for_round(int(settings["server-round"]))
+    plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options={})
+    version = _sync_base(proc, context.state, _deltas(msg.content), reset=bool(settings.get("base-reset", False)))
+    rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
+
+    local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
+    own = truncate(_own_factors(_global_init(proc.initial, int(settings["init-seed"])), local_B), rank)
+    received, global_head = record_to_model(msg.content["arrays"], missing_from=own)
+    start = pad(_own_factors(received, truncate_B(local_B, rank)), config.rank)  # a private factor held here wins
+    if partition not in proc.clients:
+        proc.clients[partition] = client_data(config, proc.tokenizer, partition)
+    task, client = proc.clients[partition]
+    result = train_planned(proc.model, client, partition, task, proc.tokenizer, config, plan, (start, global_head))
+    if policy.private_factors:  # FedSA-LoRA: B never leaves the client between rounds
+        context.state["local-B"] = tensors_record({m: p.B for m, p in result.update.adapter.items()})
+    metrics = {"num-examples": result.update.num_examples, "partition-id": partition,
+               "train-loss": result.loss, "base-version": version}
+    metrics.update({f"local.{k}": float(v) for k, v in (result.local_metrics or {}).items()})
+    adapter = result.update.adapter
+    sent = truncate(adapter, rank)
+    content = RecordDict({"arrays": model_record(sent, result.head, A=policy.upload_A, B=policy.upload_B),
+                          "metrics": MetricRecord(metrics)})
+    if policy.private_factors:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
+        content["eval-B"] = model_record(sent, {}, A=False)
+    return Message(content, reply_to=msg)
+
+
+def _deltas(content: RecordDict) -> dict[int, dict[str, Tensor]] | None:
+    """The frozen-weight merges this client has not made, in round order: dense deltas and stacked factors."""
+    deltas: dict[int, dict[str, Tensor]] = {}
+    if "base-factors" in content:
+        deltas |= record_to_stacked_deltas(content["base-factors"])
+    if "base-delta" in content:
+        deltas |= record_to_deltas(content["base-delta"])
+    return dict(sorted(deltas.items())) or None
+
+
+def _global_init(initial: Adapter, seed: int) -> Adapter:
+    """The global adapter as far as the seed fixes it: the initial one, or FLoRA's re-init with ``seed``.
+
+    Drawn in float64 and cast, as the server draws it (in SERVER_DTYPE) before sending float32.
+    """
+    if seed < 0:
+        return initial
+    like = {m: LoraPair(A=p.A.to(SERVER_DTYPE), B=p.B.to(SERVER_DTYPE)) for m, p in initial.items()}
+    return {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in reinitialised(like, seed).items()}
+
+
+def truncate_B(local_B: dict[str, Tensor] | None, rank: int) -> dict[str, Tensor] | None:
+    """The client's private B (stored at the server's rank) cut to its own ``rank`` columns."""
+    return None if local_B is None else {m: B[:, :rank] for m, B in local_B.items()}
+
+
+def _own_factors(adapter: Adapter, local_B: dict[str, Tensor] | None) -> Adapter:
+    """``adapter`` with the client's own private B where it keeps one."""
+    if local_B is None:
+        return adapter
+    return {m: LoraPair(A=p.A, B=local_B[m]) for m, p in adapter.items()}

@@ -1,0 +1,92 @@
+"""The local engine: U simulated clients around one frozen base model in one process.
+
+Clients are adapter states swapped in and out of a single PEFT model, so memory does not grow
+with U beyond the adapters. The round itself (sampling, private factors, aggregation, merges,
+evaluation, checkpoints) is :class:`fedlora.protocol.rounds.Server`'s; this module is only the loop that
+trains the planned clients in-process. Deterministic given ``config.seed``; ``resume=True``
+continues from the last checkpoint and ends with exactly the metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fedlora.protocol.checkpoint import load_state
+from fedlora.protocol.client import evaluate_on  # noqa: F401  (re-exported: tests patch it to simulate crashes)
+from fedlora.config.run import RunConfig
+from fedlora.testing.failpoints import failpoint
+from fedlora.protocol.federation import build_federation, load_data
+from fedlora.tasks.build import build_model
+from fedlora.util.progress import current_phase, on_phase
+from fedlora.runs.run_dir import check_resume, check_start
+from fedlora.runs.lock import locked
+from fedlora.tasks import task_for
+from fedlora.runs.outputs import RunFolder
+from fedlora.protocol.rounds import Server, sample_clients, train_planned  # noqa: F401  (sample_clients: public API)
+
+log = logging.getLogger(__name__)
+
+
+def run(config: RunConfig, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) a federated job; returns the per-round metrics records.
+
+    The run directory is locked for the whole run (:mod:`fedlora.runs.lock`): a second run on the
+    same ``config.out`` fails at once instead of interleaving its files with this one's.
+    """
+    with locked(config.out):
+        return _run(config, resume, progress)
+
+
+def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]]:
+    task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
+    if resume:  # first: a bad checkpoint or another experiment's fails before minutes of loading
+        check_resume(load_state(Path(config.out)), config)
+    check_start(config, resume)
+    raw = load_data(config)  # before the model: a bad data file is one line in seconds
+    torch.manual_seed(config.seed)
+    model, tokenizer = build_model(config)
+    federation = build_federation(config, tokenizer, raw)
+    if progress:  # the partition is part of the experiment: show it
+        print(f"{config.clients} clients, alpha={config.alpha if config.alpha is not None else 'iid'}, "
+              f"partition:\n{federation.histogram}")
+    log.info("clients' partition histogram:\n%s", federation.histogram)
+    server = Server.open(config, model, tokenizer, federation, RunFolder(config), resume=resume)
+
+    bar = tqdm(server.remaining_rounds(), desc=config.method, disable=not progress, unit="round")
+    where = ""  # "round 2 client-1"; the running phase is appended ("round 2 client-1: local evaluation")
+
+    def show(running: str) -> None:
+        bar.set_postfix_str(f"{where}: {running}" if running else where)
+
+    with on_phase(show):
+        for round_ in bar:
+            started = time.perf_counter()
+            plan = server.plan(round_)
+            results = []
+            for index in plan.clients:
+                client = federation.clients[index]
+                where = f"round {round_} {client.client_id}"
+                show(current_phase())
+                results.append(train_planned(model, client, index, federation.task, tokenizer, config, plan,
+                                             server.client_start(client.client_id)))
+                failpoint("train", round_)
+            where = f"round {round_} server"
+            record = server.finish(plan, results, started)
+            bar.set_postfix(loss=_show(record.get("train_loss"), ".3f"),
+                            main=_show(record.get("global_metric"), ".4f"))
+            log.info("round %d: main metric %s, divergence %s", round_, _show(record.get("global_metric"), ".4f"),
+                     _show(record.get("divergence"), ".4g"))
+
+    server.save_final()
+    return server.state.history
+
+
+def _show(value: Any, spec: str) -> str:
+    """A record's number for the progress bar; None (not measured, or not finite in strict JSON) as '-'."""
+    return "-" if value is None else format(value, spec)

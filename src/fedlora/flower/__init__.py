@@ -1,5 +1,0 @@
-"""Flower integration: ``fedlora.flower.server_app:app`` and ``fedlora.flower.client_app:app``.
-
-Configured by ``[tool.flwr.app.config]`` in ``pyproject.toml`` (the ``fedlora run`` option
-names); see ``docs/flower.md`` for simulation and deployment (with TLS) commands.
-"""

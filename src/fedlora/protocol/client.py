@@ -1,0 +1,131 @@
+"""One client's round: start from the global adapter, train locally, upload.
+
+Shared by the local simulation engine and the Flower ClientApp, so both train identically.
+Batches for (round, client) are drawn from a generator seeded by (seed, round, client): a
+resumed run, or a client on another machine, sees exactly the same examples in the same order.
+What a batch holds and how the model is scored is the task's business (:mod:`fedlora.tasks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.aggregation import Adapter, ClientUpdate, TrainingPolicy
+from fedlora.models.optim import LocalOptim
+from fedlora.util.progress import phase
+from fedlora.models.lora_state import get_adapter, get_head, set_adapter, set_head
+from fedlora.models.runtime import Runtime, runtime_of
+from fedlora.tasks import Collate, Task
+from fedlora.models.training import train_local
+
+
+def derived_seed(seed: int, round_: int, client: int) -> int:
+    """A distinct, reproducible seed per (run seed, round, client)."""
+    return int(np.random.SeedSequence([seed, round_, client]).generate_state(1)[0])
+
+
+def round_batches(
+    data: datasets.Dataset, steps: int, batch_size: int, seed: int, collate: Collate
+) -> Iterator[dict[str, Tensor]]:
+    """``steps`` batches of ``batch_size`` rows sampled without replacement (cycling if the client is
+    small), each made by the task's ``collate``."""
+    generator = torch.Generator().manual_seed(seed)
+    needed = steps * batch_size
+    order = torch.cat([torch.randperm(len(data), generator=generator) for _ in range(-(-needed // len(data)))])
+    for step in range(steps):
+        index = order[step * batch_size : (step + 1) * batch_size].tolist()
+        rows = data[index]  # {column: values of the selected rows}
+        yield collate([{k: rows[k][i] for k in rows} for i in range(len(index))])
+
+
+def evaluate_on(
+    model: nn.Module, data: datasets.Dataset, task: Task, tokenizer: PreTrainedTokenizerBase,
+    runtime: Runtime | None = None, samples: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """The task's metrics on encoded ``data`` (``"main"`` included); ``runtime`` defaults to the model's.
+    A generative task appends what it generated to ``samples`` when given a list."""
+    return task.evaluate(model, data, tokenizer, runtime or runtime_of(model), samples)
+
+
+@dataclass
+class ClientResult:
+    """What one client's round produced, as the server consumes it (both engines build this).
+
+    ``update`` carries the client id, its adapter after training (CPU float32, at the server's rank) and
+    the example count it claims (the server replaces that with its own partition table's count);
+    ``head`` is the classifier head after training ({} for a causal LM); ``loss`` the mean training loss.
+    """
+
+    update: ClientUpdate
+    head: dict[str, Tensor]
+    loss: float
+    local_metrics: dict[str, float] | None  # personalised metrics on the client's local test split
+
+
+def train_client(
+    model: nn.Module,
+    *,
+    client_id: str,
+    train: datasets.Dataset,
+    local_test: datasets.Dataset | None,
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    global_adapter: Adapter,
+    global_head: dict[str, Tensor],
+    policy: TrainingPolicy,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    runtime: Runtime | None = None,
+    grad_accum: int = 1,
+    optim: LocalOptim | None = None,
+) -> ClientResult:
+    """Start from ``global_adapter`` and ``global_head``, train, and report.
+
+    ``global_adapter`` is the start the server planned for this client (:meth:`fedlora.protocol.rounds.Server.client_start`):
+    it already holds the client's own private factors (FedSA-LoRA's B).
+
+    ``runtime`` (device, precision) defaults to the one :func:`fedlora.tasks.build.build_model` attached
+    to the model. ``grad_accum``: micro-batches per step, ``optim``: weight decay, clipping and the lr
+    schedule (:func:`fedlora.models.training.train_local`; both engines pass :meth:`LocalOptim.for_round`). The
+    update and head come back as CPU float32 tensors.
+    """
+    runtime = runtime or runtime_of(model)
+    set_adapter(model, global_adapter)
+    set_head(model, global_head)
+    batches = round_batches(train, steps, batch_size, seed, task.collate(tokenizer))
+    with phase("training"):
+        stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime, micro_batches=grad_accum,
+                            loss_weight=task.loss_weight, optim=optim)
+    local_metrics = None
+    if local_test is not None and len(local_test):
+        with phase("local evaluation"):
+            local_metrics = evaluate_on(model, local_test, task, tokenizer, runtime)
+    update = ClientUpdate(adapter=get_adapter(model), num_examples=len(train), client_id=client_id)
+    return ClientResult(update=update, head=get_head(model), loss=float(stats["loss"]), local_metrics=local_metrics)
+
+
+def average_heads(
+    heads: list[dict[str, Tensor]], weights: Tensor, like: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """FedAvg of the classifier heads, Σ_u w_u head_u, summed in float64.
+
+    ``like``: the global head, whose dtype and device the result takes (a float64 head of 1e300
+    then shows up as Inf for the caller to refuse, rather than hiding in a float64 average); by
+    default the first head's. Heads must have been validated (same keys and shapes).
+    """
+    reference = like if like is not None else heads[0]
+    out: dict[str, Tensor] = {}
+    for k, ref in reference.items():
+        total = sum(float(w) * h[k].double() for w, h in zip(weights, heads))  # (same shape as ref)
+        out[k] = torch.as_tensor(total).to(dtype=ref.dtype, device=ref.device)
+    return out

@@ -1,0 +1,1 @@
+"""Plots and tables from runs' ``metrics.jsonl``, and the shared plot style."""

@@ -1,0 +1,1 @@
+"""What tests and benchmarks use to hurt the system on purpose: failpoints and synthetic clients."""

@@ -1,0 +1,1 @@
+"""Small helpers with no fedlora dependencies: JSON safety, thread settings, progress phases."""
