@@ -12,7 +12,7 @@ Each group of same-shape modules is measured in the cheapest exact space, chosen
   "dense": T itself, accumulated client block by client block (T += F_b E_b, memory one (d, k)
            per module plus one block): ~n·d·k, then its singular values from the smaller of the
            d×d / k×k Grams T Tᵀ, TᵀT (an eigh of min(d, k)²): linear in U.
-Both give the same numbers to float64 round-off (tests/test_aggregation_divergence_routes.py).
+Both give the same numbers to float64 round-off (tests/unit/aggregation/test_aggregation_divergence_routes.py).
 
 Everything is computed on the adapter's device; only the scalars come back to the host. On the
 ``meta`` device (no values) every number of the report is NaN.

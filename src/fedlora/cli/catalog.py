@@ -164,6 +164,6 @@ def render(what: str, fmt: str = "text", builtin_only: bool = False) -> str:
     title, intro = HEADERS[what]
     command = DOCS[f"docs/{what}.md"]
     return "\n\n".join([title, f"<!-- Generated from the registries by `{command}`; do not edit by hand "
-                        "(tests/test_catalog.py fails when this file and the registries differ). -->",
+                        "(tests/unit/cli/test_catalog.py fails when this file and the registries differ). -->",
                         intro, markdown_table(columns, rows, code=columns[0])]) + "\n"
 

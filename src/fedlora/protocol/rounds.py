@@ -211,20 +211,22 @@ class Server:
         results = self.bounded(results)
         ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
         with phase("aggregation"):
-            agg, head = server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
-                                    min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
-                                    measure_divergence=divergence_due(self.config.divergence, plan.round,
-                                                                      self.config.rounds),
-                                    weight_cap=None,  # counts are the partition table's (bounded), not claims
-                                    round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
-                                    rank_map=self.config.rank_map,  # each update is measured from what client_start sent
-                                    **plan.options)
+            step = server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
+                               min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
+                               measure_divergence=divergence_due(self.config.divergence, plan.round,
+                                                                 self.config.rounds),
+                               weight_cap=None,  # counts are the partition table's (bounded), not claims
+                               round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
+                               rank_map=self.config.rank_map,  # each update is measured from what client_start sent
+                               **plan.options)
         failpoint("aggregate", plan.round)
         if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
             for r in results:
                 self.state.local_B[r.update.client_id] = {m: p.B for m, p in r.update.adapter.items()}
-        if head is not None:  # None: too few valid updates, the round is skipped and nothing changes
-            self._apply(plan, agg, head)
+        agg = step.result
+        if not step.skipped:  # skipped: too few valid updates, nothing changes
+            assert step.head is not None
+            self._apply(plan, agg, step.head)
         server_seconds = time.perf_counter() - server_start
 
         set_adapter(self.model, self.state.adapter)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,20 +28,35 @@ from fedlora.protocol.client import ClientResult, average_heads
 log = logging.getLogger(__name__)
 
 
+class ServerStep(NamedTuple):
+    """One round's server outcome: the aggregation (with its metrics) and the new global head.
+
+    ``head`` is None exactly when the round was skipped (``result.metrics["skipped"]``, with its
+    ``reason``): the global adapter and head stay as they were. One signal, checked in one place.
+    """
+
+    result: AggregationResult
+    head: dict[str, Tensor] | None
+
+    @property
+    def skipped(self) -> bool:
+        return self.head is None
+
+
 def server_step(
     method: str, global_adapter: Adapter, results: Iterable[ClientResult], *, global_head: dict[str, Tensor],
     min_clients: int = 1, norm_bound: float | None = DEFAULT_NORM_BOUND, clip: float | None = DEFAULT_CLIP,
     **options: Any,
-) -> tuple[AggregationResult, dict[str, Tensor] | None]:
-    """(aggregation result, new global head); the head is None when the round was skipped.
+) -> ServerStep:
+    """The round's :class:`ServerStep`: the aggregation and the new global head (None: skipped).
 
     ``global_head``: the head the clients started from, the reference every client head must match.
     ``norm_bound`` and ``clip`` apply to heads and factors alike; other options go to :func:`aggregate`.
     """
     results = materialise(results)
     if not results:  # no client reported (Flower: every node failed): a skipped round, nothing changes
-        return skipped_result(method, global_adapter, options.get("state"), "no client reported this round",
-                              num_clients=0, rejected=[]), None
+        return ServerStep(skipped_result(method, global_adapter, options.get("state"), "no client reported this round",
+                                         num_clients=0, rejected=[]), None)
     names = [client_key(getattr(r, "update", None), i) for i, r in enumerate(results)]
     bad_heads = [{"client": n, "reason": p} for n, r in zip(names, results)
                  if (p := "a client result must be a ClientResult" if not isinstance(r, ClientResult)
@@ -55,17 +70,17 @@ def server_step(
         log.warning("round update from client %s rejected: %s", entry["client"], entry["reason"])
     blamed = {e["client"] for e in bad_heads}
     kept = [(n, r, norm) for (n, r), norm in zip(well_formed, norms or [0.0] * len(well_formed)) if n not in blamed]
-    updates = [r.update for _, r, _ in kept] or [r.update for r in results if isinstance(r, ClientResult)]
-    if not updates:  # nothing to hand to aggregate: a skipped round
-        return skipped_result(method, global_adapter, options.get("state"), "no valid client result",
-                              num_clients=0, rejected=bad_heads), None
-    floor = len(updates) + 1 if not kept else min_clients  # every head rejected: report the factors, skip
-    result = aggregate(method, global_adapter, updates, min_clients=floor, norm_bound=norm_bound, clip=clip, **options)
-    result.metrics["rejected"] = bad_heads + [e for e in result.metrics["rejected"] if e["client"] not in blamed]
+    if not kept:  # nothing to hand to aggregate: a skipped round
+        reason = ("every client's classifier head was rejected" if any(isinstance(r, ClientResult) for r in results)
+                  else "no valid client result")
+        return ServerStep(skipped_result(method, global_adapter, options.get("state"), reason,
+                                         num_clients=0, rejected=bad_heads), None)
+    updates = [r.update for _, r, _ in kept]
+    result = aggregate(method, global_adapter, updates, min_clients=min_clients, norm_bound=norm_bound, clip=clip,
+                       **options)
+    result.metrics["rejected"] = bad_heads + result.metrics["rejected"]
     if result.metrics["skipped"]:
-        if not kept:
-            result.metrics["reason"] = "every client's classifier head was rejected"
-        return result, None
+        return ServerStep(result, None)
     weights = result.metrics["weights"]  # the (capped) example weights aggregate used, by client
     accepted = [(n, r, norm) for n, r, norm in kept if n in weights]
     heads = [r.head if clip is None or not from_round else clip_head(r.head, global_head, norm, clip * reference)
@@ -75,6 +90,6 @@ def server_step(
     if not all(bool(torch.isfinite(t).all()) for t in head.values() if not t.is_meta):
         reason = "the averaged classifier head is not finite in the global head's dtype; the global is left unchanged"
         log.warning("round skipped: %s", reason)
-        return skipped_result(method, global_adapter, options.get("state"), reason, num_clients=len(accepted),
-                              rejected=result.metrics["rejected"]), None
-    return result, head
+        return ServerStep(skipped_result(method, global_adapter, options.get("state"), reason,
+                                         num_clients=len(accepted), rejected=result.metrics["rejected"]), None)
+    return ServerStep(result, head)

@@ -22,7 +22,7 @@ from fedlora.models.runtime import resolve_runtime  # noqa: E402
 from fedlora.tasks import get_task  # noqa: E402
 from fedlora.tasks.causal_lm import teacher_forced  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"{DATA} not found")]
 TINY_LLM = dict(clients=2, rounds=2, local_steps=1, batch_size=2, lr=1e-3, max_length=128, eval_local_every=1,
                 max_eval_examples=6, max_eval_generations=2, max_new_tokens=8, max_local_eval_examples=2, seed=0,

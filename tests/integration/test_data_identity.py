@@ -147,7 +147,7 @@ def test_a_flower_resume_refuses_other_data_before_loading(tmp_path):
         server_app.main(grid=None, context=context)  # type: ignore[arg-type]  # refused before the grid is used
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"{DATA} not found (../shared beside the repo)")

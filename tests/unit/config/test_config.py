@@ -14,7 +14,7 @@ from fedlora.config.run import ConfigError, RunConfig
 from fedlora.config.schema import data_fields, flag
 from fedlora.engines.flower.config import FLOWER_OUT, FlowerOptions, app_config_table, run_config_from_flower, run_config_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 NON_DEFAULT = dict(task="rte", max_length=40, rank=4, lora_alpha=8.0, client_ranks=(2, 4, 3), rank_map="svd", target_modules=("query", "key", "value"),
                    local_steps=3, batch_size=5, lr=1e-3, method="flora-na",
                    method_options={"solver": "adamw", "steps": 7, "weighting": "authors"}, rounds=4, clients=3,

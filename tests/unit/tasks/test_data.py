@@ -19,7 +19,7 @@ from fedlora.tasks.glue import (  # noqa: E402
     compute_metrics, get_task, label_histogram, load_glue, make_loader, partition, split_local, tokenize,
 )
 
-GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "glue"
 needs_glue = pytest.mark.skipif(
     not GLUE_DIR.is_dir(), reason=f"real GLUE files not found at {GLUE_DIR} (see shared/data/glue/SOURCES.md)"
 )

@@ -12,7 +12,7 @@ this process (:class:`InProcessGrid`: each SuperNode keeps its own Context acros
 simulation does, and every message is serialised to protobuf and back each way, so only what survives
 the wire arrives), in seconds. One case and one resume also go through `flwr run` on a simulation
 SuperLink (Ray, a process per app, the FAB, Flower's own run-config parsing), ~1 min each; the TLS
-deployment (tests/test_flower_deployment.py) runs real SuperNodes.
+deployment (tests/integration/test_flower_deployment.py) runs real SuperNodes.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from fedlora.config.run import RunConfig  # noqa: E402
 from fedlora.engines.flower.config import run_config_overrides  # noqa: E402
 from fedlora.engines.flower.local import simulation_superlink  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+REPO = Path(__file__).resolve().parents[2]
+GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
 FEDERATION = "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2"  # `flwr run`'s simulation
 # The built-in `toy` task: the same engines and messages as a GLUE task, without tokenising 67k rows
-# in every process; the real-data Flower path is tests/test_flower_deployment.py (SST-2).
+# in every process; the real-data Flower path is tests/integration/test_flower_deployment.py (SST-2).
 TINY = dict(task="toy", rounds=2, clients=2, alpha=0.5, local_steps=2, batch_size=4, lr=1e-3,
             max_length=32, eval_local_every=1, max_eval_examples=32, max_local_eval_examples=8, seed=0)
 TINY_SST2 = TINY | dict(task="sst2", data_dir=str(GLUE))
@@ -202,9 +202,9 @@ FLOWER_CASES = {
     "flora-na-stable-mixed-ranks": ("flora-na-stable", {"client_ranks": (8, 3)}),
 }
 # Not here, to keep CI under 30 minutes: ffa-lora (its frozen A is rebuilt by the client from the init seed, the
-# mechanism flora's re-init uses; its trimmed records are weighed in tests/test_flower_units.py), svd-ef (its state lives in the server's checkpoint, which both engines share:
-# tests/test_end_to_end.py resumes it), fedrot-lora (a pure function of the default policy, like fedit) and the SVD
-# rank map (server-side, before the same wire truncation; tests/test_mixed_ranks.py runs it in the local engine).
+# mechanism flora's re-init uses; its trimmed records are weighed in tests/unit/engines/test_flower_units.py), svd-ef (its state lives in the server's checkpoint, which both engines share:
+# tests/integration/test_end_to_end.py resumes it), fedrot-lora (a pure function of the default policy, like fedit) and the SVD
+# rank map (server-side, before the same wire truncation; tests/unit/aggregation/test_mixed_ranks.py runs it in the local engine).
 
 
 def assert_flower_run_matches(flower_config: RunConfig, local_config: RunConfig, local: list[dict]) -> None:

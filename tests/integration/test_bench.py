@@ -17,7 +17,7 @@ from fedlora.bench import comm, get_preset, stats  # noqa: E402
 from fedlora.bench.grid import completed_rounds, expand, finished_runs, run_jobs, select, slug, status  # noqa: E402
 from fedlora.cli.commands import main  # noqa: E402
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
 needs_glue = pytest.mark.skipif(not (GLUE / "RTE").is_dir(), reason=f"real GLUE files expected at {GLUE}")
 
 

@@ -11,7 +11,7 @@ from fedlora.aggregation import available_methods, get_method
 from fedlora.config.run import RunConfig
 from fedlora.protocol.rounds import sample_clients
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "fedlora"
+SRC = Path(__file__).resolve().parents[3] / "src" / "fedlora"
 # bench/ compares every method against the paper's baseline (FedIT) in its reports; the methods
 # themselves live in aggregation/methods/. Everything else is engine code and must not branch on names.
 NOT_ENGINE = ("aggregation/methods/", "bench/")

@@ -27,7 +27,7 @@ from fedlora.tasks.scoring import (
     shadowed_builtins,
 )
 
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).parents[3] / ".." / "shared" / "data"
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:

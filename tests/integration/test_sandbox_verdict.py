@@ -17,7 +17,7 @@ from fedlora.sandbox import ExecResult, Limits, TestProblem, run_test, run_tests
 from fedlora.tasks.scoring import humaneval_problem, mbpp_problem
 
 pytestmark = pytest.mark.usefixtures("sandbox_ready")
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).parents[2] / ".." / "shared" / "data"
 FAST = Limits(timeout_s=10.0, cpu_s=10)
 RIGHT = "def add(a, b):\n    return a + b\n"
 WRONG = "def add(a, b):\n    return a - b\n"

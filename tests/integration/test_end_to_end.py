@@ -25,7 +25,7 @@ from fedlora.util.progress import on_phase  # noqa: E402
 from fedlora.tasks import get_task, register_task  # noqa: E402
 from fedlora.tasks.classification import SequenceClassificationTask, accuracy  # noqa: E402
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
 needs_sst2 = pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason=f"real GLUE files expected at {GLUE}")
 pytestmark = pytest.mark.slow
 TIMING = {"wall_seconds", "solve_seconds", "server_seconds"}

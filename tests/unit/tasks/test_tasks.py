@@ -21,7 +21,7 @@ from fedlora.models.runtime import Runtime  # noqa: E402
 from fedlora.tasks import Task, available_tasks, get_task, register_task  # noqa: E402
 from fedlora.tasks.classification import SequenceClassificationTask, accuracy  # noqa: E402
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE = Path(__file__).resolve().parents[4] / "shared" / "data" / "glue"
 CPU = Runtime(torch.device("cpu"))
 
 

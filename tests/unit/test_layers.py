@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "fedlora"
+SRC = Path(__file__).resolve().parents[2] / "src" / "fedlora"
 LAYERS: list[tuple[str, ...]] = [
     ("util",),
     ("aggregation", "sandbox"),

@@ -25,7 +25,7 @@ from fedlora.tasks import get_task
 from fedlora.tasks.causal_lm import IGNORE, generate, teacher_forced
 from fedlora.models.training import train_local
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k").is_dir(), reason=f"{DATA} not found (../shared beside the repo)")
 CPU = resolve_runtime("cpu", "fp32")
 

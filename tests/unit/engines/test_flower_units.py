@@ -27,7 +27,7 @@ from fedlora.engines.flower.wire import (
     stacked_record,
 )
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
 
 
 def flower_defaults() -> dict:

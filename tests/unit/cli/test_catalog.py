@@ -13,7 +13,7 @@ from fedlora.aggregation import available_methods, get_method
 from fedlora.cli.catalog import DOCS, METHOD_COLUMNS, TASK_COLUMNS, method_rows, render, task_rows
 from fedlora.tasks import available_tasks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("path", sorted(DOCS))

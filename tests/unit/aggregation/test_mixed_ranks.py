@@ -124,7 +124,7 @@ def capture_updates(monkeypatch) -> list[list[ClientUpdate]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank_map", ["svd"])  # truncation runs in the Flower test (tests/test_flower_simulation.py)
+@pytest.mark.parametrize("rank_map", ["svd"])  # truncation runs in the Flower test (tests/integration/test_flower_simulation.py)
 def test_mixed_rank_clients_train_only_their_components(tmp_path, monkeypatch, rank_map):
     seen = capture_updates(monkeypatch)
     config = tiny(tmp_path, client_ranks=(1, 2, 4), rank_map=rank_map)
