@@ -75,7 +75,7 @@ def test_host_files_are_invisible_and_unchangeable(host: Path, how: str) -> None
     secret, sentinel, new = host / "token", host / "sentinel.txt", host / f"new-{uuid.uuid4().hex}"
     attack = {
         "open": f"print(open({str(secret)!r}).read())\nopen({str(new)!r}, 'w').write('x')",
-        "fileio": f"FileIO = type(__import__('sys').stdout.buffer.raw)\nprint(FileIO({str(secret)!r}).read())\n"
+        "fileio": f"b = __import__('sys').stdout.buffer\nFileIO = type(getattr(b, 'raw', b))\nprint(FileIO({str(secret)!r}).read())\n"
                   f"FileIO({str(sentinel)!r}, 'w').write(b'x')",
         "sqlite": f"import sqlite3\nsqlite3.connect({str(new)!r}).execute('create table t (x)')",
         "posix": f"import sys\ndel sys.modules['posix']\nimport posix\nfd = posix.open({str(new)!r}, posix.O_CREAT | "

@@ -69,6 +69,15 @@ def test_honest_solutions_pass_including_the_unittest_main_idiom(build: Any) -> 
     assert "debug output" in results[2].output
 
 
+def test_what_a_killed_candidate_printed_is_kept() -> None:
+    """Prints reach the log as they happen: a candidate killed at its timeout still shows what it printed (a
+    buffered print was lost when the program was killed before its interpreter flushed, even on a pass)."""
+    hang = "print('before the hang')\ndef add(a, b):\n    while True:\n        pass\n"
+    result = run_test(_mbpp(hang), Limits(timeout_s=3.0, cpu_s=10))
+    assert result.status == "timeout", result
+    assert "before the hang" in result.output
+
+
 ALWAYS_EQUAL = """
 class Anything:
     def __eq__(self, other): return True

@@ -148,10 +148,14 @@ _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
 def _boot(module: str, confined: bool, *args: object) -> list[str]:
-    """``python -I -S -B -c`` that imports ``module`` from this folder (as seen by the process) and runs main."""
+    """``python -I -S -B -u -c`` that imports ``module`` from this folder (as seen by the process) and runs main.
+
+    ``-u``: what the candidate prints reaches the log as it is printed. Buffered, it would be flushed only at
+    interpreter exit, which races with the kill that ends every program (CI once lost a passing candidate's print).
+    """
     where = INSIDE if confined else str(HERE)
     code = f"import sys; sys.path.insert(0, {where!r}); import {module}; {module}.main()"
-    return [interpreter(), "-I", "-S", "-B", "-c", code, *map(str, args)]
+    return [interpreter(), "-I", "-S", "-B", "-u", "-c", code, *map(str, args)]
 
 
 def _worker_args(limits: Limits, confined: bool) -> list[object]:

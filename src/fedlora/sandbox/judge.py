@@ -1,6 +1,6 @@
 """The judge: runs a problem's trusted tests against the candidate, and alone decides "passed". Stdlib only.
 
-Started by :mod:`fedlora.sandbox.harness` as ``python -I -S -B -c "<this folder on sys.path>; import judge;
+Started by :mod:`fedlora.sandbox.harness` as ``python -I -S -B -u -c "<this folder on sys.path>; import judge;
 judge.main()" TO_WORKER FROM_WORKER``, outside the candidate's sandbox, with the problem (JSON) on stdin and the
 verdict (one JSON object) written to the stdout it was started with.
 

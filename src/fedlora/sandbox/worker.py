@@ -1,7 +1,7 @@
 """The candidate's process: loads the generated code and answers the judge's requests. Standard library only.
 
 It runs inside the kernel boundary (:mod:`fedlora.sandbox.boundary`) as
-``python -I -S -B -c "<put this folder on sys.path>; import worker; worker.main()" MEM CPU FSIZE NPROC``,
+``python -I -S -B -u -c "<put this folder on sys.path>; import worker; worker.main()" MEM CPU FSIZE NPROC``,
 with the judge's requests on fd 0, its replies on fd 1 and fd 2 going to the caller's output log.
 
 Nothing here is trusted: the candidate runs in this very interpreter and can rewrite any of it. That is fine
