@@ -128,6 +128,10 @@ class RunConfig:
                                "as round x local step, like --lr-schedule)")
     max_grad_norm: float = option(0.0, "training", "clip the gradients' global L2 norm to this before each step "
                                   "(fp16: after unscaling); 0: no clipping")
+    client_batch: int | None = option(1, "training", "clients trained together, one forward/backward through the "
+                                      "frozen model per local step (local engine; Flower trains one client per "
+                                      "node): K, or 'auto' (CUDA: the whole round, halved on out-of-memory; CPU: 1)",
+                                      parse=parse_optional_int, show=_show_auto)
     # -- federation
     # The default is the frontier's pick at FedIT's bytes (docs/results.md, "The frontier"); flora-na is the paper's method.
     method: str = option("flora-na-stable", "federation", lambda: f"aggregation method: {', '.join(_method_names())}")
@@ -361,6 +365,11 @@ def _validate(c: RunConfig) -> None:
         _require(_is_number(getattr(c, name)) and getattr(c, name) >= 0, name, getattr(c, name),
                  "must be a finite number >= 0 (0: off)")
     _require(c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "is a probability: use a value in [0, 1)")
+    _require(c.client_batch is None or (_is_int(c.client_batch) and c.client_batch >= 1), "client_batch",
+             c.client_batch, "must be an integer >= 1 (1: one client at a time) or 'auto'")
+    _require(c.client_batch in (1, None) or c.precision != "fp16", "client_batch", c.client_batch,
+             "cannot be combined with --precision fp16 (one client's loss-scale overflow would skip every client's "
+             "step); use --precision bf16, or --client-batch 1")
     _require(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule, f"use one of {', '.join(LR_SCHEDULES)}")
     _require(_is_int(c.warmup_steps) and c.warmup_steps >= 0, "warmup_steps", c.warmup_steps,
              "must be an integer >= 0 (0: no warm-up)")

@@ -28,7 +28,8 @@ from fedlora.runs.run_dir import check_resume, check_start
 from fedlora.runs.lock import locked
 from fedlora.tasks import task_for
 from fedlora.runs.outputs import RunFolder
-from fedlora.protocol.rounds import Server, sample_clients, train_planned  # noqa: F401  (sample_clients: public API)
+from fedlora.protocol.rounds import (Server, sample_clients, train_planned,  # noqa: F401  (sample_clients: public API)
+                                     train_planned_together)
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,13 @@ def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]
             started = time.perf_counter()
             plan = server.plan(round_)
             results = []
-            for index in plan.clients:
-                client = federation.clients[index]
-                where = f"round {round_} {client.client_id}"
+            for group in client_groups(plan.clients, config.client_batch, model):
+                clients = [(federation.clients[i], i) for i in group]
+                names = [c.client_id for c, _ in clients]
+                where = f"round {round_} {names[0]}" + (f"..{names[-1]} ({len(names)} together)" if len(names) > 1 else "")
                 show(current_phase())
-                results.append(train_planned(model, client, index, federation.task, tokenizer, config, plan,
-                                             server.client_start(client.client_id)))
+                starts = [server.client_start(c.client_id) for c, _ in clients]
+                results += _train_group(model, clients, starts, federation.task, tokenizer, config, plan)
                 failpoint("train", round_)
             where = f"round {round_} server"
             record = server.finish(plan, results, started)
@@ -85,6 +87,36 @@ def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]
 
     server.save_final()
     return server.state.history
+
+
+def _train_group(model: torch.nn.Module, clients: list[tuple[Any, int]], starts: list[Any], task: Any,
+                 tokenizer: Any, config: RunConfig, plan: Any) -> list[Any]:
+    """Train ``clients`` together (one alone as before); out of GPU memory, each half again, losing nothing
+    (every client restarts from its planned start with its own seeded batches)."""
+    if len(clients) == 1:
+        (client, index), = clients
+        return [train_planned(model, client, index, task, tokenizer, config, plan, starts[0])]
+    try:
+        return train_planned_together(model, clients, task, tokenizer, config, plan, starts)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        half = len(clients) // 2
+        log.warning("out of GPU memory training %d clients together; retrying them %d and %d at a time",
+                    len(clients), half, len(clients) - half)
+        return (_train_group(model, clients[:half], starts[:half], task, tokenizer, config, plan)
+                + _train_group(model, clients[half:], starts[half:], task, tokenizer, config, plan))
+
+
+def client_groups(clients: list[int], client_batch: int | None, model: torch.nn.Module) -> list[list[int]]:
+    """The round's clients in groups trained together (``--client-batch``), in plan order.
+
+    ``None`` ('auto'): the whole round on CUDA, one at a time elsewhere (on a CPU the stacked pass is not
+    faster: benchmarks/client_batching.py).
+    """
+    if client_batch is None:
+        client_batch = len(clients) if next(model.parameters()).device.type == "cuda" else 1
+    size = max(1, client_batch)
+    return [clients[i:i + size] for i in range(0, len(clients), size)]
 
 
 def _show(value: Any, spec: str) -> str:

@@ -25,6 +25,7 @@ from fedlora.models.lora_state import get_adapter, get_head, set_adapter, set_he
 from fedlora.models.runtime import Runtime, runtime_of
 from fedlora.tasks import Collate, Task
 from fedlora.models.training import train_local
+from fedlora.models.client_batch import ClientJob, train_together
 
 
 def derived_seed(seed: int, round_: int, client: int) -> int:
@@ -112,6 +113,55 @@ def train_client(
             local_metrics = evaluate_on(model, local_test, task, tokenizer, runtime)
     update = ClientUpdate(adapter=get_adapter(model), num_examples=len(train), client_id=client_id)
     return ClientResult(update=update, head=get_head(model), loss=float(stats["loss"]), local_metrics=local_metrics)
+
+
+@dataclass
+class ClientPlan:
+    """One client of a group trained together: who it is, its data, where it starts and its batch seed."""
+
+    client_id: str
+    train: datasets.Dataset
+    local_test: datasets.Dataset | None
+    adapter: Adapter  # the start the server planned (private factors included)
+    head: dict[str, Tensor]
+    seed: int  # its batches' seed, as :func:`train_client`'s
+
+
+def train_clients_together(
+    model: nn.Module,
+    clients: list[ClientPlan],
+    *,
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    policy: TrainingPolicy,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    runtime: Runtime | None = None,
+    grad_accum: int = 1,
+    optim: LocalOptim | None = None,
+) -> list[ClientResult]:
+    """:func:`train_client` for several clients at once: their local training is one batched pass per step
+    (:func:`fedlora.models.client_batch.train_together`), from the same starts, on the same batches, to the same
+    results up to float rounding; each is then evaluated on its local test split. Results in ``clients`` order."""
+    runtime = runtime or runtime_of(model)
+    collate = task.collate(tokenizer)
+    jobs = [ClientJob(adapter=c.adapter, head=c.head, batches=round_batches(c.train, steps, batch_size, c.seed, collate))
+            for c in clients]
+    with phase("training"):
+        outcomes = train_together(model, jobs, steps, lr, policy, clients[0].seed, loss=task.loss,
+                                  loss_weight=task.loss_weight, optim=optim, runtime=runtime, micro_batches=grad_accum)
+    results = []
+    for client, outcome in zip(clients, outcomes):
+        local_metrics = None
+        if client.local_test is not None and len(client.local_test):
+            set_adapter(model, outcome.adapter)
+            set_head(model, outcome.head)
+            with phase("local evaluation"):
+                local_metrics = evaluate_on(model, client.local_test, task, tokenizer, runtime)
+        update = ClientUpdate(adapter=outcome.adapter, num_examples=len(client.train), client_id=client.client_id)
+        results.append(ClientResult(update=update, head=outcome.head, loss=outcome.loss, local_metrics=local_metrics))
+    return results
 
 
 def average_heads(

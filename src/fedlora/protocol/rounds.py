@@ -38,7 +38,8 @@ from torch import Tensor
 from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec, get_method
 from fedlora.aggregation.ranks import assign_ranks, is_mixed, restrict, sent_start
 from fedlora.protocol.checkpoint import ServerState, load_state, save_state
-from fedlora.protocol.client import ClientResult, derived_seed, evaluate_on, train_client
+from fedlora.protocol.client import (ClientPlan, ClientResult, derived_seed, evaluate_on, train_client,
+                                    train_clients_together)
 from fedlora.config.run import RunConfig, divergence_due
 from fedlora.tasks.fingerprint import record as data_record
 from fedlora.testing.failpoints import failpoint
@@ -89,6 +90,20 @@ def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: 
         policy=get_method(config.method).policy.for_round(plan.round), steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         seed=derived_seed(config.seed, plan.round, index), grad_accum=config.grad_accum,
         optim=LocalOptim.for_round(config, plan.round),  # weight decay, clipping, the run's lr schedule
+    )
+
+
+def train_planned_together(model: torch.nn.Module, clients: list[tuple[ClientData, int]], task: Any, tokenizer: Any,
+                           config: RunConfig, plan: RoundPlan, starts: list[tuple[Adapter, dict[str, Tensor]]],
+                           ) -> list[ClientResult]:
+    """:func:`train_planned` for several (client, index) pairs trained together (``--client-batch``); same results."""
+    group = [ClientPlan(client_id=c.client_id, train=c.train, local_test=c.local_test if plan.local_eval else None,
+                        adapter=adapter, head=head, seed=derived_seed(config.seed, plan.round, index))
+             for (c, index), (adapter, head) in zip(clients, starts)]
+    return train_clients_together(
+        model, group, task=task, tokenizer=tokenizer, policy=get_method(config.method).policy.for_round(plan.round),
+        steps=config.local_steps, batch_size=config.batch_size, lr=config.lr, grad_accum=config.grad_accum,
+        optim=LocalOptim.for_round(config, plan.round),
     )
 
 

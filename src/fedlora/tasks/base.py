@@ -96,6 +96,18 @@ class Task(ABC):
                 return int(value.shape[0])
         raise KeyError(f"batch has neither 'labels' nor 'input_ids' tensors (keys: {sorted(batch)})")
 
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The mean training loss of some rows from the model's logits, exactly as the model's own ``.loss``
+        computes it (client batching scores each client's rows with this). Default: sequence classification,
+        as transformers does: mean squared error for one output (regression), else cross-entropy.
+        """
+        import torch
+
+        logits = logits.float()  # (b, C)
+        if logits.shape[-1] == 1:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(-1))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
     @abstractmethod
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         """The raw data as ``DatasetDict(train=..., test=...)``; ``test`` is the global test set.

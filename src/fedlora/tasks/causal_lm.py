@@ -126,6 +126,14 @@ class CausalLMTask(Task):
         """Supervised tokens: the ones the shifted causal-LM loss averages over."""
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Next-token cross-entropy over the supervised tokens (labels ≠ -100), as transformers' causal LM loss."""
+        import torch
+
+        shifted = logits[:, :-1].float()  # (b, L-1, V): position t predicts token t+1
+        return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE)
+
     # -- model ------------------------------------------------------------------------------------
     def build_model(
         self, model: str | None, rank: int, lora_alpha: float, target_modules: Sequence[str], seed: int
