@@ -22,15 +22,23 @@ from __future__ import annotations
 import argparse
 import functools
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # fedlora from this checkout, installed or not
+from fedlora.util.threads import add_threads_option, apply_threads, prefer_passive_wait  # noqa: E402
+
+prefer_passive_wait()  # before torch loads: spinning OpenMP waits collapse a shared CPU (docs/llm_performance.md)
+import torch  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     # all-MiniLM-L6-v2's shapes (BERT, 22.7 M): LoRA on query/value, a 2-class head
     "minilm": dict(kind="bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
                    vocab_size=30522, targets=["query", "value"]),
+    "tiny-bert": dict(kind="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                      vocab_size=1000, targets=["query", "value"]),
     "tiny-llama": dict(kind="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, vocab_size=1000, targets=["q_proj", "v_proj"]),
     "qwen2.5-0.5b": dict(kind="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -129,7 +137,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    threads = apply_threads(args.threads) if args.device == "cpu" else ""
 
     from fedlora.models.runtime import Runtime
 
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     base = rows[0]["client_steps_s"]
     print(f"# client batching: {args.model}, r={args.rank}, {args.clients} clients × {args.steps} steps, batch "
           f"{args.batch} × {args.seq} tokens, {args.device} {args.precision}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{threads or f'{torch.get_num_threads()} threads'}, {platform.processor() or platform.machine()}")
     print("| K | seconds | client-steps/s | tokens/s | peak GiB | × K=1 | ÷ limit |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in [*rows, limit]:

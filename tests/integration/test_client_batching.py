@@ -78,9 +78,11 @@ def test_clients_trained_together_end_where_clients_trained_one_by_one(tmp_path,
     assert config["client_batch"] == 3  # the run records how it was trained
 
 
-def test_groups_follow_the_plan_and_auto_is_one_at_a_time_on_cpu() -> None:
+def test_groups_follow_the_plan_and_auto_stacks_small_steps_only_on_cpu() -> None:
     cpu_model = torch.nn.Linear(2, 2)
     assert client_groups([4, 0, 2, 1, 3], 2, cpu_model) == [[4, 0], [2, 1], [3]]
     assert client_groups([4, 0, 2], 1, cpu_model) == [[4], [0], [2]]
-    assert client_groups([4, 0, 2], None, cpu_model) == [[4], [0], [2]]
     assert client_groups([4, 0, 2], 8, cpu_model) == [[4, 0, 2]]
+    assert client_groups([4, 0, 2], None, cpu_model, 32 * 128) == [[4], [0], [2]]  # a big step: one at a time
+    assert client_groups([4, 0, 2, 1], None, cpu_model, 2 * 1024) == [[4, 0], [2, 1]]
+    assert client_groups([4, 0, 2], None, cpu_model, 4 * 32) == [[4, 0, 2]]

@@ -59,6 +59,7 @@ def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]
     log.info("clients' partition histogram:\n%s", federation.histogram)
     server = Server.open(config, model, tokenizer, federation, RunFolder(config), resume=resume)
 
+    step_tokens = config.batch_size * (config.max_length or federation.task.default_max_length)  # for 'auto'
     bar = tqdm(server.remaining_rounds(), desc=config.method, disable=not progress, unit="round")
     where = ""  # "round 2 client-1"; the running phase is appended ("round 2 client-1: local evaluation")
 
@@ -70,7 +71,7 @@ def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]
             started = time.perf_counter()
             plan = server.plan(round_)
             results = []
-            for group in client_groups(plan.clients, config.client_batch, model):
+            for group in client_groups(plan.clients, config.client_batch, model, step_tokens):
                 clients = [(federation.clients[i], i) for i in group]
                 names = [c.client_id for c, _ in clients]
                 where = f"round {round_} {names[0]}" + (f"..{names[-1]} ({len(names)} together)" if len(names) > 1 else "")
@@ -107,14 +108,23 @@ def _train_group(model: torch.nn.Module, clients: list[tuple[Any, int]], starts:
                 + _train_group(model, clients[half:], starts[half:], task, tokenizer, config, plan))
 
 
-def client_groups(clients: list[int], client_batch: int | None, model: torch.nn.Module) -> list[list[int]]:
+CPU_STACK_TOKENS = 4096  # 'auto' on a CPU: stack clients up to this many tokens per step (measured below)
+
+
+def client_groups(clients: list[int], client_batch: int | None, model: torch.nn.Module,
+                  tokens_per_client_step: int = CPU_STACK_TOKENS) -> list[list[int]]:
     """The round's clients in groups trained together (``--client-batch``), in plan order.
 
-    ``None`` ('auto'): the whole round on CUDA, one at a time elsewhere (on a CPU the stacked pass is not
-    faster: benchmarks/client_batching.py).
+    ``None`` ('auto'): on CUDA the whole round (halved on out-of-memory); on a CPU as many clients as keep the
+    stacked step within :data:`CPU_STACK_TOKENS` tokens (batch × max length each). Measured on 2 cores
+    (docs/client-batching.md): 16 clients at 2 × 32 tokens ran 2.6× faster stacked, 8 at 8 × 64 tokens
+    0.98-1.37× (noise around the single-adapter limit); a CPU gains only where each client's step is small.
     """
     if client_batch is None:
-        client_batch = len(clients) if next(model.parameters()).device.type == "cuda" else 1
+        if next(model.parameters()).device.type == "cuda":
+            client_batch = len(clients)
+        else:
+            client_batch = CPU_STACK_TOKENS // max(1, tokens_per_client_step)
     size = max(1, client_batch)
     return [clients[i:i + size] for i in range(0, len(clients), size)]
 
