@@ -239,3 +239,18 @@ def test_a_run_saved_before_an_option_existed_is_the_same_experiment_at_that_opt
     assert _config_key(json.dumps(saved)) == _config_key(config.to_json())
     saved["rank_map"] = "svd"  # an option that was set differently is still a different experiment
     assert _config_key(json.dumps(saved)) != _config_key(config.to_json())
+
+
+def test_client_batching_benchmark_prints_every_k_and_the_limit(capsys) -> None:
+    """benchmarks/client_batching.py at toy size: one row per K plus the single-adapter limit, all measured."""
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "benchmarks" / "client_batching.py"
+    spec = importlib.util.spec_from_file_location("client_batching_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--model", "tiny-bert", "--clients", "2", "--steps", "1", "--batch", "2", "--seq", "8",
+                        "--threads", "1"])
+    assert [r["k"] for r in rows] == [1, 2, "one adapter ×2"]
+    assert all(r["seconds"] > 0 and r["client_steps_s"] > 0 for r in rows)
+    assert "| one adapter ×2 |" in capsys.readouterr().out
