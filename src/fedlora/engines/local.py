@@ -55,7 +55,7 @@ def _run(config: RunConfig, resume: bool, progress: bool) -> list[dict[str, Any]
     federation = build_federation(config, tokenizer, raw)
     if progress:  # the partition is part of the experiment: show it
         print(f"{config.clients} clients, alpha={config.alpha if config.alpha is not None else 'iid'}, "
-              f"partition:\n{federation.histogram}")
+              f"partition:\n{federation.summary()}")
     log.info("clients' partition histogram:\n%s", federation.histogram)
     server = Server.open(config, model, tokenizer, federation, RunFolder(config), resume=resume)
 

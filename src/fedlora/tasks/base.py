@@ -174,11 +174,16 @@ class Task(ABC):
     def partition_table(self, parts: Sequence[datasets.Dataset]) -> str:
         """One line per client: its size and, with a partition key, the count of each key value."""
         keys = [k for k in (self.partition_key(p) for p in parts) if k is not None]
-        if len(keys) < len(parts):
-            return format_table(["client", "n"], [[str(i), str(len(p))] for i, p in enumerate(parts)])
-        width = max((int(k.max()) + 1 for k in keys if len(k)), default=0)
-        rows = [[str(i), str(len(k)), *map(str, np.bincount(k, minlength=width))] for i, k in enumerate(keys)]
-        return format_table(["client", "n", *map(str, range(width))], rows)
+        return partition_table(keys if len(keys) == len(parts) else None, [len(p) for p in parts])
+
+
+def partition_table(keys: Sequence[np.ndarray] | None, sizes: Sequence[int]) -> str:
+    """One line per client: its size and, with its partition keys (``keys[u]``), the count of each key value."""
+    if keys is None:
+        return format_table(["client", "n"], [[str(i), str(n)] for i, n in enumerate(sizes)])
+    width = max((int(k.max()) + 1 for k in keys if len(k)), default=0)
+    rows = [[str(i), str(len(k)), *map(str, np.bincount(k, minlength=width))] for i, k in enumerate(keys)]
+    return format_table(["client", "n", *map(str, range(width))], rows)
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -356,3 +356,18 @@ def test_tokenize_regression_labels_are_float(tokenizer) -> None:
         tokenize(ds, tokenizer, "qnli", 16)
     with pytest.raises(ValueError, match="tokenizer"):
         make_loader(datasets.Dataset.from_dict({"input_ids": [[1]]}), 1, False, 0)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.5])
+def test_many_client_partitions_equal_flwrs_one_by_one_path(monkeypatch, alpha) -> None:
+    """Above partitioning.FEW clients the rows come from one read (IID shards) or flwr's drawn table
+    (Dirichlet) instead of a load_partition per client: the same rows, in the same order."""
+    from fedlora.tasks import partitioning
+
+    keys = np.random.default_rng(0).integers(0, 3, 5000)
+    fast = partitioning.partition_rows(5000, 100, alpha, 0, 2, keys)
+    monkeypatch.setattr(partitioning, "FEW", 10**9)
+    slow = partitioning.partition_rows(5000, 100, alpha, 0, 2, keys)
+    assert len(fast) == len(slow) == 100
+    assert all(a.dtype == np.int64 and np.array_equal(a, b) for a, b in zip(fast, slow))
+    assert np.array_equal(np.sort(np.concatenate(fast)), np.arange(5000))  # disjoint, every row

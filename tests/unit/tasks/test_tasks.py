@@ -200,16 +200,20 @@ def test_sst2_task_loads_partitions_encodes_and_scores_like_the_glue_functions(t
 
 
 @needs_glue
-def test_build_federation_on_glue_equals_the_pre_task_pipeline(toy_model) -> None:
+@pytest.mark.parametrize("clients", [3, 100])  # 100: above partitioning.FEW, the many-client index paths
+def test_build_federation_on_glue_equals_the_pre_task_pipeline(toy_model, clients: int) -> None:
     from fedlora.tasks.glue import label_histogram, load_glue, partition, split_local, tokenize
 
     _, tokenizer = toy_model
-    config = Cfg(task="rte", data_dir=str(GLUE), clients=3, max_eval_examples=50)
+    config = Cfg(task="rte", data_dir=str(GLUE), clients=clients, max_eval_examples=50)
     federation = build_federation(config, tokenizer)
-    # What build_federation did before tasks existed, line for line.
+    # What build_federation did before tasks existed, line for line (one client per dataset pass, flwr's
+    # load_partition for each client).
     raw = load_glue("rte", GLUE)
-    parts = partition(raw["train"], 3, 0.5, seed=0)
+    parts = partition(raw["train"], clients, 0.5, seed=0)
     for index, (part, client) in enumerate(zip(parts, federation.clients)):
+        if index not in (0, 1, clients // 2, clients - 1):
+            continue
         local_train, local_test = split_local(part, 0.2, seed=index)
         local_test = local_test.select(range(min(len(local_test), 8)))
         assert columns(client.train) == columns(tokenize(local_train, tokenizer, "rte", 32))
