@@ -16,8 +16,10 @@ ran gradient descent from a shared start on heterogeneous least-squares tasks):
   (d) --clients: fedit and flora-na at U ∈ {10, 30, 100, 300, 1000}, MiniLM shapes (12 modules
       384×384, r = 8): seconds per round (aggregate(): the method + the divergence report) and peak
       RSS, each point in its own process (benchmarks/client_sweep_point.py). Baseline in the same run:
-      the old implementation (the divergence through the (U r)² Grams), run until a point takes
-      longer than --cap-seconds (stopped there) or its Grams would need > 4 GiB; flora-na likewise.
+      the old implementations (fedit's divergence through the (U r)² Grams; flora-na's ALS on its
+      ((U+1) r)² Grams at every U), run until a point takes longer than --cap-seconds (stopped there)
+      or its Grams would need > 4 GiB. The new flora-na switches to the matrix-free ALS
+      (fedlora.aggregation.methods.flora_na_factors) where its Grams would exceed 512 MiB.
 
 Every method is warmed up once (first MKL/LAPACK calls are slow); times are the best of
 ``--repeats`` runs (AdamW: one run). ``solve s`` is the method alone (``metrics["solve_seconds"]``),
@@ -217,7 +219,7 @@ GRAM_LIMIT_GIB = 4.0  # a point whose (U r)² Grams alone would need more is not
 
 def _gram_gib(method: str, impl: str, clients: int) -> float:
     """Memory of the (U r)² (flora-na: ((U + 1) r)², both factors) Grams of the 12 modules, float64; 0 for the new route."""
-    if method == "fedit" and impl == "new":
+    if impl == "new":  # fedit: the cheapest exact route; flora-na: Grams only within GRAM_BUDGET_BYTES
         return 0.0
     n = (clients + (method == "flora-na")) * 8
     return 2 * 12 * n * n * 8 / 2**30
@@ -248,12 +250,12 @@ def bench_clients(clients: tuple[int, ...], cap: float, log) -> dict[tuple[str, 
     """Per (method, impl): one row per U. The new fedit runs every point; the old implementation and
     flora-na run until a point takes longer than ``cap`` seconds (it is stopped there) or its Grams
     would exceed GRAM_LIMIT_GIB; larger U are then "not run"."""
-    runs = [("fedit", "new"), ("fedit", "old"), ("flora-na", "new")]  # flora-na's server is unchanged: new = old
+    runs = [("fedit", "new"), ("fedit", "old"), ("flora-na", "new"), ("flora-na", "old")]
     results: dict[tuple[str, str], list[dict]] = {key: [] for key in runs}
     for method, impl in runs:
         stopped = ""
         for U in clients:
-            capped = not (method == "fedit" and impl == "new")
+            capped = impl == "old"
             if not stopped and _gram_gib(method, impl, U) > GRAM_LIMIT_GIB:
                 stopped = f"its Grams alone need {_gram_gib(method, impl, U):.1f} GiB"
             if stopped:
@@ -285,8 +287,9 @@ def render_clients(results: dict[tuple[str, str], list[dict]], clients: tuple[in
         "|---|---|" + "---:|" * len(clients) + "---:|",
     ]
     for (method, impl), rows in results.items():
-        name = "new (route by cost)" if impl == "new" and method == "fedit" else (
-            "old (U·r Grams)" if impl == "old" else "unchanged (U·r Grams, U×U solves)")
+        name = {("fedit", "new"): "new (route by cost)", ("fedit", "old"): "old (U·r Grams)",
+                ("flora-na", "new"): "new (Grams ≤ 512 MiB, else matrix-free CG)",
+                ("flora-na", "old"): "old (((U+1)·r)² Grams, U×U solves)"}[(method, impl)]
         cells = []
         for row in rows:
             if "seconds" in row:
@@ -296,11 +299,12 @@ def render_clients(results: dict[tuple[str, str], list[dict]], clients: tuple[in
                              "not run" if "skipped" in row else f"failed ({row.get('failed', '?')})")
         lines.append(f"| {method} | {name} | " + " | ".join(cells) + f" | {_exponent(rows):.2f} |")
     lines.append("\n## Ratios and goals (same run)\n")
-    new, old = {r["U"]: r for r in results[("fedit", "new")]}, {r["U"]: r for r in results[("fedit", "old")]}
-    for U in clients:
-        if "seconds" in new.get(U, {}) and "seconds" in old.get(U, {}):
-            lines.append(f"- fedit U={U}: old / new = **{old[U]['seconds'] / new[U]['seconds']:.1f}×** "
-                         f"(peak {old[U]['peak_mib']:.0f} → {new[U]['peak_mib']:.0f} MiB)")
+    for method in ("fedit", "flora-na"):
+        new, old = ({r["U"]: r for r in results[(method, impl)]} for impl in ("new", "old"))
+        for U in clients:
+            if "seconds" in new.get(U, {}) and "seconds" in old.get(U, {}):
+                lines.append(f"- {method} U={U}: old / new = **{old[U]['seconds'] / new[U]['seconds']:.1f}×** "
+                             f"(peak {old[U]['peak_mib']:.0f} → {new[U]['peak_mib']:.0f} MiB)")
     for method, goal in GOALS.items():
         row = {r["U"]: r for r in results[(method, "new")]}.get(max(clients), {})
         if "seconds" in row:

@@ -18,6 +18,7 @@ import torch
 
 from fedlora.aggregation import aggregate, api
 from fedlora.aggregation.divergence import divergence_report
+from fedlora.aggregation.methods import flora_na
 from fedlora.testing.synthetic import random_clients
 
 MODULES, DIM, RANK = 12, 384, 8  # MiniLM: 12 modules 384×384, r = 8
@@ -30,8 +31,9 @@ def _rss_mib() -> float:
 
 def main() -> None:
     method, clients, impl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    if impl == "old":  # the implementation before issue 23: every group through the (U r)² Grams
+    if impl == "old":  # the implementations before issue 23: every group through the (U r)² Grams
         api.divergence_report = partial(divergence_report, route="gram")  # type: ignore[assignment]
+        flora_na.GRAM_BUDGET_BYTES = 1 << 62  # FLoRA-NA's ALS on its Grams at any U
     shapes = {f"layer{i // 2}.{'qv'[i % 2]}": (DIM, DIM) for i in range(MODULES)}
     g, ups = random_clients(shapes, RANK, 2, dtype=torch.float32)
     aggregate(method, g, ups)  # warm-up: first LAPACK/BLAS calls are slow

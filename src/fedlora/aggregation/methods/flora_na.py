@@ -52,6 +52,7 @@ from fedlora.aggregation.methods.common import balanced, target_product
 from fedlora.aggregation.methods.fedit import fedit_average
 from fedlora.aggregation.methods.fedrot_lora import align_to_global
 from fedlora.aggregation.methods.flora_na_als import GramProblem, solve_als
+from fedlora.aggregation.methods.flora_na_factors import FactorProblem, solve_als_factors
 from fedlora.aggregation.options import AtLeast, GreaterThan
 from fedlora.aggregation.registry import register_method
 from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate, LoraPair
@@ -60,6 +61,7 @@ SOLVERS = ("als", "adamw")
 # What the ALS keeps of each shape group for the broadcast: (module indices, E, F) as _stacked_bases builds them.
 Bases = list[tuple[list[int], Tensor, Tensor]]
 SCOPES = ("per-module", "global")
+GRAM_BUDGET_BYTES = 512 << 20  # above: the matrix-free ALS (flora_na_factors), e.g. U > ~170 at MiniLM shapes
 STEP_BACK_GRID = 11  # t_max · {0, 0.1, …, 1} when max_deviation scales the step back
 
 
@@ -160,7 +162,8 @@ def _norm_metrics(adapter: Adapter, name_A: str, name_B: str) -> dict[str, float
 
 
 def _step_back(
-    problems: list[GramProblem], groups: Bases, p: Tensor, q: Tensor, shared: bool, max_deviation: float, objective: float
+    problems: Sequence[GramProblem | FactorProblem], groups: Bases, p: Tensor, q: Tensor, shared: bool,
+    max_deviation: float, objective: float,
 ) -> tuple[Tensor, Tensor, float, float]:
     """(p, q) = 1 + t (p* − 1, q* − 1) with max|p − 1|, |q − 1| ≤ ``max_deviation``, t of least L on a grid from 0.
 
@@ -254,18 +257,24 @@ def _als(
     max_sweeps: int,
     tol: float,
     ridge: float = 0.0,
-) -> tuple[Tensor, Tensor, list[float], list[float], Bases, list[GramProblem]]:
+) -> tuple[Tensor, Tensor, list[float], list[float], Bases, list[GramProblem] | list[FactorProblem]]:
     # Batch same-shape modules (all of a transformer's q/v projections, say) into one problem.
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, module in enumerate(modules):
         groups[tuple(global_adapter[module].A.shape) + tuple(global_adapter[module].B.shape)].append(index)
-    problems: list[GramProblem] = []
     bases: Bases = []
     for indices in groups.values():
         E, F = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
-        problems.append(GramProblem.from_stacked(E, F, w))
         bases.append((indices, E, F))
-    solution = solve_als(problems, shared, max_sweeps, tol, ridge)
+    # The Gram route keeps 2·M·(J r)² floats per group; beyond the budget the same ALS runs matrix-free.
+    gram_bytes = sum(2 * E.shape[0] * E.shape[1] ** 2 * E.element_size() for _, E, _ in bases)
+    problems: list[GramProblem] | list[FactorProblem]
+    if gram_bytes <= GRAM_BUDGET_BYTES:
+        problems = [GramProblem.from_stacked(E, F, w) for _, E, F in bases]
+        solution = solve_als(problems, shared, max_sweeps, tol, ridge)
+    else:
+        problems = [FactorProblem.build(E, F, w) for _, E, F in bases]
+        solution = solve_als_factors(problems, shared, max_sweeps, tol, ridge)
     p = torch.empty(len(modules), len(updates), dtype=torch.float64, device=w.device)
     q = torch.empty_like(p)
     for indices, pg, qg in zip(groups.values(), solution.ps, solution.qs):
