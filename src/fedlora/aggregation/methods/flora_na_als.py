@@ -198,14 +198,27 @@ def solve_als(
             )
         )
         objective = value if penalty is None else value + penalty.penalty(new_ps, new_qs)
-        if objective > penalised[-1]:  # only round-off can do this; keep the better iterate
+        if not record_sweep(trace, penalised, value, objective):
             break
         ps, qs = new_ps, new_qs
-        trace.append(value)
-        penalised.append(objective)
-        if penalised[-2] - objective <= tol * max(penalised[0], 1e-300):
+        if converged(penalised, tol):
             break
     return AlsSolution(ps, qs, trace, penalised)
+
+
+def record_sweep(trace: list[float], penalised: list[float], value: float, objective: float) -> bool:
+    """Append a sweep's L and J unless J rose (only round-off, or a CG tolerance, can do that: the caller then
+    keeps the better iterate); True when recorded."""
+    if objective > penalised[-1]:
+        return False
+    trace.append(value)
+    penalised.append(objective)
+    return True
+
+
+def converged(penalised: list[float], tol: float) -> bool:
+    """The last sweep lowered J by at most ``tol`` × J at FedIT."""
+    return penalised[-2] - penalised[-1] <= tol * max(penalised[0], 1e-300)
 
 
 def _step_all(

@@ -26,7 +26,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.methods.flora_na_als import AlsSolution
+from fedlora.aggregation.methods.flora_na_als import AlsSolution, converged, record_sweep
 
 CG_TOL = 1e-9  # relative residual of each half-step's solve (measured: the same objective to 1e-13 as 1e-12, 25% fewer iterations)
 CG_MAX_ITER = 500
@@ -193,13 +193,10 @@ def solve_als_factors(
         new_qs, _ = _step_all(problems, qs, ps, True, shared, lams)
         new_ps, systems = _step_all(problems, ps, new_qs, False, shared, lams)
         value = float(sum(s.value(p).sum() for s, p in zip(systems, new_ps)))
-        objective = value + penalty(new_ps, new_qs)
-        if objective > penalised[-1]:  # only round-off (or the CG tolerance) can do this; keep the better iterate
+        if not record_sweep(trace, penalised, value, value + penalty(new_ps, new_qs)):
             break
         ps, qs = new_ps, new_qs
-        trace.append(value)
-        penalised.append(objective)
-        if penalised[-2] - objective <= tol * max(penalised[0], 1e-300):
+        if converged(penalised, tol):
             break
     return AlsSolution(ps, qs, trace, penalised)
 
