@@ -6,7 +6,7 @@ transformers and peft only (no datasets, no flwr, no internet, nothing installed
 
 1. ``aggregate()`` on the device equals the CPU result for every registered method (synthetic clients at
    MiniLM's module shapes; 1e-4 relative, the tolerance of tests/unit/aggregation/test_aggregation_device.py).
-2. Client batching equals clients trained one by one, on the device: a random BERT with a head and a random
+2. Client batching equals clients trained (and evaluated) one by one, on the device: a random BERT with a head and a random
    GQA Llama, fp32 (stated tolerance 1e-4 absolute on every trained tensor) and bf16 (reported, not gated).
 3. Local training at fp32, bf16 and fp16 (loss scaling) on MiniLM shapes: finite losses and seconds per step.
 4. Throughput: benchmarks/client_batching.py for MiniLM (32 clients, batch 32 × 64) and the Qwen2.5-0.5B shape
@@ -92,7 +92,7 @@ def batching_section(device: torch.device, quick: bool) -> list[str]:
     import client_batching as cb
 
     from fedlora.aggregation import TrainingPolicy
-    from fedlora.models.client_batch import ClientJob, train_together
+    from fedlora.models.client_batch import ClientJob, predict_together, train_together
     from fedlora.models.lora_state import get_adapter, get_head, set_adapter, set_head
     from fedlora.models.runtime import Runtime
     from fedlora.models.training import train_local
@@ -131,6 +131,20 @@ def batching_section(device: torch.device, quick: bool) -> list[str]:
                     worst = max(worst, float((h[k] - out.head[k]).abs().max()))
             verdict = check(worst < 1e-4, f"batching {name} fp32") if precision == "fp32" else "reported"
             lines.append(f"| {name} | {precision} | {worst:.2e} | {verdict} |")
+            if name == "tiny-bert":  # local evaluation in shared passes: logits vs each client alone
+                states = [(o.adapter, o.head) for o in together]
+                loaders = [client[:2] for client in data]
+                shared = predict_together(model, states, loaders, runtime)
+                gap = 0.0
+                for (a, h), client, (logits, _) in zip(states, loaders, shared):
+                    set_adapter(model, a)
+                    set_head(model, h)
+                    with torch.inference_mode(), runtime.autocast():
+                        own = torch.cat([model(**runtime.to_device({k: v for k, v in b.items() if k != "labels"}))
+                                         .logits.float().cpu() for b in client])
+                    gap = max(gap, float((own - logits).abs().max()))
+                verdict = check(gap < 1e-4, "evaluation together fp32") if precision == "fp32" else "reported"
+                lines.append(f"| {name} evaluation (logits) | {precision} | {gap:.2e} | {verdict} |")
     return lines
 
 

@@ -24,7 +24,7 @@ Clients' batches of different lengths are padded on the right to the longest (ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -81,7 +81,9 @@ def stack_batches(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class _Stacked:
     """The group's trainable state: stacked LoRA factors and heads, installed on the model by hooks."""
 
-    def __init__(self, model: nn.Module, jobs: Sequence[ClientJob], device: torch.device) -> None:
+    def __init__(self, model: nn.Module, jobs: Sequence[ClientJob] | Sequence[tuple[Adapter, dict[str, Tensor]]],
+                 device: torch.device) -> None:
+        jobs = [j if isinstance(j, ClientJob) else ClientJob(j[0], j[1], iter(())) for j in jobs]
         self.k = len(jobs)
         self.name = active_adapter_name(model)
         self.layers = lora_layers(model)
@@ -258,6 +260,61 @@ def train_together(
         mean = sum(losses[k]) / len(losses[k]) if losses[k] else math.nan
         outcomes.append(ClientOutcome(adapter, head, mean, len(losses[k]), examples[k]))
     return outcomes
+
+
+def predict_together(
+    model: nn.Module, states: Sequence[tuple[Adapter, dict[str, Tensor]]], loaders: Sequence[Iterable[dict[str, Any]]],
+    runtime: Runtime | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """Each client's (logits, labels) over its own loader, the clients' batches in one forward pass per step.
+
+    ``states[k]``: client k's (adapter, head). Step j stacks every client's j-th batch; a client whose loader ran
+    out, or whose batch is shorter, is padded with copies of its own rows, whose outputs are dropped. The model's
+    own adapter and head are left as they were. CPU float32 logits, as :func:`fedlora.models.training.evaluate`.
+    """
+    runtime = runtime or runtime_of(model)
+    stacked = _Stacked(model, states, runtime.device)
+    iterators = [iter(loader) for loader in loaders]
+    outputs: list[list[Tensor]] = [[] for _ in states]
+    labels: list[list[Tensor]] = [[] for _ in states]
+    fillers: list[dict[str, Any] | None] = [None] * len(states)
+    was_training = model.training
+    try:
+        stacked.install(model)
+        model.eval()
+        with torch.inference_mode():
+            while True:
+                batches: list[dict[str, Any] | None] = [next(it, None) for it in iterators]
+                if all(b is None for b in batches):
+                    break
+                for k, b in enumerate(batches):
+                    if b is not None and fillers[k] is None:
+                        fillers[k] = b
+                rows = [int(b["labels"].shape[0]) if b is not None else 0 for b in batches]
+                width = max(rows)
+                filled = [_fill(b if b is not None else fillers[k], width) for k, b in enumerate(batches)]
+                together = runtime.to_device(stack_batches(filled))
+                together.pop("labels")
+                with runtime.autocast():
+                    logits = model(**together).logits.float().cpu()  # (K·width, C)
+                for k, n in enumerate(rows):
+                    if n:
+                        outputs[k].append(logits[k * width:k * width + n])
+                        labels[k].append(torch.as_tensor(batches[k]["labels"]).cpu())  # type: ignore[index]
+    finally:
+        stacked.remove()
+        model.train(was_training)
+    return [(torch.cat(o) if o else torch.zeros(0), torch.cat(y) if y else torch.zeros(0)) for o, y in zip(outputs, labels)]
+
+
+def _fill(batch: dict[str, Any] | None, rows: int) -> dict[str, Any]:
+    """``batch`` with its rows repeated cyclically up to ``rows`` (padding rows whose outputs are dropped)."""
+    assert batch is not None  # a client with no batch at all was given no loader rows; the caller never stacks it
+    n = int(batch["labels"].shape[0])
+    if n == rows:
+        return batch
+    index = torch.arange(rows) % n
+    return {k: v[index] if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def _next(batches: Iterator[dict[str, Any]], step: int, steps: int) -> dict[str, Any]:

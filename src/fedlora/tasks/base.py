@@ -96,6 +96,14 @@ class Task(ABC):
                 return int(value.shape[0])
         raise KeyError(f"batch has neither 'labels' nor 'input_ids' tensors (keys: {sorted(batch)})")
 
+    def evaluate_together(
+        self, model: PeftModel, datas: Sequence[datasets.Dataset], tokenizer: PreTrainedTokenizerBase,
+        runtime: Runtime, states: Sequence[tuple[Any, dict[str, Tensor]]],
+    ) -> list[dict[str, float]] | None:
+        """:meth:`evaluate` of several clients' (adapter, head) ``states``, each on its own ``datas[k]``, in shared
+        forward passes (client batching); None when the task cannot (the caller then evaluates one by one)."""
+        return None
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The mean training loss of some rows from the model's logits, exactly as the model's own ``.loss``
         computes it (client batching scores each client's rows with this). Default: sequence classification,

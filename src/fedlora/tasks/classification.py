@@ -88,15 +88,39 @@ class SequenceClassificationTask(Task):
         872-row SST-2 dev set took ~11 s in input order and ~6 s sorted, same metrics); predictions are put
         back in input order before scoring.
         """
-        from torch.utils.data import DataLoader
-
         from fedlora.models.training import evaluate as predict
 
-        lengths = np.fromiter((len(ids) for ids in data["input_ids"]), dtype=np.int64, count=len(data))
-        order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows on the first batch
-        loader = DataLoader(data.select(order), batch_size=self.eval_batch_size, shuffle=False,
-                            collate_fn=self.collate(tokenizer))
+        order, loader = self._sorted_loader(data, tokenizer)
         predictions, labels = predict(model, loader, self.num_labels, runtime)
+        return self._score_in_order(order, predictions, labels)
+
+    def evaluate_together(
+        self, model: nn.Module, datas: Sequence[datasets.Dataset], tokenizer: PreTrainedTokenizerBase,
+        runtime: Runtime, states: Sequence[tuple[Any, dict[str, Any]]],
+    ) -> list[dict[str, float]]:
+        """:meth:`evaluate` for each client's state on its own data, the clients' batches in shared forward passes
+        (:func:`fedlora.models.client_batch.predict_together`): the same rows, batches and order as alone."""
+        from fedlora.models.client_batch import predict_together
+
+        sorted_loaders = [self._sorted_loader(data, tokenizer) for data in datas]
+        outputs = predict_together(model, states, [loader for _, loader in sorted_loaders], runtime)
+        results = []
+        for (order, _), (logits, labels) in zip(sorted_loaders, outputs):
+            predictions = logits.numpy()
+            predictions = predictions[:, 0] if self.num_labels == 1 else predictions
+            results.append(self._score_in_order(order, predictions, labels.numpy()))
+        return results
+
+    def _sorted_loader(self, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> tuple[np.ndarray, Any]:
+        """(order, loader): the rows longest first, batched (an out-of-memory shows on the first batch)."""
+        from torch.utils.data import DataLoader
+
+        lengths = np.fromiter((len(ids) for ids in data["input_ids"]), dtype=np.int64, count=len(data))
+        order = np.argsort(-lengths, kind="stable")
+        return order, DataLoader(data.select(order), batch_size=self.eval_batch_size, shuffle=False,
+                                 collate_fn=self.collate(tokenizer))
+
+    def _score_in_order(self, order: np.ndarray, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))  # row i of the input is row inverse[i] of the sorted batches
         return self.score(predictions[inverse], labels[inverse])

@@ -33,6 +33,7 @@ KNOBS = LocalOptim(weight_decay=0.1, max_grad_norm=0.05, schedule="cosine", warm
 
 
 INITIAL: dict[nn.Module, tuple[dict[str, LoraPair], dict[str, torch.Tensor]]] = {}  # each model's state as built
+TOKENIZERS: dict[nn.Module, object] = {}
 
 
 def _prepared(model: nn.Module) -> nn.Module:
@@ -103,6 +104,7 @@ def encoder(tiny_bert_path: str):
         rows = [{**tokenizer(texts[(client * 3 + i) % len(texts)] + " !" * client * i), "label": (client + i) % 2}
                 for i in range(4)]
         batches.append([collate(rows)] * STEPS)
+    TOKENIZERS[model] = tokenizer
     return task, _prepared(model), batches
 
 
@@ -172,3 +174,28 @@ def test_stacked_batches_pad_right_with_masked_ignored_positions() -> None:
     assert out["input_ids"].shape == (4, 5)
     assert out["attention_mask"][:2, 3:].eq(0).all() and out["labels"][:2, 3:].eq(-100).all()
     assert out["input_ids"][:2, 3:].eq(0).all() and out["labels"][2:].eq(2).all()
+
+
+def test_local_evaluation_together_equals_each_client_alone(encoder, monkeypatch) -> None:
+    """Clients of 5, 11 and 3 test rows in batches of 4: uneven last batches, a client that runs out first."""
+    task, model, _ = encoder
+    tokenizer = TOKENIZERS[model]
+    data = task.encode(task.load(None)["test"], tokenizer, 32)
+    datas = [data.select(range(0, 5)), data.select(range(5, 16)), data.select(range(16, 19))]
+    monkeypatch.setattr(task, "eval_batch_size", 4)
+    states = _starts(model, 3)
+    alone = []
+    for (adapter, head), d in zip(states, datas):
+        set_adapter(model, adapter)
+        set_head(model, head)
+        alone.append(task.evaluate(model, d, tokenizer, CPU))
+    before = _flat(get_adapter(model), get_head(model))
+    scored: list[int] = []
+    real = type(task).score
+    monkeypatch.setattr(type(task), "score", lambda self, p, y: scored.append(len(y)) or real(self, p, y))
+    together = task.evaluate_together(model, datas, tokenizer, CPU, states)
+    assert scored == [5, 11, 3]
+    for got, want in zip(together, alone):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    after = _flat(get_adapter(model), get_head(model))
+    assert all(torch.equal(before[k], after[k]) for k in before), "the model's own adapter must be left alone"
