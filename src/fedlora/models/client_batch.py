@@ -23,6 +23,7 @@ Clients' batches of different lengths are padded on the right to the longest (ma
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fedlora.aggregation.types import Adapter, LoraPair, TrainingPolicy
-from fedlora.models.lora_state import active_adapter_name, head_parameters, lora_layers
+from fedlora.models.lora_state import active_adapter_name, head_parameters, head_wrappers, lora_layers
 from fedlora.models.optim import LocalOptim
 from fedlora.models.runtime import Runtime, runtime_of
 from fedlora.models.training import split_batch
@@ -81,20 +82,20 @@ def stack_batches(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class _Stacked:
     """The group's trainable state: stacked LoRA factors and heads, installed on the model by hooks."""
 
-    def __init__(self, model: nn.Module, jobs: Sequence[ClientJob] | Sequence[tuple[Adapter, dict[str, Tensor]]],
+    def __init__(self, model: nn.Module, starts: Sequence[tuple[Adapter, dict[str, Tensor]]],
                  device: torch.device) -> None:
-        jobs = [j if isinstance(j, ClientJob) else ClientJob(j[0], j[1], iter(())) for j in jobs]
-        self.k = len(jobs)
+        """``starts[k]``: client k's (adapter, head)."""
+        self.k = len(starts)
         self.name = active_adapter_name(model)
         self.layers = lora_layers(model)
         self.A: dict[str, nn.Parameter] = {}
         self.B: dict[str, nn.Parameter] = {}
         for m, layer in self.layers.items():
             dtype = layer.lora_A[self.name].weight.dtype
-            self.A[m] = nn.Parameter(torch.stack([j.adapter[m].A for j in jobs]).to(device, dtype))  # (K, r, k)
-            self.B[m] = nn.Parameter(torch.stack([j.adapter[m].B for j in jobs]).to(device, dtype))  # (K, d, r)
+            self.A[m] = nn.Parameter(torch.stack([a[m].A for a, _ in starts]).to(device, dtype))  # (K, r, k)
+            self.B[m] = nn.Parameter(torch.stack([a[m].B for a, _ in starts]).to(device, dtype))  # (K, d, r)
         live = head_parameters(model)
-        self.head = {key: nn.Parameter(torch.stack([j.head[key] for j in jobs]).to(device, p.dtype))  # (K, ...)
+        self.head = {key: nn.Parameter(torch.stack([h[key] for _, h in starts]).to(device, p.dtype))  # (K, ...)
                      for key, p in live.items()}
         self.hooks: list[Any] = []
 
@@ -102,7 +103,7 @@ class _Stacked:
         for m, layer in self.layers.items():
             layer.enable_adapters(False)  # the frozen output only; the hook adds each client's own delta
             self.hooks.append(layer.register_forward_hook(self._lora_hook(m, layer)))
-        for prefix, wrapper in _head_wrappers(model, self.name):
+        for prefix, wrapper in head_wrappers(model).items():
             inner = wrapper.modules_to_save[self.name]
             params = {pname: self.head[f"{prefix}.{pname}"] for pname, _ in inner.named_parameters()}
             self.hooks.append(wrapper.register_forward_hook(self._head_hook(inner, params)))
@@ -155,17 +156,6 @@ class _Stacked:
         return adapter, {key: export(p) for key, p in self.head.items()}
 
 
-def _head_wrappers(model: nn.Module, adapter: str) -> list[tuple[str, Any]]:
-    """(key prefix as in :func:`head_parameters`, PEFT ModulesToSaveWrapper) for each trainable head module."""
-    from peft.utils import ModulesToSaveWrapper
-
-    from fedlora.models.lora_state import PEFT_PREFIX
-
-    return [(name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name, module)
-            for name, module in model.named_modules()
-            if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save]
-
-
 def clip_per_client(params: Sequence[Tensor], max_norm: float) -> None:
     """``clip_grad_norm_`` for each client separately: client k's gradients (index k of every stacked
     tensor) are scaled by ``min(1, max_norm / (‖g_k‖ + 1e-6))``, ‖g_k‖ its global L2 norm."""
@@ -205,7 +195,7 @@ def train_together(
         raise ValueError("client batching does not support fp16 loss scaling (one client's overflow would skip "
                          "every client's step); use --precision bf16 or --client-batch 1")
     optim = optim or LocalOptim()
-    stacked = _Stacked(model, jobs, runtime.device)
+    stacked = _Stacked(model, [(job.adapter, job.head) for job in jobs], runtime.device)
     frozen = {p: p.requires_grad for p in model.parameters()}
     losses: list[list[float]] = [[] for _ in jobs]
     examples = [0] * len(jobs)
@@ -234,15 +224,13 @@ def train_together(
                 rows = [int(client[j]["labels"].shape[0]) for client in pieces]
                 with runtime.autocast():
                     logits = model(**together).logits  # (K·b, ...)
-                total = logits.new_zeros((), dtype=torch.float32)
-                start = 0
-                for k, n in enumerate(rows):
-                    own = loss(logits[start:start + n], labels[start:start + n])
-                    share = weights[k][j] / sum(weights[k]) if micro_batches > 1 else 1.0
-                    total = total + own * share
-                    step_loss[k] += float(own.detach()) * share
-                    start += n
-                total.backward()
+                bounds = [0, *itertools.accumulate(rows)]
+                owns = torch.stack([loss(logits[bounds[k]:bounds[k + 1]], labels[bounds[k]:bounds[k + 1]])
+                                    for k in range(len(rows))])  # (K,): each client's own mean loss
+                shares = [weights[k][j] / sum(weights[k]) if micro_batches > 1 else 1.0 for k in range(len(rows))]
+                (owns * torch.tensor(shares, dtype=owns.dtype, device=owns.device)).sum().backward()
+                for k, value in enumerate(owns.detach().tolist()):  # one host sync per micro-batch, not per client
+                    step_loss[k] += value * shares[k]
             if optim.max_grad_norm > 0:
                 clip_per_client(params, optim.max_grad_norm)
             optimizer.step()

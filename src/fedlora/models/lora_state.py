@@ -123,15 +123,18 @@ def set_adapter(model: nn.Module, adapter: Adapter) -> None:
             layer.lora_B[name_].weight.copy_(adapter[name].B)
 
 
+def head_wrappers(model: nn.Module) -> dict[str, ModulesToSaveWrapper]:
+    """Stable module name -> PEFT ``ModulesToSaveWrapper`` of each trainable head module, in model order."""
+    adapter = active_adapter_name(model)
+    return {_strip(name): module for name, module in model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save}
+
+
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Live head parameters (the trainable ``modules_to_save`` copies), keyed like :func:`get_head`."""
     adapter = active_adapter_name(model)
-    params: dict[str, nn.Parameter] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
-            for pname, p in module.modules_to_save[adapter].named_parameters():
-                params[f"{_strip(name)}.{pname}"] = p
-    return params
+    return {f"{name}.{pname}": p for name, wrapper in head_wrappers(model).items()
+            for pname, p in wrapper.modules_to_save[adapter].named_parameters()}
 
 
 def get_head(model: nn.Module) -> dict[str, Tensor]:
