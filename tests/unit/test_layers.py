@@ -30,7 +30,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "fedlora"
 LAYERS: list[tuple[str, ...]] = [
     ("util",),
-    ("aggregation", "sandbox"),
+    ("aggregation", "sandbox", "privacy"),
     ("testing",),
     ("config",),
     ("models",),

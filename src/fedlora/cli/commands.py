@@ -34,6 +34,7 @@ from fedlora.config.run import ConfigError, RunConfig
 from fedlora.config.schema import add_arguments, from_namespace
 from fedlora.cli.demo import DEMO_EXAMPLES
 from fedlora.util.threads import add_threads_option, apply_threads, prefer_passive_wait
+from fedlora.runs.model_card import privacy_text
 
 FORMATS = ("text", "markdown")  # fedlora.cli.catalog.FORMATS; repeated so that building the parser imports nothing
 
@@ -243,6 +244,8 @@ def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
         return 1
     last = history[-1]
     print(f"{config.method} on {config.task}: final {last['global']} after {last['round']} rounds -> {config.out}")
+    if privacy_text(last):
+        print(f"privacy: {privacy_text(last)}")
     return 0
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.config.privacy import validate_privacy
 from fedlora.config.schema import option
 
 
@@ -147,6 +148,14 @@ class RunConfig:
     clip_factor: float = option(3.0, "federation", "clip each client's update (factors and head) to this many times "
                                 "the round's median update norm; 0: off (README, Failure modes)")
     seed: int = option(0, "federation", "seed of everything: partition, init, batches, client sampling", data=True)
+    # -- privacy: user-level differential privacy (DP-FedAvg; docs/privacy.md)
+    dp_clip: float = option(0.0, "privacy", "user-level DP: clip each client's update (uploaded factors and head, "
+                            "jointly) to this L2 norm C, and add Gaussian noise to their sum; 0: no DP")
+    dp_epsilon: float = option(0.0, "privacy", "the run's privacy budget ε: without --dp-noise, the noise is calibrated "
+                               "so --rounds rounds spend exactly ε; with it, the run stops before ε is exceeded; 0: none")
+    dp_noise: float = option(0.0, "privacy", "noise multiplier z (the sum's noise has std z·C); 0: calibrated from "
+                             "--dp-epsilon")
+    dp_delta: float = option(1e-5, "privacy", "δ of the (ε, δ) guarantee; below 1 / --clients")
     # -- evaluation
     divergence: str = option("every", "evaluation", "aggregation divergence report: 'every' round, every N rounds "
                              "(and the last), or 'off' (not measured: the record's divergence is null)",
@@ -373,6 +382,7 @@ def _validate(c: RunConfig) -> None:
     _require(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule, f"use one of {', '.join(LR_SCHEDULES)}")
     _require(_is_int(c.warmup_steps) and c.warmup_steps >= 0, "warmup_steps", c.warmup_steps,
              "must be an integer >= 0 (0: no warm-up)")
+    validate_privacy(c, _require)
 
 
 def _validate_ranks(c: RunConfig) -> None:

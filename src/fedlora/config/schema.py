@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-SECTIONS = ("data", "model", "training", "federation", "evaluation", "runtime", "flower")
+SECTIONS = ("data", "model", "training", "federation", "privacy", "evaluation", "runtime", "flower")
 
 
 def option(

@@ -49,7 +49,8 @@ from fedlora.util.progress import phase
 from fedlora.models.lora_state import (get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta,
                                  merged_base_weights, restore_base_weights, set_adapter, set_head)
 from fedlora.protocol.records import round_record
-from fedlora.protocol.server import server_step
+from fedlora.protocol.private import noise_generator, private_server_step, privacy_budget
+from fedlora.protocol.server import ServerStep, server_step
 
 log = logging.getLogger(__name__)
 SERVER_SEED = 1_000_003  # separates the server's own seeds (client sampling, method seeds) from clients'
@@ -146,6 +147,7 @@ class Server:
         ranks = assign_ranks(config.client_ranks, config.clients, config.rank, config.seed)
         self.mixed_ranks = is_mixed(ranks, config.rank)
         self.rank_of = {c.client_id: r for c, r in zip(federation.clients, ranks)}
+        self.privacy = privacy_budget(config)  # DP-FedAvg's clip, noise and budget; None without DP
 
     @classmethod
     def open(cls, config: RunConfig, model: PeftModel, tokenizer: Any, federation: Federation,
@@ -179,7 +181,15 @@ class Server:
 
     # -- the round ----------------------------------------------------------------------------
     def remaining_rounds(self) -> range:
-        return range(self.state.round + 1, self.config.rounds + 1)
+        """The rounds still to run: up to ``--rounds``, or with a privacy budget, the last one it affords."""
+        last = self.config.rounds
+        if self.privacy is not None and self.privacy.epsilon_budget is not None:
+            last = self.privacy.last_affordable(self.config.rounds)
+            if last < self.config.rounds:
+                log.warning("privacy budget: ε=%g at δ=%g affords %d of the %d planned rounds (noise multiplier %.4g); "
+                            "the run stops after round %d", self.privacy.epsilon_budget, self.privacy.delta, last,
+                            self.config.rounds, self.privacy.noise_multiplier, last)
+        return range(self.state.round + 1, last + 1)
 
     def plan(self, round_: int) -> RoundPlan:
         every = self.config.eval_local_every
@@ -226,14 +236,7 @@ class Server:
         results = self.bounded(results)
         ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
         with phase("aggregation"):
-            step = server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
-                               min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
-                               measure_divergence=divergence_due(self.config.divergence, plan.round,
-                                                                 self.config.rounds),
-                               weight_cap=None,  # counts are the partition table's (bounded), not claims
-                               round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
-                               rank_map=self.config.rank_map,  # each update is measured from what client_start sent
-                               **plan.options)
+            step = self._aggregate(plan, results, ranks)
         failpoint("aggregate", plan.round)
         if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
             for r in results:
@@ -251,6 +254,8 @@ class Server:
             global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer,
                                          samples=samples)
         record = round_record(plan.round, results, agg.metrics, global_metrics, server_seconds, self.state.head)
+        if self.privacy is not None:
+            record.update(self.privacy.record(plan.round))
         record.update(extra or {})
         record["wall_seconds"] = time.perf_counter() - started
         self.state.round = plan.round
@@ -259,6 +264,21 @@ class Server:
         save_state(self.state, self.out)
         self.outputs.round_done(self.state, samples)
         return record
+
+    def _aggregate(self, plan: RoundPlan, results: list[ClientResult], ranks: dict[str, int] | None) -> ServerStep:
+        """The round's server step: plain (validated, robustly clipped), or DP-FedAvg's noised mean."""
+        if self.privacy is not None:
+            return private_server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
+                                       budget=self.privacy, planned=len(plan.clients),
+                                       generator=noise_generator(self.config.seed, plan.round),
+                                       round_index=plan.round, state=self.state.method_state, **plan.options)
+        return server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
+                           min_clients=self.config.min_clients, clip=self.config.clip_factor or None,
+                           measure_divergence=divergence_due(self.config.divergence, plan.round, self.config.rounds),
+                           weight_cap=None,  # counts are the partition table's (bounded), not claims
+                           round_index=plan.round, state=self.state.method_state, client_ranks=ranks,
+                           rank_map=self.config.rank_map,  # each update is measured from what client_start sent
+                           **plan.options)
 
     def _apply(self, plan: RoundPlan, agg: AggregationResult, head: dict[str, Tensor]) -> None:
         if agg.base_delta:

@@ -198,6 +198,22 @@ def split_text(config: RunConfig) -> str:
     return f"Dirichlet α = {config.alpha}"
 
 
+def privacy_text(record: dict[str, Any]) -> str:
+    """What a run's (last) record says of its differential privacy, in one phrase ("" without DP)."""
+    if record.get("dp_epsilon") is None:
+        return ""
+    return (f"user-level (ε = {record['dp_epsilon']:.4g}, δ = {record['dp_delta']:.3g})-DP after round {record['round']} "
+            f"(DP-FedAvg: clip {record['dp_clip']:.4g}, noise multiplier {record['dp_noise_multiplier']:.4g}; RDP "
+            "accountant, fixed-size client sampling)")
+
+
+def privacy_lines(record: dict[str, Any]) -> list[str]:
+    """The card's privacy line, if the run was differentially private."""
+    text = privacy_text(record)
+    return [f"- differential privacy: {markdown_text(text)}; the guarantee covers the global models, not the "
+            "per-client diagnostics in metrics.jsonl (docs/privacy.md)"] if text else []
+
+
 def write_model_card(path: str | Path, config: RunConfig, history: list[dict[str, Any]], base_ref: str,
                      loaded_as: str) -> Path:
     """``README.md`` in the adapter directory: the run, its final metrics, and how to load it."""
@@ -229,6 +245,7 @@ def write_model_card(path: str | Path, config: RunConfig, history: list[dict[str
         f"{config.local_steps} local steps at batch {config.batch_size}, lr {config.lr}, LoRA rank {config.rank} "
         f"(alpha {config.lora_alpha}), seed {config.seed}.",
         "",
+        *privacy_lines(last),
         f"- base model: {markdown_code(base_shown)} ({markdown_text(loaded_shown)})",
         f"- made by: {markdown_code(command_line(config, local_paths=False))} (local paths by their folder's name)",
         "",

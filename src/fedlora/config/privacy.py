@@ -1,0 +1,50 @@
+"""The checks of the privacy options (``--dp-*``), before anything loads: DP-FedAvg's preconditions.
+
+Separate from :mod:`fedlora.config.run` only for size; :func:`validate_privacy` is called from its
+validation with the same ``require`` helper, so every message names the option and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+Require = Callable[[bool, str, Any, str], None]
+
+
+def dp_enabled(config: Any) -> bool:
+    """Whether the run is differentially private (``--dp-clip`` > 0)."""
+    return bool(config.dp_clip)
+
+
+def validate_privacy(c: Any, require: Require) -> None:
+    """``--dp-clip/--dp-epsilon/--dp-noise/--dp-delta`` consistent with each other and with the method."""
+    from fedlora.aggregation import available_methods, get_method
+
+    for name in ("dp_clip", "dp_epsilon", "dp_noise"):
+        value = getattr(c, name)
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and value >= 0, name, value, "must be a finite number >= 0 (0: off)")
+    if not dp_enabled(c):
+        require(not c.dp_epsilon and not c.dp_noise, "dp_clip", c.dp_clip,
+                "differential privacy needs the clip bound C: set --dp-clip (a typical client update norm; a "
+                "non-DP run's metrics.jsonl reports the round's median as norm_reference)")
+        return
+    require(bool(c.dp_epsilon or c.dp_noise), "dp_clip", c.dp_clip,
+            "with --dp-clip set, give --dp-epsilon (the noise is calibrated to it) or --dp-noise (or both)")
+    require(isinstance(c.dp_delta, float) and 0 < c.dp_delta < 1 / c.clients, "dp_delta", c.dp_delta,
+            f"must be in (0, 1/--clients = {1 / c.clients:.3g}): a larger δ lets the mechanism reveal a whole client")
+    policy = get_method(c.method).policy
+    sums_only = [m for m in available_methods()
+                 if not get_method(m).policy.needs_individual_updates and not get_method(m).policy.private_factors]
+    require(not policy.needs_individual_updates and not policy.private_factors, "method", c.method,
+            "differential privacy (DP-FedAvg) adds noise to the sum of client updates, so it works with methods "
+            f"that need only sums and share every factor they train: {', '.join(sums_only)}"
+            + ("; fedsa-lora's global model needs each client's private B, which DP never releases"
+               if policy.private_factors else ""))
+    require(not any(r != c.rank for r in c.client_ranks), "client_ranks", c.client_ranks,
+            "mixed client ranks are not supported with differential privacy; drop --client-ranks")
+    weighting = c.method_options.get("weighting", "uniform")
+    require(weighting == "uniform", "method_options", f"weighting={weighting}",
+            "DP-FedAvg weighs every client equally (an example-weighted mean would let a client's data size change "
+            "the sensitivity); drop the weighting option")
