@@ -184,8 +184,12 @@ def assert_wire_matches_formula(method: str, flower: list[dict], adapter: Path) 
             # The same shift for FLoRA's stacked factors; and no A, B at all: the global adapter is the
             # init (round 1) or a re-init every client draws from the seed the server names.
             down = 0
-        assert r["wire_lora_bytes_up"] == up, r["round"]
-        assert r["wire_lora_bytes_down"] == down, r["round"]
+        # a phased method's (FedASK) sketches and broadcasts count as LoRA bytes in the formula, as "phase" on the wire
+        assert r["wire_lora_bytes_up"] + r["wire_phase_bytes_up"] == up, r["round"]
+        assert r["wire_lora_bytes_down"] + r["wire_phase_bytes_down"] == down, r["round"]
+        assert (r["wire_phase_bytes_up"] > 0) == (method == "fedask")
+        if method == "fedask":  # the server is sent sketches and heads only: no client factor ever travels up
+            assert r["wire_lora_bytes_up"] == 0
         assert r["wire_head_bytes_up"] == r["bytes_up"] - r["lora_bytes_up"]  # the head both ways, as round_record counts it
         assert r["wire_head_bytes_down"] == r["bytes_down"] - r["lora_bytes_down"]
         # FedSA-LoRA's B goes up outside the protocol, for the server's evaluation-only global B
@@ -205,6 +209,8 @@ FLOWER_CASES = {
     "flora-na-stable-mixed-ranks": ("flora-na-stable", {"client_ranks": (8, 3)}),
     # DP-FedAvg: the seeded noise and the accountant's ε are the server's, so both engines agree exactly
     "rolora-dp": ("rolora", {"dp_clip": 0.5, "dp_epsilon": 8.0}),
+    # two round trips per round: the phase-1 sketch with the training reply, phase 2 in its own messages
+    "fedask": ("fedask", {"method_options": {"sketch": 12}}),
 }
 # Not here, to keep CI under 30 minutes: ffa-lora (its frozen A is rebuilt by the client from the init seed, the
 # mechanism flora's re-init uses; its trimmed records are weighed in tests/unit/engines/test_flower_units.py), svd-ef (its state lives in the server's checkpoint, which both engines share:

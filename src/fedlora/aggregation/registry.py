@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fedlora.aggregation.options import OptionSpec, check_options, option_specs
+from fedlora.aggregation.phased import PhasedAggregation
 from fedlora.aggregation.types import AggregationError, AggregationResult, TrainingPolicy
 
 MethodFn = Callable[..., AggregationResult]
@@ -43,6 +44,8 @@ class MethodSpec:
     option_specs: dict[str, OptionSpec] = field(default_factory=dict)
     # Where the method comes from (a citation, or "this project"): shown by `fedlora methods` and docs/methods.md.
     source: str = ""
+    # Several client round trips of weighted sums per round (FedASK); None: one upload of factors.
+    phased: PhasedAggregation | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -75,13 +78,14 @@ def register_method(
     summary: str,
     weightings: tuple[str, ...] = ("examples", "uniform"),
     source: str = "",
+    phased: PhasedAggregation | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator: ``@register_method("fedit", summary=..., source="Zhang et al., ICASSP 2024")`` over a method function."""
 
     def wrap(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"aggregation method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, option_specs(fn), source)
+        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, option_specs(fn), source, phased)
         return fn
 
     return wrap

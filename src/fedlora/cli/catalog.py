@@ -70,6 +70,8 @@ def method_rows(builtin_only: bool = False) -> list[dict[str, str]]:
         else:
             train = _factors(policy.train_A, policy.train_B) + (" (B stays on the client)" if policy.local_B else "")
             upload = _factors(policy.upload_A, policy.upload_B)
+        if spec.phased is not None:  # no factor: a sum-friendly upload in each of its round trips
+            upload = f"no factor: one sketch in each of {spec.phased.phases} round trips"
         download = {"factors": "A, B" if policy.download_full_adapter else _factors(policy.upload_A, policy.upload_B),
                     "residual": "A, B and the d×k residual T − B̄Ā (merged into W0)",
                     "stacked": "every client's A, B, stacked (merged into W0; LoRA re-initialised)"}[policy.download]

@@ -35,13 +35,18 @@ def validate_privacy(c: Any, require: Require) -> None:
     require(isinstance(c.dp_delta, float) and 0 < c.dp_delta < 1 / c.clients, "dp_delta", c.dp_delta,
             f"must be in (0, 1/--clients = {1 / c.clients:.3g}): a larger δ lets the mechanism reveal a whole client")
     policy = get_method(c.method).policy
-    sums_only = [m for m in available_methods()
-                 if not get_method(m).policy.needs_individual_updates and not get_method(m).policy.private_factors]
-    require(not policy.needs_individual_updates and not policy.private_factors, "method", c.method,
+    def fits(name: str) -> bool:  # one upload of factors whose sum is all the method needs
+        spec = get_method(name)
+        return not spec.policy.needs_individual_updates and not spec.policy.private_factors and spec.phased is None
+
+    sums_only = [m for m in available_methods() if fits(m)]
+    require(fits(c.method), "method", c.method,
             "differential privacy (DP-FedAvg) adds noise to the sum of client updates, so it works with methods "
             f"that need only sums and share every factor they train: {', '.join(sums_only)}"
             + ("; fedsa-lora's global model needs each client's private B, which DP never releases"
-               if policy.private_factors else ""))
+               if policy.private_factors else "")
+            + ("; a multi-phase method would need noise on every phase's sum, which is not implemented: use "
+               "record-level DP (--dp-sgd-*) with it" if get_method(c.method).phased is not None else ""))
     require(not any(r != c.rank for r in c.client_ranks), "client_ranks", c.client_ranks,
             "mixed client ranks are not supported with differential privacy; drop --client-ranks")
     weighting = c.method_options.get("weighting", "uniform")

@@ -69,6 +69,9 @@ class ClientResult:
     head: dict[str, Tensor]
     loss: float
     local_metrics: dict[str, float] | None  # personalised metrics on the client's local test split
+    # A phased method's (FedASK) phase-1 upload, computed right after training; then ``update`` is what the
+    # client keeps for the later phases, and its factors never reach the server (Flower sends none).
+    first_upload: dict[str, Tensor] | None = None
 
 
 def train_client(

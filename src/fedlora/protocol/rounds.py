@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,6 +50,7 @@ from fedlora.util.progress import phase
 from fedlora.models.lora_state import (get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta,
                                  merged_base_weights, restore_base_weights, set_adapter, set_head)
 from fedlora.protocol.records import round_record
+from fedlora.protocol.phases import InProcessChannel, PhaseChannel, first_upload, phased_server_step
 from fedlora.protocol.private import noise_generator, private_server_step, privacy_budget
 from fedlora.protocol.server import ServerStep, server_step
 
@@ -85,13 +87,14 @@ def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: 
                   config: RunConfig, plan: RoundPlan, start: tuple[Adapter, dict[str, Tensor]]) -> ClientResult:
     """Client ``index``'s round of ``plan`` from ``start`` (adapter, head); both engines' clients call this."""
     adapter, head = start
-    return train_client(
+    result = train_client(
         model, client_id=client.client_id, train=client.train, local_test=client.local_test if plan.local_eval else None,
         task=task, tokenizer=tokenizer, global_adapter=adapter, global_head=head,
         policy=get_method(config.method).policy.for_round(plan.round), steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         seed=derived_seed(config.seed, plan.round, index), grad_accum=config.grad_accum,
         optim=LocalOptim.for_round(config, plan.round),  # weight decay, clipping, the run's lr schedule
     )
+    return with_first_upload([result], config, plan)[0]
 
 
 def train_planned_together(model: torch.nn.Module, clients: list[tuple[ClientData, int]], task: Any, tokenizer: Any,
@@ -101,11 +104,20 @@ def train_planned_together(model: torch.nn.Module, clients: list[tuple[ClientDat
     group = [ClientPlan(client_id=c.client_id, train=c.train, local_test=c.local_test if plan.local_eval else None,
                         adapter=adapter, head=head, seed=derived_seed(config.seed, plan.round, index))
              for (c, index), (adapter, head) in zip(clients, starts)]
-    return train_clients_together(
+    results = train_clients_together(
         model, group, task=task, tokenizer=tokenizer, policy=get_method(config.method).policy.for_round(plan.round),
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr, grad_accum=config.grad_accum,
         optim=LocalOptim.for_round(config, plan.round),
     )
+    return with_first_upload(results, config, plan)
+
+
+def with_first_upload(results: list[ClientResult], config: RunConfig, plan: RoundPlan) -> list[ClientResult]:
+    """A phased method's clients compute their phase-1 upload right after training (FedASK's sketch)."""
+    phased = get_method(config.method).phased
+    if phased is None:
+        return results
+    return [replace(r, first_upload=first_upload(phased, r.update.adapter, plan.options)) for r in results]
 
 
 @dataclass(frozen=True)
@@ -230,13 +242,18 @@ class Server:
         return bool(self.spec.policy.private_factors) and (client_id in self.state.local_B or aggregated)
 
     def finish(self, plan: RoundPlan, results: list[ClientResult], started: float,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Aggregate, merge, evaluate, record and checkpoint round ``plan.round``; returns its record."""
+               extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+               channel: PhaseChannel | None = None) -> dict[str, Any]:
+        """Aggregate, merge, evaluate, record and checkpoint round ``plan.round``; returns its record.
+
+        ``extra``: the engine's fields for the record, or a function giving them once the aggregation is done
+        (a phased method's later phases add to Flower's wire bytes). ``channel``: how a phased method's later
+        phases reach the clients (default: in this process, from ``results``)."""
         server_start = time.perf_counter()
         results = self.bounded(results)
         ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
         with phase("aggregation"):
-            step = self._aggregate(plan, results, ranks)
+            step = self._aggregate(plan, results, ranks, channel)
         failpoint("aggregate", plan.round)
         if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
             for r in results:
@@ -256,7 +273,7 @@ class Server:
         record = round_record(plan.round, results, agg.metrics, global_metrics, server_seconds, self.state.head)
         if self.privacy is not None:
             record.update(self.privacy.record(plan.round))
-        record.update(extra or {})
+        record.update((extra() if callable(extra) else extra) or {})
         record["wall_seconds"] = time.perf_counter() - started
         self.state.round = plan.round
         self.state.history.append(record)
@@ -265,8 +282,15 @@ class Server:
         self.outputs.round_done(self.state, samples)
         return record
 
-    def _aggregate(self, plan: RoundPlan, results: list[ClientResult], ranks: dict[str, int] | None) -> ServerStep:
-        """The round's server step: plain (validated, robustly clipped), or DP-FedAvg's noised mean."""
+    def _aggregate(self, plan: RoundPlan, results: list[ClientResult], ranks: dict[str, int] | None,
+                   channel: PhaseChannel | None) -> ServerStep:
+        """The round's server step: plain (validated, robustly clipped), phased (sums over several round trips),
+        or DP-FedAvg's noised mean."""
+        if self.spec.phased is not None:
+            return phased_server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
+                                      channel=channel or InProcessChannel(self.spec.phased, results, plan.options),
+                                      options=plan.options, round_index=plan.round, min_clients=self.config.min_clients,
+                                      clip=self.config.clip_factor or None)
         if self.privacy is not None:
             return private_server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
                                        budget=self.privacy, planned=len(plan.clients),

@@ -27,7 +27,7 @@ ALL = available_methods()
 # Methods that run on the meta device (no decision on the host depends on a tensor value; FedSVD's
 # and FedRot-LoRA's QR/SVDs have meta kernels) and those that do not (an SVD's numerical rank, a
 # solver's convergence test).
-VALUE_FREE = {"fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "fedsvd", "rolora", "fedrot-lora"}
+VALUE_FREE = {"fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "fedsvd", "rolora", "fedrot-lora", "fedask"}
 VALUE_DEPENDENT = {"svd", "flora-na", "svd-ef", "flora-na-stable"}
 # Every method, plus the options that take other code paths (uniform weights, FLoRA-NA's solvers,
 # scopes and its "authors" weighting, which builds its own solve weights).

@@ -38,7 +38,7 @@ def dense_objective(adapter, updates, weighting="examples"):
 
 def test_registry_lists_every_method_of_the_paper():
     assert set(ALL) == {"fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "svd", "flora-na",
-                        "fedsvd", "rolora", "fedrot-lora", "svd-ef", "flora-na-stable"}
+                        "fedsvd", "rolora", "fedrot-lora", "svd-ef", "flora-na-stable", "fedask"}
 
 
 def frozen_A(method):

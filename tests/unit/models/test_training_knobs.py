@@ -180,7 +180,7 @@ def test_the_engines_and_flower_pass_the_knobs(monkeypatch) -> None:
             config.max_grad_norm) == (0.1, 0.01, "linear", 5, 1.0)
     got: dict = {}
     monkeypatch.setattr(rounds, "train_client", lambda *a, **kw: got.update(kw))
-    monkeypatch.setattr(rounds, "get_method", lambda name: type("M", (), {"policy": TrainingPolicy()}))
+    monkeypatch.setattr(rounds, "get_method", lambda name: type("M", (), {"policy": TrainingPolicy(), "phased": None}))
     client = type("C", (), {"client_id": "c", "train": None, "local_test": None})
     rounds.train_planned(None, client, 0, None, None, config, rounds.RoundPlan(3, (0,), False, {}), ({}, {}))
     assert got["optim"] == LocalOptim(0.01, 1.0, "linear", 5, config.rounds * config.local_steps, 2 * config.local_steps)

@@ -53,7 +53,8 @@ def test_every_method_declares_what_the_engines_need(method):
     policy = get_method(method).policy
     assert policy.download in ("factors", "residual", "stacked")
     assert policy.train_A or policy.train_B
-    assert policy.upload_A or policy.upload_B
+    # a client uploads a factor, or a phased method's sums (FedASK's sketches) instead of any factor
+    assert policy.upload_A or policy.upload_B or get_method(method).phased is not None
     assert set(policy.private_factors) <= {"A", "B"}
     if policy.private_factors:  # a private factor never travels in the protocol
         assert not policy.upload_B
@@ -63,7 +64,7 @@ def test_every_method_declares_what_the_engines_need(method):
 
 def test_secure_aggregation_column_matches_the_methods_definitions():
     only_sums = {m for m in available_methods() if not get_method(m).policy.needs_individual_updates}
-    assert {"fedit", "ffa-lora", "fedsa-lora"} <= only_sums
+    assert {"fedit", "ffa-lora", "fedsa-lora", "fedask"} <= only_sums
     assert not only_sums & {"flora-na", "fedex-lora", "flora", "svd"}
 
 

@@ -1,6 +1,7 @@
 """Built-in aggregation methods; importing this package registers each one."""
 
 from fedlora.aggregation.methods import (  # noqa: F401  (imported for registration)
+    fedask,
     fedex_lora,
     fedit,
     fedrot_lora,

@@ -10,6 +10,8 @@ simulation several virtual SuperNodes share one process (and so the cached model
 * ``"base"``: the frozen weights this client has merged ``base_delta`` into, and how many
   rounds of deltas that includes (FedEx-LoRA, FLoRA); restored before each round.
 * ``"local-B"``: FedSA-LoRA's private B factors, kept across rounds.
+* ``"phase-adapter"``: a phased method's (FedASK) adapter after training, kept for the round's later phases
+  (:mod:`fedlora.engines.flower.phases`); its factors never leave the client.
 
 Only the LoRA factors the method shares travel (:mod:`fedlora.engines.flower.wire`); the others come
 from the client itself: FFA-LoRA's frozen A is the seed-determined init, FLoRA's re-initialised
@@ -38,12 +40,15 @@ from fedlora.engines.flower.data_cache import client_data
 from fedlora.engines.flower.config import run_config_from_flower
 from fedlora.engines.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
                                  tensors_record)
+from fedlora.engines.flower.phases import PHASE_BROADCAST
+from fedlora.engines.flower.replies import PHASE_UPLOAD
 from fedlora.tasks.build import build_model
 from fedlora.protocol.rounds import RoundPlan, train_planned
 from fedlora.models.lora_state import get_adapter, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+PHASE_ADAPTER, PHASE_STATE = "phase-adapter", "phase-round"  # a phased method's trained adapter, kept between phases
 
 
 @dataclass
@@ -133,8 +138,13 @@ def train(msg: Message, context: Context) -> Message:
     partition = _partition(context, config)
     proc = _process(config)
     settings = msg.content["config"]
-    policy = get_method(config.method).policy.for_round(int(settings["server-round"]))
-    plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options={})
+    if int(settings.get("phase", 1)) > 1:  # a phased method's later round trip (FedASK's phase 2)
+        return _phase_reply(msg, context, config)
+    spec = get_method(config.method)
+    policy = spec.policy.for_round(int(settings["server-round"]))
+    seed = int(settings.get("method-seed", -1))  # the round's method seed, drawn by the server
+    options = dict(config.method_options) | ({"seed": seed} if seed >= 0 else {})
+    plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options=options)
     version = _sync_base(proc, context.state, _deltas(msg.content), reset=bool(settings.get("base-reset", False)))
     rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
 
@@ -157,7 +167,26 @@ def train(msg: Message, context: Context) -> Message:
                           "metrics": MetricRecord(metrics)})
     if policy.private_factors:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
         content["eval-B"] = model_record(sent, {}, A=False)
+    if spec.phased is not None and result.first_upload is not None:  # kept here for the later phases, never sent
+        context.state[PHASE_ADAPTER] = model_record(adapter, {})
+        context.state[PHASE_STATE] = ConfigRecord({"server-round": plan.round})
+        content[PHASE_UPLOAD] = tensors_record(result.first_upload)
     return Message(content, reply_to=msg)
+
+
+def _phase_reply(msg: Message, context: Context, config: RunConfig) -> Message:
+    """Phase p >= 2: the upload computed from the adapter this client kept after training in this round."""
+    settings = msg.content["config"]
+    round_, phase = int(settings["server-round"]), int(settings["phase"])
+    phased = get_method(config.method).phased
+    if phased is None or PHASE_ADAPTER not in context.state:
+        raise ConfigError(f"phase {phase} message for a client that holds no trained adapter of a phased method")
+    if int(context.state[PHASE_STATE]["server-round"]) != round_:
+        raise ConfigError(f"phase {phase} message for round {round_}, but this client last trained in round "
+                          f"{int(context.state[PHASE_STATE]['server-round'])}")
+    adapter, _ = record_to_model(context.state[PHASE_ADAPTER])
+    upload = phased.upload(phase, adapter, record_tensors(msg.content[PHASE_BROADCAST]), dict(config.method_options))
+    return Message(RecordDict({PHASE_UPLOAD: tensors_record(upload)}), reply_to=msg)
 
 
 def _deltas(content: RecordDict) -> dict[int, dict[str, Tensor]] | None:

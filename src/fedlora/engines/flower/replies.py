@@ -33,6 +33,7 @@ from fedlora.engines.flower.wire import npy_header, tensors_to_model
 
 TRAIN_METRICS = ("num-examples", "partition-id", "train-loss", "base-version")  # what every TRAIN reply reports
 LOCAL_PREFIX = "local."  # the client's metrics on its local test split
+PHASE_UPLOAD = "phase-upload"  # a phased method's upload (FedASK's sketches), {module: tensor}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Expected:
     arrays: dict[str, tuple[int, ...]]  # "arrays": key -> shape (the uploaded factors and the head)
     eval_B: dict[str, tuple[int, ...]] | None  # "eval-B" (private-factor methods), else must be absent
     max_version: int  # the newest merge that can exist while the round runs (round - 1)
+    phase_upload: dict[str, tuple[int, ...]] | None = None  # a phased method's phase-1 upload, else must be absent
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class TrainReply:
     loss: float
     local_metrics: dict[str, float] | None
     base_version: int
+    phase_upload: dict[str, Tensor] | None = None
 
 
 def expected_arrays(adapter: Adapter, head: dict[str, Tensor], *, A: bool, B: bool) -> dict[str, tuple[int, ...]]:
@@ -77,7 +80,8 @@ def _parse_train(msg: Message, expected: Expected) -> TrainReply | str:
     if not msg.has_content():
         return "reply has no content"
     content = msg.content
-    allowed = {"arrays", "metrics"} | ({"eval-B"} if expected.eval_B is not None else set())
+    allowed = ({"arrays", "metrics"} | ({"eval-B"} if expected.eval_B is not None else set())
+               | ({PHASE_UPLOAD} if expected.phase_upload is not None else set()))
     if unknown := sorted(set(content) - allowed):
         return f"unexpected records {unknown}; a TRAIN reply holds {sorted(allowed)}"
     if missing := sorted(allowed - set(content)):
@@ -97,8 +101,28 @@ def _parse_train(msg: Message, expected: Expected) -> TrainReply | str:
         if isinstance(decoded, str):
             return decoded
         eval_B = decoded
+    upload: dict[str, Tensor] | None = None
+    if expected.phase_upload is not None:
+        decoded = decode_record(content[PHASE_UPLOAD], expected.phase_upload, PHASE_UPLOAD)
+        if isinstance(decoded, str):
+            return decoded
+        upload = decoded
     num_examples, loss, base_version, local = values
-    return TrainReply(arrays, eval_B, num_examples, loss, local, base_version)
+    return TrainReply(arrays, eval_B, num_examples, loss, local, base_version, upload)
+
+
+def parse_phase_reply(msg: Message, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor] | str:
+    """A later phase's reply (:mod:`fedlora.engines.flower.phases`): its upload, or why it is refused. Never raises."""
+    try:
+        if msg.has_error():
+            return str(msg.error.reason)
+        if not msg.has_content():
+            return "reply has no content"
+        if set(msg.content) != {PHASE_UPLOAD}:
+            return f"a phase reply holds exactly {[PHASE_UPLOAD]}, not {sorted(msg.content)}"
+        return decode_record(msg.content[PHASE_UPLOAD], expected, PHASE_UPLOAD)
+    except Exception as exc:  # noqa: BLE001 -- as in parse_train_reply
+        return f"unreadable reply ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 def _metrics(record: MetricRecord, expected: Expected) -> tuple[int, float, int, dict[str, float] | None] | str:
@@ -204,7 +228,8 @@ def to_result(reply: TrainReply, own: Adapter, *, rank: int, server_rank: int, c
         start, _ = tensors_to_model(reply.eval_B, missing_from=start)
     adapter, head = tensors_to_model(reply.arrays, missing_from=start)
     update = ClientUpdate(adapter=pad(adapter, server_rank), num_examples=reply.num_examples, client_id=client_id)
-    return ClientResult(update=update, head=head, loss=reply.loss, local_metrics=reply.local_metrics)
+    return ClientResult(update=update, head=head, loss=reply.loss, local_metrics=reply.local_metrics,
+                        first_upload=reply.phase_upload)
 
 
 def parse_query_reply(msg: Message, clients: int) -> int | str:

@@ -36,6 +36,7 @@ from fedlora.protocol.client import ClientResult
 from fedlora.engines.flower.config import FlowerOptions
 from fedlora.engines.flower.merges import Download, MergeLedger
 from fedlora.engines.flower.nodes import NodeMap
+from fedlora.engines.flower.phases import FlowerChannel
 from fedlora.engines.flower.replies import Expected, TrainReply, expected_arrays, parse_train_reply, to_result
 from fedlora.engines.flower.wire import WireBytes, content_bytes, deltas_record, model_record, stacked_record
 from fedlora.protocol.rounds import BaseMerge, RoundPlan, Server
@@ -67,6 +68,7 @@ class FedLoraStrategy(FedAvg):
         self.downloads: dict[int, Download] = {}  # node -> the merges its TRAIN message carried
         self.sent_bytes = WireBytes()
         self.started = time.perf_counter()
+        self.grid: Grid | None = None  # the round's grid (configure_train), for a phased method's later phases
 
     @property
     def partition_of(self) -> dict[int, int]:
@@ -90,6 +92,7 @@ class FedLoraStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.started = time.perf_counter()
+        self.grid = grid  # a phased method's later phases go through it (aggregate_train)
         self._map_partitions(grid, timeout=self.connect_timeout)
         self.plan = plan = self.server.plan(server_round + self.offset)
         node_for = self.nodes.node_for(set(grid.get_node_ids()))
@@ -123,13 +126,16 @@ class FedLoraStrategy(FedAvg):
             partition=partition, num_examples=self.server.federation.clients[partition].num_examples,
             arrays=expected_arrays(own, head, A=policy.upload_A, B=policy.upload_B),
             eval_B=expected_arrays(own, {}, A=False, B=True) if policy.private_factors else None,
-            max_version=plan.round - 1)
+            max_version=plan.round - 1,
+            phase_upload=phased.shapes(1, adapter, plan.options) if (phased := self.server.spec.phased) else None)
         content = RecordDict({
             "arrays": model_record(own, head, A=factors and (policy.upload_A or full),
                                    B=factors and (policy.upload_B or full or send_private)),
             "config": ConfigRecord({"server-round": plan.round, "local-eval": plan.local_eval, "partition-id": partition,
                                     "init-seed": self.server.state.init_seed, "client-rank": rank,
-                                    "base-reset": download.reset}),
+                                    "base-reset": download.reset,
+                                    # the method's seed of this round (FedASK's sketch); -1: the method draws none
+                                    "method-seed": int(plan.options.get("seed", -1))}),
         })
         content.update(_merge_records(download.merges))
         return content
@@ -150,14 +156,31 @@ class FedLoraStrategy(FedAvg):
             if self.policy.private_factors:  # the client stored its own factors before replying
                 self.holds_private.add(node)
         received = sum((content_bytes(msg.content) for msg, _ in accepted.values()), WireBytes())
-        wire = self.sent_bytes.as_record("down") | received.as_record("up")
-        extra = {"failed_nodes": failures, "refused_nodes": self.nodes.refused_records(), **wire}
-        record = self.server.finish(plan, results, self.started, extra=extra)
+        channel = self._phase_channel(plan, order)
+
+        def extra() -> dict[str, Any]:  # after the aggregation: a phased method's later phases are on the wire too
+            sent, got = (self.sent_bytes, received) if channel is None else (self.sent_bytes + channel.sent,
+                                                                              received + channel.received)
+            return {"failed_nodes": failures + (channel.failures if channel else []),
+                    "refused_nodes": self.nodes.refused_records(), **sent.as_record("down"), **got.as_record("up")}
+
+        record = self.server.finish(plan, results, self.started, extra=extra, channel=channel)
         self.ledger.absorb(self.server.merges)  # the round's merge, if any: kept bounded from here on
         log(INFO, "round %d: main metric %.4f, divergence %.4g", record["round"], record["global_metric"], record["divergence"])
         metrics = MetricRecord({"num-clients": len(results), "global-metric": float(record["global_metric"]),
                                 "divergence": float(record["divergence"]), "skipped": int(record["skipped"])})
         return model_record(self.server.state.adapter, self.server.state.head), metrics
+
+    def _phase_channel(self, plan: RoundPlan, nodes: list[int]) -> FlowerChannel | None:
+        """Phases 2..P of a phased method (FedASK) to the nodes whose training replies were accepted."""
+        phased = self.server.spec.phased
+        if phased is None:
+            return None
+        assert self.grid is not None, "configure_train stores the round's grid"
+        clients = {node: self.server.federation.clients[self.expected[node].partition].client_id for node in nodes}
+        return FlowerChannel(self.grid, phased, {c: n for n, c in clients.items()},
+                             {c: self.expected[n].partition for n, c in clients.items()}, plan.round,
+                             self.server.state.adapter, plan.options, self.connect_timeout)
 
     def _sort_replies(self, round_: int, replies: list[Message]) -> tuple[dict[int, tuple[Message, TrainReply]], list[dict[str, Any]]]:
         """Valid replies by node, and ``[{node, partition, reason}]`` for every node whose update is

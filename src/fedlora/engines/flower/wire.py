@@ -125,6 +125,7 @@ def record_tensors(record: ArrayRecord) -> dict[str, Tensor]:
 
 
 # -- bytes on the wire ------------------------------------------------------------------------
+PHASE_RECORDS = ("phase", "phase-upload")  # a phased method's broadcast and uploads
 @dataclass(frozen=True)
 class WireBytes:
     """Array payload bytes in messages, by what they carry (float32 data; no .npy headers).
@@ -132,12 +133,14 @@ class WireBytes:
     ``lora``: LoRA factors and ``base-delta`` records -- what
     :func:`fedlora.aggregation.communication.round_bytes` counts. ``head``: the classifier head.
     ``eval``: FedSA-LoRA's ``"eval-B"``, outside the protocol (see the module docstring).
+    ``phase``: a phased method's broadcasts and uploads (FedASK's Q and sketches; :mod:`fedlora.engines.flower.phases`).
     ``serialized``: every Array's full serialised buffer (.npy header included).
     """
 
     lora: int = 0
     head: int = 0
     eval: int = 0
+    phase: int = 0
     serialized: int = 0
 
     def __add__(self, other: "WireBytes") -> "WireBytes":
@@ -172,6 +175,8 @@ def content_bytes(content: RecordDict) -> WireBytes:
             n = payload_bytes(array)
             if name == "eval-B":
                 kind = "eval"
+            elif name in PHASE_RECORDS:
+                kind = "phase"
             elif name in ("base-delta", "base-factors") or ".lora_" in key:
                 kind = "lora"
             else:
