@@ -74,7 +74,8 @@ def assert_same_history(flower: list[dict], local: list[dict], rel: float = 1e-5
         for key in ("bytes_up", "bytes_down", "lora_bytes_up", "lora_bytes_down"):
             assert f[key] == l[key], key
         assert f["local_metric"] == pytest.approx(l["local_metric"], abs=1e-6)
-        assert f.get("dp_epsilon") == l.get("dp_epsilon")  # None for both without differential privacy
+        for key in ("dp_epsilon", "dp_sgd_epsilon"):
+            assert f.get(key) == l.get(key)  # None for both without differential privacy
 
 
 def run_locally(config: RunConfig) -> list[dict]:
@@ -209,6 +210,8 @@ FLOWER_CASES = {
     "flora-na-stable-mixed-ranks": ("flora-na-stable", {"client_ranks": (8, 3)}),
     # DP-FedAvg: the seeded noise and the accountant's ε are the server's, so both engines agree exactly
     "rolora-dp": ("rolora", {"dp_clip": 0.5, "dp_epsilon": 8.0}),
+    # record-level DP-SGD: the server calibrates the noise and sends it; the client's Opacus steps are seeded
+    "fedit-dp-sgd": ("fedit", {"dp_sgd_clip": 1.0, "dp_sgd_epsilon": 8.0, "dp_sgd_delta": 1e-3}),
     # two round trips per round: the phase-1 sketch with the training reply, phase 2 in its own messages
     "fedask": ("fedask", {"method_options": {"sketch": 12}}),
 }

@@ -1,10 +1,13 @@
-"""User-level DP-FedAvg through `fedlora run` (the local engine; Flower: tests/integration/test_flower_simulation.py).
+"""Differential privacy through `fedlora run`: user-level DP-FedAvg and record-level DP-SGD (the local engine;
+Flower: tests/integration/test_flower_simulation.py runs both and checks they equal the local engine).
 
 Properties: with a vanishing noise and a clip nobody reaches, DP-FedAvg is FedIT with uniform weights (the
 mechanism adds nothing else); every round records the ε the accountant says it spent, growing, and the
 divergence is not measured (it would need individual updates); a budget smaller than the planned rounds
 stops the run after the last round it affords, with the final adapter saved; the same seed gives the same
-noised run, another seed another; a resumed DP run ends where an uninterrupted one does.
+noised run, another seed another; a resumed DP run ends where an uninterrupted one does. Record-level DP-SGD
+records the ε that bounds every client's (the smallest client, every round), stops at its budget, and is
+refused where the split or the training knobs cannot give it.
 """
 
 from __future__ import annotations
@@ -96,3 +99,47 @@ def test_dp_refuses_what_it_cannot_make_private(changes, message):
         RunConfig(**(TINY | dict(dp_clip=1.0, dp_epsilon=3.0) | changes))
     with pytest.raises(ConfigError, match="--dp-clip"):
         RunConfig(**(TINY | dict(dp_epsilon=3.0)))
+
+
+def test_record_level_dp_sgd_records_the_bound_of_every_client_and_stops_at_its_budget(tmp_path, tiny_bert_path,
+                                                                                      caplog):
+    from fedlora.protocol.federation import build_federation, load_data
+
+    config = RunConfig(model=tiny_bert_path, out=str(tmp_path / "x"), **(TINY | dict(dp_sgd_clip=1.0, dp_sgd_noise=1.5,
+                                                                                       dp_sgd_delta=1e-3)))
+    from fedlora.tasks.build import build_model
+
+    _, tokenizer = build_model(config)
+    smallest = min(c.num_examples for c in build_federation(config, tokenizer, load_data(config)).clients)
+    after = [epsilon_spent(1.5, t * TINY["local_steps"], TINY["batch_size"], smallest, 1e-3) for t in (1, 2, 3)]
+    budget = (after[1] + after[2]) / 2  # affords 2 of the 3 rounds
+    with caplog.at_level("WARNING"):
+        history, _ = _run(tmp_path, "dp-sgd", tiny_bert_path, dp_sgd_clip=1.0, dp_sgd_noise=1.5, dp_sgd_delta=1e-3,
+                          dp_sgd_epsilon=budget)
+    assert [r["dp_sgd_epsilon"] for r in history] == [pytest.approx(e) for e in after[:2]]
+    assert "record-level privacy budget" in caplog.text and "dp_epsilon" not in history[0]
+    card = (tmp_path / "dp-sgd" / "adapter" / "README.md").read_text()
+    assert "record-level" in card
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(client_batch=2), "one client at a time"),
+    (dict(grad_accum=2), "whole batches"),
+    (dict(precision="bf16"), "fp32 only"),
+    (dict(max_grad_norm=1.0), "instead"),
+    (dict(dp_sgd_epsilon=0.0), "--dp-sgd-epsilon"),
+])
+def test_dp_sgd_refuses_the_knobs_it_replaces_or_cannot_take(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**(TINY | dict(dp_sgd_clip=1.0, dp_sgd_epsilon=3.0) | changes))
+    with pytest.raises(ConfigError, match="--dp-sgd-clip"):
+        RunConfig(**(TINY | dict(dp_sgd_noise=1.0)))
+
+
+@pytest.mark.parametrize("changes, message", [(dict(batch_size=200), "lower --batch-size"),
+                                               (dict(dp_sgd_delta=0.5), "not below 1 /")])
+def test_dp_sgd_is_refused_before_training_where_the_split_cannot_take_it(tmp_path, tiny_bert_path, changes, message):
+    config = RunConfig(model=tiny_bert_path, out=str(tmp_path / "r"),
+                       **(TINY | dict(dp_sgd_clip=1.0, dp_sgd_noise=1.0) | changes))
+    with pytest.raises(ConfigError, match=message):
+        run(config, progress=False)

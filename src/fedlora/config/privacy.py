@@ -25,6 +25,7 @@ def validate_privacy(c: Any, require: Require) -> None:
         value = getattr(c, name)
         require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 and value >= 0, name, value, "must be a finite number >= 0 (0: off)")
+    _validate_dp_sgd(c, require)
     if not dp_enabled(c):
         require(not c.dp_epsilon and not c.dp_noise, "dp_clip", c.dp_clip,
                 "differential privacy needs the clip bound C: set --dp-clip (a typical client update norm; a "
@@ -53,3 +54,32 @@ def validate_privacy(c: Any, require: Require) -> None:
     require(weighting == "uniform", "method_options", f"weighting={weighting}",
             "DP-FedAvg weighs every client equally (an example-weighted mean would let a client's data size change "
             "the sensitivity); drop the weighting option")
+
+
+def dp_sgd_enabled(config: Any) -> bool:
+    """Whether clients train with record-level DP-SGD (``--dp-sgd-clip`` > 0)."""
+    return bool(config.dp_sgd_clip)
+
+
+def _validate_dp_sgd(c: Any, require: Require) -> None:
+    """Record-level DP-SGD (:mod:`fedlora.models.dp_sgd`): its options, and the knobs it replaces or cannot take."""
+    for name in ("dp_sgd_clip", "dp_sgd_epsilon", "dp_sgd_noise"):
+        value = getattr(c, name)
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and value >= 0, name, value, "must be a finite number >= 0 (0: off)")
+    if not dp_sgd_enabled(c):
+        require(not c.dp_sgd_epsilon and not c.dp_sgd_noise, "dp_sgd_clip", c.dp_sgd_clip,
+                "record-level DP-SGD needs the per-example clip bound: set --dp-sgd-clip (e.g. 1.0)")
+        return
+    require(bool(c.dp_sgd_epsilon or c.dp_sgd_noise), "dp_sgd_clip", c.dp_sgd_clip,
+            "with --dp-sgd-clip set, give --dp-sgd-epsilon (the noise is calibrated to it) or --dp-sgd-noise")
+    require(isinstance(c.dp_sgd_delta, float) and 0 < c.dp_sgd_delta < 1, "dp_sgd_delta", c.dp_sgd_delta,
+            "must be in (0, 1), and below 1 / the smallest client's examples (checked once the data is split)")
+    require(c.client_batch == 1, "client_batch", c.client_batch,
+            "record-level DP-SGD trains one client at a time (Opacus' per-example gradients); use --client-batch 1")
+    require(c.grad_accum == 1, "grad_accum", c.grad_accum,
+            "record-level DP-SGD takes whole batches (per-example gradients already bound memory by the batch); "
+            "use --grad-accum 1 and a smaller --batch-size")
+    require(c.precision == "fp32", "precision", c.precision, "record-level DP-SGD runs in fp32 only")
+    require(not c.max_grad_norm, "max_grad_norm", c.max_grad_norm,
+            "record-level DP-SGD clips every example's gradient to --dp-sgd-clip instead; drop --max-grad-norm")

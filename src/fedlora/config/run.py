@@ -156,6 +156,14 @@ class RunConfig:
     dp_noise: float = option(0.0, "privacy", "noise multiplier z (the sum's noise has std z·C); 0: calibrated from "
                              "--dp-epsilon")
     dp_delta: float = option(1e-5, "privacy", "δ of the (ε, δ) guarantee; below 1 / --clients")
+    dp_sgd_clip: float = option(0.0, "privacy", "record-level DP-SGD inside each client (Opacus): clip every example's "
+                                "gradient (LoRA factors and head) to this L2 norm and add Gaussian noise; 0: off")
+    dp_sgd_epsilon: float = option(0.0, "privacy", "record-level budget ε (every client's, at --dp-sgd-delta): calibrates "
+                                   "the noise over --rounds x --local-steps steps, or with --dp-sgd-noise stops the run "
+                                   "before it is exceeded; 0: none")
+    dp_sgd_noise: float = option(0.0, "privacy", "record-level noise multiplier z; 0: calibrated from --dp-sgd-epsilon")
+    dp_sgd_delta: float = option(1e-5, "privacy", "δ of the record-level guarantee; below 1 / the smallest client's "
+                                 "training examples")
     # -- evaluation
     divergence: str = option("every", "evaluation", "aggregation divergence report: 'every' round, every N rounds "
                              "(and the last), or 'off' (not measured: the record's divergence is null)",

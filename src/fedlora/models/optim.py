@@ -59,6 +59,8 @@ class LocalOptim:
     with fp16 the loss scaler's factor is removed first, so the bound is on the true gradient.
     ``schedule``, ``warmup_steps``, ``total_steps``: the run's lr schedule (:func:`lr_factor`);
     ``first_step``: the run's step count when this round's local training starts.
+    ``dp_sgd_clip``, ``dp_sgd_noise``: record-level DP-SGD (:mod:`fedlora.models.dp_sgd`): every example's
+    gradient clipped to this L2 norm, Gaussian noise of std ``dp_sgd_noise`` x the clip on their sum (0: off).
     """
 
     weight_decay: float = 0.0
@@ -67,13 +69,22 @@ class LocalOptim:
     warmup_steps: int = 0
     total_steps: int = 0
     first_step: int = 0
+    dp_sgd_clip: float = 0.0
+    dp_sgd_noise: float = 0.0
 
     @classmethod
-    def for_round(cls, config: RunConfig, round_: int) -> LocalOptim:
-        """The settings a client trains round ``round_`` (1-based) of ``config``'s run with."""
+    def for_round(cls, config: RunConfig, round_: int, dp_sgd_noise: float = 0.0) -> LocalOptim:
+        """The settings a client trains round ``round_`` (1-based) of ``config``'s run with; ``dp_sgd_noise``:
+        the record-level noise multiplier the server planned (calibrated from the clients' sizes)."""
         return cls(weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, schedule=config.lr_schedule,
                    warmup_steps=config.warmup_steps, total_steps=config.rounds * config.local_steps,
-                   first_step=max(0, round_ - 1) * config.local_steps)
+                   first_step=max(0, round_ - 1) * config.local_steps, dp_sgd_clip=config.dp_sgd_clip,
+                   dp_sgd_noise=dp_sgd_noise)
+
+    @property
+    def dp_sgd(self) -> bool:
+        """Whether local training is record-level DP-SGD."""
+        return self.dp_sgd_clip > 0
 
     @property
     def scheduled(self) -> bool:

@@ -50,7 +50,7 @@ def split_batch(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
     return cut
 
 
-def _policy_grad_flags(model: nn.Module, policy: TrainingPolicy) -> dict[Tensor, bool]:
+def policy_grad_flags(model: nn.Module, policy: TrainingPolicy) -> dict[Tensor, bool]:
     """Wanted ``requires_grad`` for every LoRA factor and head parameter under ``policy``."""
     adapter = active_adapter_name(model)
     wanted: dict[Tensor, bool] = {}  # the LoRA factors' and the head's weight Parameters
@@ -95,7 +95,7 @@ def train_local(
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    wanted = _policy_grad_flags(model, policy)
+    wanted = policy_grad_flags(model, policy)
     previous = {p: p.requires_grad for p in wanted}
     runtime = runtime or runtime_of(model)
     optim = optim or LocalOptim()

@@ -66,29 +66,40 @@ def calibrate_noise(epsilon: float, delta: float, rounds: int, sampled: int, pop
 
 @dataclass(frozen=True)
 class PrivacyBudget:
-    """A run's user-level DP: clip C, noise multiplier z, δ, and the ε budget it may not exceed (None: no cap)."""
+    """A run's DP at one level: clip C, noise multiplier z, δ, and the ε budget it may not exceed (None: no cap).
 
-    clip: float  # C: every client's update (uploaded factors and head, jointly) has L2 norm <= C
+    ``level="user"`` (DP-FedAvg): one Gaussian mechanism per round over the m of N clients sampled.
+    ``level="record"`` (DP-SGD inside each client, :mod:`fedlora.models.dp_sgd`): ``steps_per_round``
+    mechanisms per round over a batch of b of the client's n examples; the population is the smallest
+    client's n and every round counts, so the ε reported bounds every client's (one that sat out a round
+    spent less; one with more examples, less).
+    """
+
+    clip: float  # C: every update (a client's: factors and head jointly; a record's gradient) has L2 norm <= C
     noise_multiplier: float  # z: the sum's noise has std z·C per coordinate
     delta: float
     epsilon_budget: float | None
-    sampled: int  # m clients per round (fixed)
-    population: int  # N clients
+    sampled: int  # m clients per round, or b records per step (fixed)
+    population: int  # N clients, or n records
+    steps_per_round: int = 1
+    level: str = "user"
 
     @classmethod
     def plan(cls, *, clip: float, delta: float, rounds: int, sampled: int, population: int,
-             noise: float | None = None, epsilon: float | None = None) -> PrivacyBudget:
+             noise: float | None = None, epsilon: float | None = None, steps_per_round: int = 1,
+             level: str = "user") -> PrivacyBudget:
         """``noise`` given: use it (ε is reported; with ``epsilon`` too, the run stops at that budget);
         only ``epsilon``: the z that spends exactly that over ``rounds`` planned rounds."""
         if noise is None:
             if epsilon is None:
-                raise ValueError("differential privacy needs --dp-epsilon or --dp-noise")
-            noise = calibrate_noise(epsilon, delta, rounds, sampled, population)
-        return cls(clip, noise, delta, epsilon, sampled, population)
+                raise ValueError("differential privacy needs an epsilon to calibrate the noise to, or the noise")
+            noise = calibrate_noise(epsilon, delta, rounds * steps_per_round, sampled, population)
+        return cls(clip, noise, delta, epsilon, sampled, population, steps_per_round, level)
 
     def spent(self, rounds: int) -> float:
         """ε after ``rounds`` rounds."""
-        return epsilon_spent(self.noise_multiplier, rounds, self.sampled, self.population, self.delta)
+        return epsilon_spent(self.noise_multiplier, rounds * self.steps_per_round, self.sampled, self.population,
+                             self.delta)
 
     def affordable(self, rounds: int) -> bool:
         """Whether ``rounds`` rounds stay within the budget (always, when there is none)."""
@@ -104,9 +115,10 @@ class PrivacyBudget:
         return low
 
     def record(self, rounds: int) -> dict[str, float]:
-        """What a round's metrics line says about privacy after ``rounds`` rounds."""
-        return {"dp_epsilon": self.spent(rounds), "dp_delta": self.delta, "dp_noise_multiplier": self.noise_multiplier,
-                "dp_clip": self.clip}
+        """What a round's metrics line says about privacy after ``rounds`` rounds (``dp_*``; record level ``dp_sgd_*``)."""
+        prefix = "dp" if self.level == "user" else "dp_sgd"
+        return {f"{prefix}_epsilon": self.spent(rounds), f"{prefix}_delta": self.delta,
+                f"{prefix}_noise_multiplier": self.noise_multiplier, f"{prefix}_clip": self.clip}
 
     def noise_std(self) -> float:
         """σ = z·C, the std of the noise added to the sum of clipped updates."""

@@ -24,6 +24,7 @@ from fedlora.util.progress import phase
 from fedlora.models.lora_state import get_adapter, get_head, set_adapter, set_head
 from fedlora.models.runtime import Runtime, runtime_of
 from fedlora.tasks import Collate, Task
+from fedlora.models.dp_sgd import train_local_dp
 from fedlora.models.training import train_local
 from fedlora.models.client_batch import ClientJob, train_together
 
@@ -44,6 +45,20 @@ def round_batches(
     for step in range(steps):
         index = order[step * batch_size : (step + 1) * batch_size].tolist()
         rows = data[index]  # {column: values of the selected rows}
+        yield collate([{k: rows[k][i] for k in rows} for i in range(len(index))])
+
+
+def sampled_batches(
+    data: datasets.Dataset, steps: int, batch_size: int, seed: int, collate: Collate
+) -> Iterator[dict[str, Tensor]]:
+    """``steps`` batches, each ``batch_size`` rows drawn uniformly without replacement, independently of the
+    other steps: the sampling record-level DP-SGD's accountant assumes (:func:`round_batches` shuffles instead)."""
+    if batch_size > len(data):
+        raise ValueError(f"DP-SGD batch of {batch_size} rows from a client with {len(data)}: lower --batch-size")
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randperm(len(data), generator=generator)[:batch_size].tolist()
+        rows = data[index]
         yield collate([{k: rows[k][i] for k in rows} for i in range(len(index))])
 
 
@@ -106,10 +121,15 @@ def train_client(
     runtime = runtime or runtime_of(model)
     set_adapter(model, global_adapter)
     set_head(model, global_head)
-    batches = round_batches(train, steps, batch_size, seed, task.collate(tokenizer))
-    with phase("training"):
-        stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime, micro_batches=grad_accum,
-                            loss_weight=task.loss_weight, optim=optim)
+    if optim is not None and optim.dp_sgd:  # record-level DP-SGD: independent fixed-size draws, Opacus
+        with phase("training (DP-SGD)"):
+            stats = train_local_dp(model, sampled_batches(train, steps, batch_size, seed, task.collate(tokenizer)),
+                                   steps, lr, policy, seed, optim, runtime, task.example_losses, batch_size)
+    else:
+        batches = round_batches(train, steps, batch_size, seed, task.collate(tokenizer))
+        with phase("training"):
+            stats = train_local(model, batches, steps, lr, policy, seed, runtime=runtime, micro_batches=grad_accum,
+                                loss_weight=task.loss_weight, optim=optim)
     local_metrics = None
     if local_test is not None and len(local_test):
         with phase("local evaluation"):

@@ -28,8 +28,8 @@ from fedlora.aggregation.heads import head_problem
 from fedlora.aggregation.outcome import skipped_result
 from fedlora.aggregation.registry import get_method
 from fedlora.aggregation.validation import client_key, collect_problems
-from fedlora.config.privacy import dp_enabled
-from fedlora.config.run import RunConfig
+from fedlora.config.privacy import dp_enabled, dp_sgd_enabled
+from fedlora.config.run import ConfigError, RunConfig
 from fedlora.privacy.accountant import PrivacyBudget
 from fedlora.privacy.gaussian import Delta, noisy_mean
 from fedlora.protocol.client import ClientResult, derived_seed
@@ -47,6 +47,24 @@ def privacy_budget(config: RunConfig) -> PrivacyBudget | None:
     return PrivacyBudget.plan(clip=config.dp_clip, delta=config.dp_delta, rounds=config.rounds,
                               sampled=config.num_sampled, population=config.clients,
                               noise=config.dp_noise or None, epsilon=config.dp_epsilon or None)
+
+
+def record_budget(config: RunConfig, client_sizes: list[int]) -> PrivacyBudget | None:
+    """Record-level DP-SGD's budget over the run (None without it), for the smallest client: the bound of all.
+
+    Raises :class:`ConfigError` when the split cannot take it: a client smaller than a batch, or δ >= 1/n."""
+    if not dp_sgd_enabled(config):
+        return None
+    smallest = min(client_sizes)
+    if config.batch_size > smallest:
+        raise ConfigError(f"--batch-size={config.batch_size} is larger than the smallest client's {smallest} training "
+                          "examples; record-level DP-SGD draws a full batch every step: lower --batch-size")
+    if config.dp_sgd_delta >= 1 / smallest:
+        raise ConfigError(f"--dp-sgd-delta={config.dp_sgd_delta:g} is not below 1 / {smallest} (the smallest client's "
+                          "training examples): a δ that large lets the mechanism reveal a whole record; lower it")
+    return PrivacyBudget.plan(clip=config.dp_sgd_clip, delta=config.dp_sgd_delta, rounds=config.rounds,
+                              sampled=config.batch_size, population=smallest, noise=config.dp_sgd_noise or None,
+                              epsilon=config.dp_sgd_epsilon or None, steps_per_round=config.local_steps, level="record")
 
 
 def noise_generator(seed: int, round_: int) -> torch.Generator:

@@ -51,7 +51,7 @@ from fedlora.models.lora_state import (get_adapter, get_head, lora_layers, lora_
                                  merged_base_weights, restore_base_weights, set_adapter, set_head)
 from fedlora.protocol.records import round_record
 from fedlora.protocol.phases import InProcessChannel, PhaseChannel, first_upload, phased_server_step
-from fedlora.protocol.private import noise_generator, private_server_step, privacy_budget
+from fedlora.protocol.private import noise_generator, private_server_step, privacy_budget, record_budget
 from fedlora.protocol.server import ServerStep, server_step
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class RoundPlan:
     clients: tuple[int, ...]  # partition indices, in the order updates are aggregated
     local_eval: bool  # clients evaluate on their local test split after training
     options: dict[str, Any]  # the method's options for this round (with its server seed, if any)
+    dp_sgd_noise: float = 0.0  # record-level DP-SGD's noise multiplier (the server calibrates it); 0: off
 
 
 def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: Any, tokenizer: Any,
@@ -92,7 +93,7 @@ def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: 
         task=task, tokenizer=tokenizer, global_adapter=adapter, global_head=head,
         policy=get_method(config.method).policy.for_round(plan.round), steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         seed=derived_seed(config.seed, plan.round, index), grad_accum=config.grad_accum,
-        optim=LocalOptim.for_round(config, plan.round),  # weight decay, clipping, the run's lr schedule
+        optim=LocalOptim.for_round(config, plan.round, plan.dp_sgd_noise),  # weight decay, clipping, lr schedule, DP-SGD
     )
     return with_first_upload([result], config, plan)[0]
 
@@ -107,7 +108,7 @@ def train_planned_together(model: torch.nn.Module, clients: list[tuple[ClientDat
     results = train_clients_together(
         model, group, task=task, tokenizer=tokenizer, policy=get_method(config.method).policy.for_round(plan.round),
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr, grad_accum=config.grad_accum,
-        optim=LocalOptim.for_round(config, plan.round),
+        optim=LocalOptim.for_round(config, plan.round, plan.dp_sgd_noise),
     )
     return with_first_upload(results, config, plan)
 
@@ -160,6 +161,7 @@ class Server:
         self.mixed_ranks = is_mixed(ranks, config.rank)
         self.rank_of = {c.client_id: r for c, r in zip(federation.clients, ranks)}
         self.privacy = privacy_budget(config)  # DP-FedAvg's clip, noise and budget; None without DP
+        self.record_privacy = record_budget(config, [c.num_examples for c in federation.clients])  # DP-SGD's
 
     @classmethod
     def open(cls, config: RunConfig, model: PeftModel, tokenizer: Any, federation: Federation,
@@ -195,12 +197,14 @@ class Server:
     def remaining_rounds(self) -> range:
         """The rounds still to run: up to ``--rounds``, or with a privacy budget, the last one it affords."""
         last = self.config.rounds
-        if self.privacy is not None and self.privacy.epsilon_budget is not None:
-            last = self.privacy.last_affordable(self.config.rounds)
-            if last < self.config.rounds:
-                log.warning("privacy budget: ε=%g at δ=%g affords %d of the %d planned rounds (noise multiplier %.4g); "
-                            "the run stops after round %d", self.privacy.epsilon_budget, self.privacy.delta, last,
-                            self.config.rounds, self.privacy.noise_multiplier, last)
+        for budget in (self.privacy, self.record_privacy):
+            if budget is not None and budget.epsilon_budget is not None:
+                affordable = budget.last_affordable(self.config.rounds)
+                if affordable < self.config.rounds:
+                    log.warning("%s-level privacy budget: ε=%g at δ=%g affords %d of the %d planned rounds (noise "
+                                "multiplier %.4g); the run stops after round %d", budget.level, budget.epsilon_budget,
+                                budget.delta, affordable, self.config.rounds, budget.noise_multiplier, affordable)
+                last = min(last, affordable)
         return range(self.state.round + 1, last + 1)
 
     def plan(self, round_: int) -> RoundPlan:
@@ -209,7 +213,8 @@ class Server:
         if self.spec.policy.server_seed:
             options["seed"] = derived_seed(self.config.seed, round_, SERVER_SEED + 1)
         return RoundPlan(round_, tuple(sample_clients(self.config, round_)),
-                         local_eval=every > 0 and (round_ % every == 0 or round_ == self.config.rounds), options=options)
+                         local_eval=every > 0 and (round_ % every == 0 or round_ == self.config.rounds), options=options,
+                         dp_sgd_noise=self.record_privacy.noise_multiplier if self.record_privacy else 0.0)
 
     def client_start(self, client_id: str) -> tuple[Adapter, dict[str, Tensor]]:
         """The adapter and head ``client_id`` starts its round from (its private factors included).
@@ -271,8 +276,9 @@ class Server:
             global_metrics = evaluate_on(self.model, self.federation.test, self.federation.task, self.tokenizer,
                                          samples=samples)
         record = round_record(plan.round, results, agg.metrics, global_metrics, server_seconds, self.state.head)
-        if self.privacy is not None:
-            record.update(self.privacy.record(plan.round))
+        for budget in (self.privacy, self.record_privacy):
+            if budget is not None:
+                record.update(budget.record(plan.round))
         record.update((extra() if callable(extra) else extra) or {})
         record["wall_seconds"] = time.perf_counter() - started
         self.state.round = plan.round

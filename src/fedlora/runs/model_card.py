@@ -200,11 +200,17 @@ def split_text(config: RunConfig) -> str:
 
 def privacy_text(record: dict[str, Any]) -> str:
     """What a run's (last) record says of its differential privacy, in one phrase ("" without DP)."""
-    if record.get("dp_epsilon") is None:
-        return ""
-    return (f"user-level (ε = {record['dp_epsilon']:.4g}, δ = {record['dp_delta']:.3g})-DP after round {record['round']} "
-            f"(DP-FedAvg: clip {record['dp_clip']:.4g}, noise multiplier {record['dp_noise_multiplier']:.4g}; RDP "
-            "accountant, fixed-size client sampling)")
+    parts = []
+    if record.get("dp_epsilon") is not None:
+        parts.append(f"user-level (ε = {record['dp_epsilon']:.4g}, δ = {record['dp_delta']:.3g})-DP after round "
+                     f"{record['round']} (DP-FedAvg: clip {record['dp_clip']:.4g}, noise multiplier "
+                     f"{record['dp_noise_multiplier']:.4g}; RDP accountant, fixed-size client sampling)")
+    if record.get("dp_sgd_epsilon") is not None:
+        parts.append(f"record-level (ε = {record['dp_sgd_epsilon']:.4g}, δ = {record['dp_sgd_delta']:.3g})-DP for "
+                     f"every client's examples after round {record['round']} (DP-SGD with Opacus: per-example clip "
+                     f"{record['dp_sgd_clip']:.4g}, noise multiplier {record['dp_sgd_noise_multiplier']:.4g}; RDP "
+                     "accountant, fixed-size batches)")
+    return "; ".join(parts)
 
 
 def privacy_lines(record: dict[str, Any]) -> list[str]:

@@ -116,6 +116,17 @@ class Task(ABC):
             return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(-1))
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
+    def example_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Each row's own loss (b,), from nothing but that row: what record-level DP-SGD clips per example
+        (:mod:`fedlora.models.dp_sgd`). Default: sequence classification, as :meth:`loss` but unreduced."""
+        import torch
+
+        logits = logits.float()  # (b, C)
+        if logits.shape[-1] == 1:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(-1),
+                                                reduction="none")
+        return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), reduction="none")
+
     @abstractmethod
     def load(self, data_dir: str | Path | None) -> datasets.DatasetDict:
         """The raw data as ``DatasetDict(train=..., test=...)``; ``test`` is the global test set.

@@ -134,6 +134,20 @@ class CausalLMTask(Task):
         return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
                                                  ignore_index=IGNORE)
 
+    def example_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Each row's mean next-token loss over its own supervised tokens (b,); 0 for a row with none.
+
+        Not :meth:`loss`'s token-weighted mean over the batch: there one row's length would scale every other
+        row's gradient, which a per-example clip cannot bound (record-level DP-SGD needs rows independent)."""
+        import torch
+
+        shifted = logits[:, :-1].float()  # (b, L-1, V)
+        target = labels[:, 1:]  # (b, L-1)
+        tokens = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), target, ignore_index=IGNORE,
+                                                   reduction="none")  # (b, L-1), 0 where ignored
+        counts = (target != IGNORE).sum(1)  # (b,)
+        return tokens.sum(1) / counts.clamp(min=1)
+
     # -- model ------------------------------------------------------------------------------------
     def build_model(
         self, model: str | None, rank: int, lora_alpha: float, target_modules: Sequence[str], seed: int

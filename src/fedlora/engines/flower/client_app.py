@@ -144,7 +144,12 @@ def train(msg: Message, context: Context) -> Message:
     policy = spec.policy.for_round(int(settings["server-round"]))
     seed = int(settings.get("method-seed", -1))  # the round's method seed, drawn by the server
     options = dict(config.method_options) | ({"seed": seed} if seed >= 0 else {})
-    plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options=options)
+    noise = float(settings.get("dp-sgd-noise", 0.0))
+    if config.dp_sgd_clip and (noise <= 0 or noise < config.dp_sgd_noise):  # the client guards its own records
+        raise ConfigError(f"the server asks for DP-SGD noise multiplier {noise:g}, below what this run's "
+                          f"configuration promises (--dp-sgd-noise {config.dp_sgd_noise:g}, > 0); not training")
+    plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options=options,
+                     dp_sgd_noise=noise)
     version = _sync_base(proc, context.state, _deltas(msg.content), reset=bool(settings.get("base-reset", False)))
     rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
 

@@ -135,7 +135,8 @@ class FedLoraStrategy(FedAvg):
                                     "init-seed": self.server.state.init_seed, "client-rank": rank,
                                     "base-reset": download.reset,
                                     # the method's seed of this round (FedASK's sketch); -1: the method draws none
-                                    "method-seed": int(plan.options.get("seed", -1))}),
+                                    "method-seed": int(plan.options.get("seed", -1)),
+                                    "dp-sgd-noise": float(plan.dp_sgd_noise)}),  # record-level DP-SGD; 0: off
         })
         content.update(_merge_records(download.merges))
         return content
