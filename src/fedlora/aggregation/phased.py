@@ -32,7 +32,7 @@ ClientPhase = Callable[[int, Adapter, Upload, dict[str, Any]], Upload]
 ServerPhase = Callable[[int, Adapter, Upload, Upload, dict[str, Any]], Upload]
 # (the global adapter, Σ_u w_u of the last phase's uploads, the last broadcast, options) -> the new global
 Finish = Callable[[Adapter, Upload, Upload, dict[str, Any]], AggregationResult]
-# (phase, the global adapter, options) -> {name: shape} every client's upload must have
+# (phase, the global adapter, options) -> {name: shape}: every client's upload in the phase, or the broadcast before it
 Shapes = Callable[[int, Adapter, dict[str, Any]], dict[str, tuple[int, ...]]]
 
 
@@ -44,7 +44,8 @@ class PhasedAggregation:
     upload: ClientPhase
     server: ServerPhase  # after phases 1..P-1
     finish: Finish  # after phase P
-    shapes: Shapes
+    shapes: Shapes  # of a client's upload in each phase
+    broadcasts: Shapes  # of what the server sends before phase p >= 2 (bytes, and the client's check)
 
 
 def weighted_sum(uploads: Sequence[Upload], weights: Tensor) -> Upload:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from fedlora.aggregation import LoraPair, get_method
-from fedlora.aggregation.communication import FLOAT32_BYTES, round_bytes
+from fedlora.aggregation.communication import FLOAT32_BYTES, phase_bytes, round_bytes
 
 # (floats up, floats down) per client and module in round t (1-based); A is (r, k), B is (d, r), U
 # clients in the round. Only alternating methods (RoLoRA) depend on t.
@@ -35,6 +35,8 @@ CLOSED_FORM: dict[str, Callable[[int, int, int, int, int], tuple[int, int]]] = {
     "fedsa-lora": lambda r, d, k, U, t: (r * k, r * k),  # B stays on the client
     "fedex-lora": lambda r, d, k, U, t: (r * k + d * r, r * k + d * r + d * k),  # + dense residual
     "flora": lambda r, d, k, U, t: (r * k + d * r, U * (r * k + d * r)),  # every client's stacked factors
+    # sketches Y (d, s) and Z (k, s) up; Q (d, s) and the new adapter down; s = 4r capped at min(d, k) by default
+    "fedask": lambda r, d, k, U, t, sketch=0: ((s := min(sketch or 4 * r, d, k)) * (d + k), s * d + r * k + d * r),
 }
 # (name, adapted modules, d, k): q and v projections of every layer.
 PAPER_SHAPES = (("RoBERTa-large", 48, 1024, 1024), ("LLaMA-2-7B", 64, 4096, 4096))
@@ -46,17 +48,28 @@ def shape_adapter(modules: list[tuple[str, int, int, int]]) -> dict[str, LoraPai
     return {name: LoraPair(torch.empty(r, k, device="meta"), torch.empty(d, r, device="meta")) for name, r, d, k in modules}
 
 
-def closed_form_bytes(method: str, modules: list[tuple[str, int, int, int]], clients: int, round_: int = 1) -> tuple[int, int]:
+def closed_form_bytes(method: str, modules: list[tuple[str, int, int, int]], clients: int, round_: int = 1,
+                      options: dict[str, Any] | None = None) -> tuple[int, int]:
+    """``options``: the method's (only FedASK's ``sketch`` changes its bytes)."""
     up = down = 0
     for _, r, d, k in modules:
-        u, dn = CLOSED_FORM[method](r, d, k, clients, round_)
+        extra = {"sketch": int((options or {}).get("sketch", 0))} if method == "fedask" else {}
+        u, dn = CLOSED_FORM[method](r, d, k, clients, round_, **extra)
         up, down = up + u, down + dn
     return up * clients * FLOAT32_BYTES, down * clients * FLOAT32_BYTES
 
 
-def library_bytes(method: str, modules: list[tuple[str, int, int, int]], clients: int, round_: int = 1) -> tuple[int, int]:
-    """``round_bytes`` for round ``round_`` (the round's policy: alternating methods upload one factor)."""
-    return round_bytes(get_method(method).policy.for_round(round_), shape_adapter(modules), clients)
+def library_bytes(method: str, modules: list[tuple[str, int, int, int]], clients: int, round_: int = 1,
+                  options: dict[str, Any] | None = None) -> tuple[int, int]:
+    """``round_bytes`` for round ``round_`` (the round's policy: alternating methods upload one factor), plus a
+    phased method's round trips (``phase_bytes``)."""
+    spec = get_method(method)
+    adapter = shape_adapter(modules)
+    up, down = round_bytes(spec.policy.for_round(round_), adapter, clients)
+    if spec.phased is not None:
+        phase_up, phase_down = phase_bytes(spec.phased, adapter, clients, dict(options or {}))
+        up, down = up + phase_up, down + phase_down
+    return up, down
 
 
 def formula_rows(methods: list[str]) -> list[dict[str, Any]]:
@@ -106,8 +119,8 @@ def check_measured(run_dir: Path) -> list[dict[str, Any]]:
         record = json.loads(line)
         clients = len(record["clients"])
         measured = (record["lora_bytes_up"], record["lora_bytes_down"])
-        lib = library_bytes(method, modules, clients, record["round"])
-        ref = closed_form_bytes(method, modules, clients, record["round"])
+        lib = library_bytes(method, modules, clients, record["round"], config.get("method_options"))
+        ref = closed_form_bytes(method, modules, clients, record["round"], config.get("method_options"))
         assert measured == lib == ref, f"{run_dir} round {record['round']}: measured {measured}, round_bytes {lib}, closed form {ref}"
         rows.append({"method": method, "round": record["round"], "clients": clients, "modules": len(modules),
                      "shape": f"r={modules[0][1]} d={modules[0][2]} k={modules[0][3]}",

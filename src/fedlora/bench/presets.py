@@ -101,6 +101,15 @@ LLM_BASE: dict[str, Any] = dict(
     eval_local_every=2, max_eval_examples=32, max_eval_generations=8, max_new_tokens=64, max_local_eval_examples=2,
 )
 
+# Privacy (issue 24): the methods whose server needs only sums, at record-level DP-SGD budgets ε ∈ {1, 3, 8} per
+# client record (δ = 1e-5, per-example clip 1) and without DP, paired against FedIT in each setting. Record level
+# because user-level DP-FedAvg over 10 clients drowns any signal (the noise on the mean is z·C/10 per coordinate
+# with z ≈ 4 at ε = 8 over 8 rounds: docs/privacy.md); this is also the published FedASK setting.
+PRIVATE_METHODS = (FEDIT, Variant("ffa-lora", "ffa-lora"), Variant("fedsvd", "fedsvd"), Variant("rolora", "rolora"),
+                   Variant("fedask", "fedask"))
+DP_SETTINGS = (Setting("no DP"),) + tuple(
+    Setting(f"ε={e:g}", {"dp_sgd_clip": 1.0, "dp_sgd_epsilon": float(e), "dp_sgd_delta": 1e-5}) for e in (1, 3, 8))
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -143,6 +152,10 @@ PRESETS: dict[str, Preset] = {
                ABLATION_METHODS, (0,),
                dict(LLM_BASE, clients=2, rounds=1, local_steps=1, eval_local_every=1, max_eval_examples=4,
                     max_eval_generations=2, max_new_tokens=16, max_local_eval_examples=2)),
+        Preset("privacy", "record-level DP-SGD on SST-2 (U=10, alpha=0.5): the sums-only methods at ε in {1, 3, 8} "
+               "and without DP, 3 seeds", ("sst2",), PRIVATE_METHODS, (0, 1, 2), HEADLINE_BASE, DP_SETTINGS),
+        Preset("privacy-llm", "record-level DP-SGD on GSM8K (SmolLM2-135M): fedit and fedask at ε = 8 and without DP",
+               ("gsm8k",), (FEDIT, PRIVATE_METHODS[-1]), (0, 1, 2), LLM_BASE, (DP_SETTINGS[0], DP_SETTINGS[-1])),
         # Communication: formulas at RoBERTa-large / LLaMA-2-7B shapes + one tiny real run per method.
         Preset("comm", "bytes per round: formulas at paper shapes, checked against tiny real runs", ("rte",),
                tuple(v for v in ALL_METHODS if v.label != "flora-na (adamw)"), (0,),

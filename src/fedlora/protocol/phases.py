@@ -89,9 +89,9 @@ def phased_server_step(method: str, global_adapter: Adapter, results: list[Clien
     clipped: list[dict[str, Any]] = []
     for phase in range(1, phased.phases + 1):
         if phase > 1:
-            down = sum(t.numel() for t in broadcast.values()) * 4
-            uploads = channel.exchange(phase, sorted(uploads, key=list(weights_of).index), broadcast)
-            bytes_down += down * len(uploads)
+            asked = sorted(uploads, key=list(weights_of).index)
+            bytes_down += sum(t.numel() for t in broadcast.values()) * 4 * len(asked)  # float32 on the wire
+            uploads = channel.exchange(phase, asked, broadcast)
         shapes = phased.shapes(phase, g64, options)
         uploads, bad = _valid(uploads, shapes, phase)
         rejected += bad

@@ -93,8 +93,13 @@ def upload_shapes(phase: int, global_adapter: Adapter, options: dict[str, Any]) 
     return {m: (p.shape[0] if phase == 1 else p.shape[1], sketch_columns(p, sketch)) for m, p in global_adapter.items()}
 
 
+def broadcast_shapes(phase: int, global_adapter: Adapter, options: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Before phase 2: Q, {module: (d, s)}."""
+    return upload_shapes(1, global_adapter, options)
+
+
 PHASES = PhasedAggregation(phases=2, upload=client_upload, server=server_orthonormalise, finish=server_refactor,
-                           shapes=upload_shapes)
+                           shapes=upload_shapes, broadcasts=broadcast_shapes)
 
 
 @register_method(
