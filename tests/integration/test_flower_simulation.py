@@ -105,6 +105,12 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
+    @property
+    def run(self):  # what Flower's legacy workflows (SecAgg+) read off a Grid
+        from types import SimpleNamespace
+
+        return SimpleNamespace(run_id=RUN_ID)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         from fedlora.engines.flower.client_app import app as client_app
 

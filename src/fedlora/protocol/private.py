@@ -120,7 +120,7 @@ def private_server_step(method: str, global_adapter: Adapter, results: list[Clie
               for m, p in global_adapter.items()}
     result = aggregate(method, global_adapter, [ClientUpdate(pseudo, 1, "dp-noised-mean")], weighting="uniform",
                        norm_bound=None, clip=None, weight_cap=None, measure_divergence=False,
-                       round_index=round_index, state=state, **options)
+                       round_index=round_index, state=state, **_without_weighting(options))
     up, down = round_bytes(policy, global_adapter, len(kept))
     result.metrics.update(num_clients=len(kept), bytes_up=up, bytes_down=down, rejected=rejected,
                           weights={r.update.client_id: 1.0 / planned for r in kept},
@@ -139,3 +139,27 @@ def private_server_step(method: str, global_adapter: Adapter, results: list[Clie
 def _moved(sent: Tensor, delta: Tensor | None) -> Tensor:
     """``sent + delta`` in ``sent``'s dtype; ``sent`` itself where nothing was uploaded for it."""
     return sent.clone() if delta is None else (sent.double() + delta).to(sent.dtype)
+
+
+def summed_server_step(method: str, global_adapter: Adapter, summed: tuple[Adapter, dict[str, Tensor]],
+                       clients: int, *, round_index: int, state: dict[str, Tensor] | None,
+                       **options: Any) -> ServerStep:
+    """The round's :class:`ServerStep` from the clients' weighted mean alone (secure aggregation hands only that
+    over): the method sees it as one pseudo-client, as under DP; ``clients``: how many the mean is over."""
+    mean, head = summed
+    result = aggregate(method, global_adapter, [ClientUpdate(mean, 1, "secure-sum")], weighting="uniform",
+                       norm_bound=None, clip=None, weight_cap=None, measure_divergence=False,
+                       round_index=round_index, state=state, **_without_weighting(options))
+    up, down = round_bytes(get_method(method).policy.for_round(round_index), global_adapter, clients)
+    result.metrics.update(num_clients=clients, bytes_up=up, bytes_down=down)
+    if result.metrics["skipped"]:
+        return ServerStep(result, None)
+    if not all(bool(torch.isfinite(t).all()) for t in head.values() if not t.is_meta):
+        reason = "the summed classifier head is not finite; the global is left unchanged"
+        return ServerStep(skipped_result(method, global_adapter, state, reason, num_clients=clients, rejected=[]), None)
+    return ServerStep(result, head)
+
+
+def _without_weighting(options: dict[str, Any]) -> dict[str, Any]:
+    """The method's options less ``weighting``: the pseudo-client's mean is weighted already (one client, weight 1)."""
+    return {k: v for k, v in options.items() if k != "weighting"}

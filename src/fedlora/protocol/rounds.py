@@ -51,7 +51,8 @@ from fedlora.models.lora_state import (get_adapter, get_head, lora_layers, lora_
                                  merged_base_weights, restore_base_weights, set_adapter, set_head)
 from fedlora.protocol.records import round_record
 from fedlora.protocol.phases import InProcessChannel, PhaseChannel, first_upload, phased_server_step
-from fedlora.protocol.private import noise_generator, private_server_step, privacy_budget, record_budget
+from fedlora.protocol.private import (noise_generator, private_server_step, privacy_budget, record_budget,
+                                     summed_server_step)
 from fedlora.protocol.server import ServerStep, server_step
 
 log = logging.getLogger(__name__)
@@ -248,17 +249,20 @@ class Server:
 
     def finish(self, plan: RoundPlan, results: list[ClientResult], started: float,
                extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
-               channel: PhaseChannel | None = None) -> dict[str, Any]:
+               channel: PhaseChannel | None = None,
+               summed: tuple[Adapter, dict[str, Tensor]] | None = None) -> dict[str, Any]:
         """Aggregate, merge, evaluate, record and checkpoint round ``plan.round``; returns its record.
 
         ``extra``: the engine's fields for the record, or a function giving them once the aggregation is done
         (a phased method's later phases add to Flower's wire bytes). ``channel``: how a phased method's later
-        phases reach the clients (default: in this process, from ``results``)."""
+        phases reach the clients (default: in this process, from ``results``). ``summed``: the clients' weighted
+        mean (adapter, head) when that is all the server learns (secure aggregation); ``results`` then carry only
+        what each client reported besides (loss, local metrics)."""
         server_start = time.perf_counter()
         results = self.bounded(results)
         ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
         with phase("aggregation"):
-            step = self._aggregate(plan, results, ranks, channel)
+            step = self._aggregate(plan, results, ranks, channel, summed)
         failpoint("aggregate", plan.round)
         if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
             for r in results:
@@ -289,9 +293,12 @@ class Server:
         return record
 
     def _aggregate(self, plan: RoundPlan, results: list[ClientResult], ranks: dict[str, int] | None,
-                   channel: PhaseChannel | None) -> ServerStep:
-        """The round's server step: plain (validated, robustly clipped), phased (sums over several round trips),
-        or DP-FedAvg's noised mean."""
+                   channel: PhaseChannel | None, summed: tuple[Adapter, dict[str, Tensor]] | None) -> ServerStep:
+        """The round's server step: plain (validated, robustly clipped), from a secure sum, phased (sums over
+        several round trips), or DP-FedAvg's noised mean."""
+        if summed is not None:
+            return summed_server_step(self.config.method, self.state.adapter, summed, len(results),
+                                      round_index=plan.round, state=self.state.method_state, **plan.options)
         if self.spec.phased is not None:
             return phased_server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
                                       channel=channel or InProcessChannel(self.spec.phased, results, plan.options),

@@ -26,8 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, LoraPair, get_method
@@ -41,13 +46,25 @@ from fedlora.engines.flower.config import run_config_from_flower
 from fedlora.engines.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
                                  tensors_record)
 from fedlora.engines.flower.phases import PHASE_BROADCAST
+from fedlora.engines.flower.secure import record_from_parameters, wire_keys
 from fedlora.engines.flower.replies import PHASE_UPLOAD
 from fedlora.tasks.build import build_model
 from fedlora.protocol.rounds import RoundPlan, train_planned
-from fedlora.models.lora_state import get_adapter, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
+from fedlora.models.lora_state import get_adapter, get_head, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+FITINS_CONFIG = "fitins.config"  # the legacy FitIns layout SecAgg+ rounds use (flwr's recorddict_compat)
+
+
+def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round, every other message as it is: one
+    ClientApp serves plain and secure runs (``secaggplus_mod`` alone would claim every TRAIN message)."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_mod])
 PHASE_ADAPTER, PHASE_STATE = "phase-adapter", "phase-round"  # a phased method's trained adapter, kept between phases
 
 
@@ -134,12 +151,36 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if FITINS_CONFIG in msg.content.config_records:  # a secure round: SecAgg+'s legacy FitIns layout
+        return Message(_secure_train(msg.content, context), reply_to=msg)
+    return Message(_train(msg.content, context), reply_to=msg)
+
+
+def _secure_train(content: RecordDict, context: Context) -> RecordDict:
+    """A SecAgg+ round (:mod:`fedlora.engines.flower.secure`): the same training, translated from ``FitIns`` and
+    into ``FitRes`` (the shared factors and head in ``wire_keys`` order), which ``secaggplus_mod`` then masks."""
+    config, _ = run_config_from_flower(context.run_config)
+    proc = _process(config)
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    settings = ConfigRecord(dict(fitins.config))
+    policy = get_method(config.method).policy.for_round(int(settings["server-round"]))
+    full = policy.download_full_adapter
+    down = wire_keys(proc.initial, get_head(proc.model), A=policy.upload_A or full, B=policy.upload_B or full)
+    out = _train(RecordDict({"config": settings, "arrays": record_from_parameters(fitins.parameters, down)}), context)
+    arrays, metrics = out["arrays"], out["metrics"]
+    parameters = ndarrays_to_parameters([arrays[k].numpy() for k in sorted(arrays.keys())])
+    fitres = FitRes(Status(Code.OK, "trained"), parameters, int(metrics["num-examples"]), dict(metrics))
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def _train(content: RecordDict, context: Context) -> RecordDict:
+    """One client's round from a TRAIN message's content; the reply's content."""
     config, _ = run_config_from_flower(context.run_config)
     partition = _partition(context, config)
     proc = _process(config)
-    settings = msg.content["config"]
+    settings = content["config"]
     if int(settings.get("phase", 1)) > 1:  # a phased method's later round trip (FedASK's phase 2)
-        return _phase_reply(msg, context, config)
+        return _phase_reply(content, context, config)
     spec = get_method(config.method)
     policy = spec.policy.for_round(int(settings["server-round"]))
     seed = int(settings.get("method-seed", -1))  # the round's method seed, drawn by the server
@@ -150,12 +191,12 @@ def train(msg: Message, context: Context) -> Message:
                           f"configuration promises (--dp-sgd-noise {config.dp_sgd_noise:g}, > 0); not training")
     plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options=options,
                      dp_sgd_noise=noise)
-    version = _sync_base(proc, context.state, _deltas(msg.content), reset=bool(settings.get("base-reset", False)))
+    version = _sync_base(proc, context.state, _deltas(content), reset=bool(settings.get("base-reset", False)))
     rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
 
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
     own = truncate(_own_factors(_global_init(proc.initial, int(settings["init-seed"])), local_B), rank)
-    received, global_head = record_to_model(msg.content["arrays"], missing_from=own)
+    received, global_head = record_to_model(content["arrays"], missing_from=own)
     start = pad(_own_factors(received, truncate_B(local_B, rank)), config.rank)  # a private factor held here wins
     if partition not in proc.clients:
         proc.clients[partition] = client_data(config, proc.tokenizer, partition)
@@ -168,20 +209,20 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({f"local.{k}": float(v) for k, v in (result.local_metrics or {}).items()})
     adapter = result.update.adapter
     sent = truncate(adapter, rank)
-    content = RecordDict({"arrays": model_record(sent, result.head, A=policy.upload_A, B=policy.upload_B),
-                          "metrics": MetricRecord(metrics)})
+    reply = RecordDict({"arrays": model_record(sent, result.head, A=policy.upload_A, B=policy.upload_B),
+                        "metrics": MetricRecord(metrics)})
     if policy.private_factors:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
-        content["eval-B"] = model_record(sent, {}, A=False)
+        reply["eval-B"] = model_record(sent, {}, A=False)
     if spec.phased is not None and result.first_upload is not None:  # kept here for the later phases, never sent
         context.state[PHASE_ADAPTER] = model_record(adapter, {})
         context.state[PHASE_STATE] = ConfigRecord({"server-round": plan.round})
-        content[PHASE_UPLOAD] = tensors_record(result.first_upload)
-    return Message(content, reply_to=msg)
+        reply[PHASE_UPLOAD] = tensors_record(result.first_upload)
+    return reply
 
 
-def _phase_reply(msg: Message, context: Context, config: RunConfig) -> Message:
+def _phase_reply(content: RecordDict, context: Context, config: RunConfig) -> RecordDict:
     """Phase p >= 2: the upload computed from the adapter this client kept after training in this round."""
-    settings = msg.content["config"]
+    settings = content["config"]
     round_, phase = int(settings["server-round"]), int(settings["phase"])
     phased = get_method(config.method).phased
     if phased is None or PHASE_ADAPTER not in context.state:
@@ -190,8 +231,8 @@ def _phase_reply(msg: Message, context: Context, config: RunConfig) -> Message:
         raise ConfigError(f"phase {phase} message for round {round_}, but this client last trained in round "
                           f"{int(context.state[PHASE_STATE]['server-round'])}")
     adapter, _ = record_to_model(context.state[PHASE_ADAPTER])
-    upload = phased.upload(phase, adapter, record_tensors(msg.content[PHASE_BROADCAST]), dict(config.method_options))
-    return Message(RecordDict({PHASE_UPLOAD: tensors_record(upload)}), reply_to=msg)
+    upload = phased.upload(phase, adapter, record_tensors(content[PHASE_BROADCAST]), dict(config.method_options))
+    return RecordDict({PHASE_UPLOAD: tensors_record(upload)})
 
 
 def _deltas(content: RecordDict) -> dict[int, dict[str, Tensor]] | None:

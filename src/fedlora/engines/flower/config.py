@@ -27,12 +27,21 @@ class FlowerOptions:
     min_available_nodes: int = option(0, "flower", "SuperNodes to wait for before round 1; 0: as many as clients")
     round_timeout: float = option(600.0, "flower", "seconds the ServerApp waits for one round's replies")
     resume: bool = option(False, "flower", "continue the run in `out` from its last checkpoint")
+    secure_aggregation: bool = option(False, "flower", "run the rounds through Flower's SecAgg+: the server learns "
+                                      "only the clients' weighted sum (methods that need only sums; docs/privacy.md)")
+    secagg_shares: float = option(1.0, "flower", "SecAgg+: each client's secret is shared with this share of the round's "
+                                  "clients (Flower's num_shares)")
+    secagg_threshold: float = option(0.6, "flower", "SecAgg+: the share of those shares needed to unmask (Flower's "
+                                     "reconstruction_threshold); a round survives dropouts down to it")
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_train_nodes, int) or self.min_train_nodes < 1:
             raise ConfigError(f"min-train-nodes={self.min_train_nodes} is invalid: at least one reply is needed")
         if not isinstance(self.min_available_nodes, int) or self.min_available_nodes < 0:
             raise ConfigError(f"min-available-nodes={self.min_available_nodes} is invalid: must be >= 0")
+        for name in ("secagg_shares", "secagg_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} is invalid: a share in (0, 1]")
         if not self.round_timeout > 0:
             raise ConfigError(f"round-timeout={self.round_timeout} is invalid: must be > 0 seconds")
 

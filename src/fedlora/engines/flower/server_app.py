@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -22,7 +24,9 @@ from fedlora.protocol.checkpoint import load_state
 from fedlora.protocol.federation import build_federation, load_data
 from fedlora.engines.flower import data_cache
 from fedlora.engines.flower.config import run_config_from_flower
-from fedlora.engines.flower.nodes import FederationError
+from fedlora.engines.flower.config import FlowerOptions
+from fedlora.engines.flower.nodes import FederationError, NodeMap
+from fedlora.engines.flower.secure import CLIPPING_RANGE, SecureStrategy, check_secure
 from fedlora.engines.flower.strategy import FedLoraStrategy
 from fedlora.engines.flower.wire import model_record
 from fedlora.tasks.build import build_model
@@ -37,6 +41,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config, options = run_config_from_flower(context.run_config)
+    if options.secure_aggregation:  # a method that needs each client's update: one line, before anything loads
+        check_secure(config)
     task_for(config).preflight()  # e.g. no code sandbox for mbpp: refused before minutes of loading
     if options.resume:  # the same experiment or nothing: refused before minutes of loading (as fedlora run --resume)
         check_resume(load_state(Path(config.out)), config)
@@ -49,7 +55,9 @@ def main(grid: Grid, context: Context) -> None:
     server = Server.open(config, model, tokenizer, federation, RunFolder(config), resume=options.resume,
                          keep_merges=True)
     remaining = len(server.remaining_rounds())
-    if remaining:
+    if remaining and options.secure_aggregation:
+        run_secure(grid, context, server, options, remaining)
+    elif remaining:
         strategy = FedLoraStrategy(server, options)
         try:
             strategy.start(grid=grid, initial_arrays=model_record(server.state.adapter, server.state.head),
@@ -59,3 +67,18 @@ def main(grid: Grid, context: Context) -> None:
             raise
     server.save_final()
     log(INFO, "fedlora: %d rounds of %s written to %s", server.state.round, config.method, config.out)
+
+
+def run_secure(grid: Grid, context: Context, server: Server, options: FlowerOptions, rounds: int) -> None:
+    """The rounds through Flower's SecAgg+ workflow (:mod:`fedlora.engines.flower.secure`)."""
+    config = server.config
+    nodes = NodeMap(config.clients)
+    nodes.wait_for(grid, want=options.min_available_nodes or config.clients, need=options.min_train_nodes,
+                   timeout=options.round_timeout)
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds, round_timeout=options.round_timeout),
+                           strategy=SecureStrategy(server, nodes))
+    largest = max(c.num_examples for c in server.federation.clients)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=options.secagg_shares, reconstruction_threshold=options.secagg_threshold, max_weight=largest,
+        clipping_range=CLIPPING_RANGE, timeout=options.round_timeout))
+    workflow(grid, legacy)
