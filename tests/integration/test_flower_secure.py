@@ -4,7 +4,9 @@ In this process, the real ServerApp and ClientApps, every message serialised (th
 tests/integration/test_flower_simulation.py). Properties: a secure run ends where the plain run ends, within
 SecAgg+'s quantisation (each of U clients' values is quantised to 2 × 8 / 2^22 ≈ 3.8e-6, so the mean is off by at
 most that per coordinate and round; measured below); no message the server receives holds a client's factors in
-the clear (a spy on the grid); a method that needs individual updates is refused before anything loads.
+the clear (a spy on the grid); a client dropping out above the reconstruction threshold does not stop the round;
+user-level DP under it (clients clip, the server noises the mean) is the plain DP-FedAvg round within SecAgg+'s
+steps; a method that needs individual updates is refused before anything loads.
 """
 
 from __future__ import annotations
@@ -73,7 +75,6 @@ def test_a_secure_run_ends_where_the_plain_run_ends(in_process_flower, tmp_path,
     (dict(method="fedsa-lora"), "private B"),
     (dict(method="fedask"), "two phases"),
     (dict(client_ranks=(8, 4, 4)), "mixed client ranks"),
-    (dict(dp_clip=1.0, dp_noise=1.0), "record-level DP"),
 ])
 def test_secure_aggregation_refuses_what_sums_cannot_carry(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -105,3 +106,19 @@ def test_a_client_dropping_out_above_the_threshold_does_not_stop_the_round(in_pr
     record, = _records(Path(config.out))
     assert dropped and len(record["clients"]) == 3 and not record["skipped"]
     assert record["failed_nodes"], "the dropped node is recorded"
+
+
+def test_user_level_dp_under_secure_aggregation_is_the_plain_dp_round(in_process_flower, tmp_path,  # noqa: F811
+                                                                       tiny_bert_path):
+    """Clients clip their own updates (the server cannot), weigh 1 each; the server rescales the secure mean to the
+    planned clients and adds the same seeded noise as the plain DP-FedAvg round: equal within SecAgg+'s steps."""
+    dp = dict(dp_clip=0.02, dp_noise=0.5)  # C well below these clients' update norms: every client clips
+    plain = RunConfig(model=tiny_bert_path, out=str(tmp_path / "plain"), **(SECURE | dp))
+    in_process_flower(plain)
+    secure = plain.replace(out=str(tmp_path / "secure"))
+    in_process_flower(secure, secure_aggregation=True)
+    a, b = _records(Path(plain.out))[0], _records(Path(secure.out))[0]
+    assert a["dp_epsilon"] == b["dp_epsilon"] and len(a["clipped"]) == 3
+    plain_adapter, secure_adapter = _adapter(Path(plain.out)), _adapter(Path(secure.out))
+    worst = max(float((plain_adapter[k] - secure_adapter[k]).abs().max()) for k in plain_adapter)
+    assert worst < 8e-6, worst

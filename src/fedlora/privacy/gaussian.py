@@ -59,8 +59,15 @@ def noisy_mean(deltas: list[Delta], *, clip: float, noise_std: float, denominato
         norms.append(norm)
         for name, t in clipped.items():
             total[name] += t
-    for name in sorted(total):  # a fixed order: the noise does not depend on how the clients are listed
-        t = total[name]
+    return noised_mean(total, noise_std=noise_std, denominator=denominator, generator=generator), norms
+
+
+def noised_mean(total: Delta, *, noise_std: float, denominator: int, generator: torch.Generator) -> Delta:
+    """(Σ + N(0, noise_std² I)) / denominator for a sum of clipped updates (secure aggregation hands the server
+    only this sum); the draws follow the names in sorted order, so the noise does not depend on the clients."""
+    out = {}
+    for name in sorted(total):
+        t = total[name].double()
         noise = torch.randn(t.shape, dtype=torch.float64, generator=generator, device="cpu").to(t.device)
-        total[name] = (t + noise_std * noise) / denominator
-    return total, norms
+        out[name] = (t + noise_std * noise) / denominator
+    return out

@@ -31,7 +31,7 @@ from fedlora.aggregation.validation import client_key, collect_problems
 from fedlora.config.privacy import dp_enabled, dp_sgd_enabled
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.privacy.accountant import PrivacyBudget
-from fedlora.privacy.gaussian import Delta, noisy_mean
+from fedlora.privacy.gaussian import Delta, noised_mean, noisy_mean
 from fedlora.protocol.client import ClientResult, derived_seed
 from fedlora.protocol.server import ServerStep
 
@@ -143,10 +143,20 @@ def _moved(sent: Tensor, delta: Tensor | None) -> Tensor:
 
 def summed_server_step(method: str, global_adapter: Adapter, summed: tuple[Adapter, dict[str, Tensor]],
                        clients: int, *, round_index: int, state: dict[str, Tensor] | None,
-                       **options: Any) -> ServerStep:
+                       global_head: dict[str, Tensor] | None = None, budget: PrivacyBudget | None = None,
+                       planned: int = 0, generator: torch.Generator | None = None, **options: Any) -> ServerStep:
     """The round's :class:`ServerStep` from the clients' weighted mean alone (secure aggregation hands only that
-    over): the method sees it as one pseudo-client, as under DP; ``clients``: how many the mean is over."""
+    over): the method sees it as one pseudo-client, as under DP; ``clients``: how many the mean is over.
+
+    With ``budget`` (user-level DP, the clients clipped their own updates and weighed 1 each): the mean of the
+    ``clients`` that reported is brought to the fixed denominator ``planned`` and noised, as
+    :func:`private_server_step` does from the individual updates: Σ_u clip(Δ_u) = mean x clients, then
+    (Σ + N(0, (zC)^2)) / planned."""
     mean, head = summed
+    if budget is not None:
+        assert generator is not None and global_head is not None and planned >= 1
+        mean, head = _noised(global_adapter, global_head, mean, head, clients, budget, planned, generator,
+                             get_method(method).policy.for_round(round_index))
     result = aggregate(method, global_adapter, [ClientUpdate(mean, 1, "secure-sum")], weighting="uniform",
                        norm_bound=None, clip=None, weight_cap=None, measure_divergence=False,
                        round_index=round_index, state=state, **_without_weighting(options))
@@ -163,3 +173,21 @@ def summed_server_step(method: str, global_adapter: Adapter, summed: tuple[Adapt
 def _without_weighting(options: dict[str, Any]) -> dict[str, Any]:
     """The method's options less ``weighting``: the pseudo-client's mean is weighted already (one client, weight 1)."""
     return {k: v for k, v in options.items() if k != "weighting"}
+
+
+def _noised(global_adapter: Adapter, global_head: dict[str, Tensor], mean: Adapter, head: dict[str, Tensor],
+            clients: int, budget: PrivacyBudget, planned: int, generator: torch.Generator,
+            policy: Any) -> tuple[Adapter, dict[str, Tensor]]:
+    """The secure mean of clipped updates as DP-FedAvg's noised mean over the ``planned`` clients."""
+    sums: Delta = {}
+    for module, sent in global_adapter.items():
+        if policy.upload_A:
+            sums[f"{module}.A"] = (mean[module].A.double() - sent.A.double()) * clients  # (r, k)
+        if policy.upload_B:
+            sums[f"{module}.B"] = (mean[module].B.double() - sent.B.double()) * clients  # (d, r)
+    for name, sent_t in global_head.items():
+        sums[HEAD + name] = (head[name].double() - sent_t.double()) * clients
+    noised = noised_mean(sums, noise_std=budget.noise_std(), denominator=planned, generator=generator)
+    adapter = {m: LoraPair(A=_moved(p.A, noised.get(f"{m}.A")), B=_moved(p.B, noised.get(f"{m}.B")))
+               for m, p in global_adapter.items()}
+    return adapter, {name: _moved(t, noised[HEAD + name]) for name, t in global_head.items()}

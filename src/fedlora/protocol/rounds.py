@@ -296,9 +296,11 @@ class Server:
                    channel: PhaseChannel | None, summed: tuple[Adapter, dict[str, Tensor]] | None) -> ServerStep:
         """The round's server step: plain (validated, robustly clipped), from a secure sum, phased (sums over
         several round trips), or DP-FedAvg's noised mean."""
-        if summed is not None:
+        if summed is not None:  # secure aggregation: the mean is all the server has (noised here under user-level DP)
             return summed_server_step(self.config.method, self.state.adapter, summed, len(results),
-                                      round_index=plan.round, state=self.state.method_state, **plan.options)
+                                      round_index=plan.round, state=self.state.method_state,
+                                      global_head=self.state.head, budget=self.privacy, planned=len(plan.clients),
+                                      generator=noise_generator(self.config.seed, plan.round), **plan.options)
         if self.spec.phased is not None:
             return phased_server_step(self.config.method, self.state.adapter, results, global_head=self.state.head,
                                       channel=channel or InProcessChannel(self.spec.phased, results, plan.options),

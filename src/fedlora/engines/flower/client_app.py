@@ -46,7 +46,7 @@ from fedlora.engines.flower.config import run_config_from_flower
 from fedlora.engines.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
                                  tensors_record)
 from fedlora.engines.flower.phases import PHASE_BROADCAST
-from fedlora.engines.flower.secure import record_from_parameters, wire_keys
+from fedlora.engines.flower.secure import clip_upload, record_from_parameters, wire_keys
 from fedlora.engines.flower.replies import PHASE_UPLOAD
 from fedlora.tasks.build import build_model
 from fedlora.protocol.rounds import RoundPlan, train_planned
@@ -166,10 +166,14 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     policy = get_method(config.method).policy.for_round(int(settings["server-round"]))
     full = policy.download_full_adapter
     down = wire_keys(proc.initial, get_head(proc.model), A=policy.upload_A or full, B=policy.upload_B or full)
-    out = _train(RecordDict({"config": settings, "arrays": record_from_parameters(fitins.parameters, down)}), context)
+    received = record_from_parameters(fitins.parameters, down)
+    out = _train(RecordDict({"config": settings, "arrays": received}), context)
     arrays, metrics = out["arrays"], out["metrics"]
+    weight = int(metrics["num-examples"])
+    if config.dp_clip:  # user-level DP: this client clips its own update, and every client weighs 1
+        arrays, weight = clip_upload(arrays, received, config.dp_clip), 1
     parameters = ndarrays_to_parameters([arrays[k].numpy() for k in sorted(arrays.keys())])
-    fitres = FitRes(Status(Code.OK, "trained"), parameters, int(metrics["num-examples"]), dict(metrics))
+    fitres = FitRes(Status(Code.OK, "trained"), parameters, weight, dict(metrics))
     return compat.fitres_to_recorddict(fitres, keep_input=True)
 
 

@@ -20,6 +20,12 @@ nothing can be clipped or rejected per client: the weaker threat model (docs/fai
 
 Only methods whose server needs one upload's weighted sum qualify (fedit, ffa-lora, fedsvd, rolora); the others
 are refused in one line before anything loads (:func:`check_secure`).
+
+With user-level DP (``dp-clip``) the clipping moves to the clients, which the server cannot check: each client
+clips its own update (uploaded factors and head, jointly) to the announced C (:func:`clip_upload`) and reports a
+weight of 1, so the unmasked mean is Σ_u clip(Δ_u) / |active|; the server rescales it to the fixed denominator m
+of the planned clients and adds the noise (:func:`fedlora.protocol.private.summed_server_step`), the DP-FedAvg of
+the plain path with its accounting unchanged. ``max_weight`` is then 1, so no precision is lost to the weights.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from fedlora.aggregation import Adapter, ClientUpdate, available_methods, get_me
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.engines.flower.nodes import NodeMap
 from fedlora.engines.flower.wire import model_record, record_to_model, round_record
+from fedlora.privacy.gaussian import clip_update
 from fedlora.protocol.client import ClientResult
 from fedlora.protocol.rounds import RoundPlan, Server
 
@@ -60,9 +67,6 @@ def check_secure(config: RunConfig) -> None:
     if any(r != config.rank for r in config.client_ranks):
         raise ConfigError("secure-aggregation=true: mixed client ranks are not supported (every client's upload "
                           "must have the same shapes to be summed); drop client-ranks")
-    if config.dp_clip:
-        raise ConfigError("secure-aggregation=true with user-level DP (dp-clip): the server cannot clip what it cannot "
-                          "see, and client-side clipping is not implemented; use record-level DP (dp-sgd-*) instead")
 
 
 def _fits(method: str) -> bool:
@@ -162,3 +166,14 @@ def record_from_parameters(parameters: Parameters, keys: list[str]) -> ArrayReco
     if len(arrays) != len(keys):
         raise ValueError(f"{len(arrays)} arrays where {len(keys)} were expected")
     return round_record({k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in zip(keys, arrays)})
+
+
+def clip_upload(arrays: ArrayRecord, start: ArrayRecord, clip: float) -> ArrayRecord:
+    """A client's upload with its change from ``start`` clipped to L2 norm ``clip`` jointly over every array
+    (user-level DP under secure aggregation: the client clips, since the server never sees the update)."""
+    keys = sorted(arrays.keys())
+    new = {k: torch.from_numpy(np.array(arrays[k].numpy(), dtype=np.float64)) for k in keys}
+    old = {k: torch.from_numpy(np.array(start[k].numpy(), dtype=np.float64)) for k in keys}
+    deltas = {k: new[k] - old[k] for k in keys}
+    clipped, _ = clip_update(deltas, clip)
+    return round_record({k: (old[k] + clipped[k]).float() for k in keys})

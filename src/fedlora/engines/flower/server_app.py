@@ -77,7 +77,8 @@ def run_secure(grid: Grid, context: Context, server: Server, options: FlowerOpti
                    timeout=options.round_timeout)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds, round_timeout=options.round_timeout),
                            strategy=SecureStrategy(server, nodes))
-    largest = max(c.num_examples for c in server.federation.clients)
+    # weights are the example counts clients report, at most the largest partition; 1 each under user-level DP
+    largest = 1 if config.dp_clip else max(c.num_examples for c in server.federation.clients)
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
         num_shares=options.secagg_shares, reconstruction_threshold=options.secagg_threshold, max_weight=largest,
         clipping_range=CLIPPING_RANGE, timeout=options.round_timeout))
