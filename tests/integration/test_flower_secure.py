@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.engines.flower.secure import check_secure
 
-from tests.integration.test_flower_simulation import TINY, in_process_flower  # noqa: F401  (the fixture)
+from tests.integration.test_flower_simulation import TINY, in_process_flower, sim_superlink  # noqa: F401  (fixtures)
 
 SECURE = dict(TINY, clients=3, method="fedit", rounds=1)  # one round: the tolerance is the protocol's, not grown by training
 
@@ -34,6 +34,7 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # ~10-25 s: SecAgg+'s four stages per round, several runs
 def test_a_secure_run_ends_where_the_plain_run_ends(in_process_flower, tmp_path, tiny_bert_path, monkeypatch):  # noqa: F811
     import tests.integration.test_flower_simulation as sim
 
@@ -82,6 +83,7 @@ def test_secure_aggregation_refuses_what_sums_cannot_carry(changes, message):
     check_secure(RunConfig(**SECURE))  # fedit: fine
 
 
+@pytest.mark.slow  # ~10-25 s: SecAgg+'s four stages per round, several runs
 def test_a_client_dropping_out_above_the_threshold_does_not_stop_the_round(in_process_flower, tmp_path,  # noqa: F811
                                                                             tiny_bert_path, monkeypatch):
     from flwr.app import Error, Message
@@ -108,6 +110,7 @@ def test_a_client_dropping_out_above_the_threshold_does_not_stop_the_round(in_pr
     assert record["failed_nodes"], "the dropped node is recorded"
 
 
+@pytest.mark.slow  # ~10-25 s: SecAgg+'s four stages per round, several runs
 def test_user_level_dp_under_secure_aggregation_is_the_plain_dp_round(in_process_flower, tmp_path,  # noqa: F811
                                                                        tiny_bert_path):
     """Clients clip their own updates (the server cannot), weigh 1 each; the server rescales the secure mean to the
@@ -122,3 +125,22 @@ def test_user_level_dp_under_secure_aggregation_is_the_plain_dp_round(in_process
     plain_adapter, secure_adapter = _adapter(Path(plain.out)), _adapter(Path(secure.out))
     worst = max(float((plain_adapter[k] - secure_adapter[k]).abs().max()) for k in plain_adapter)
     assert worst < 8e-6, worst
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flwr-simulation")  # the simulation SuperLink of test_flower_simulation.py's `flwr run` tests
+def test_flwr_run_with_secure_aggregation(sim_superlink, tmp_path):  # noqa: F811
+    """The same through `flwr run` on a simulation SuperLink: Ray workers, the FAB, Flower's own config parsing."""
+    import subprocess
+
+    from tests.integration.test_flower_simulation import FEDERATION, REPO, flower_overrides
+
+    procs, env = sim_superlink
+    config = RunConfig(out=str(tmp_path / "secure"), **dict(SECURE, clients=2))
+    cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config",
+           flower_overrides(config, secure_aggregation=True), "--federation-config", FEDERATION]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    out = Path(config.out)
+    assert (out / "adapter" / "adapter_model.safetensors").exists(), run.stdout[-4000:] + run.stderr[-4000:]
+    record, = _records(out)
+    assert record["secure_aggregation"] == "SecAgg+" and len(record["clients"]) == 2
