@@ -1,4 +1,6 @@
-"""The server's step of a round under user-level differential privacy (DP-FedAvg), for both engines.
+"""The server's step of a round when it may not, or cannot, read single updates: user-level differential privacy
+(DP-FedAvg, :func:`private_server_step`) and secure aggregation (only the clients' mean arrives,
+:func:`summed_server_step`, noised there too under DP); and the run's two privacy budgets. Both engines.
 
 What a client contributes is one vector: every factor it uploads (by the method's policy for the
 round) and its classifier head, each minus what it was sent. The server validates each client as in a
