@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from fedlora.aggregation.options import OptionSpec, check_options, option_specs
 from fedlora.aggregation.phased import PhasedAggregation
-from fedlora.aggregation.types import AggregationError, AggregationResult, TrainingPolicy
+from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, TrainingPolicy
 
 MethodFn = Callable[..., AggregationResult]
 
@@ -46,6 +46,9 @@ class MethodSpec:
     source: str = ""
     # Several client round trips of weighted sums per round (FedASK); None: one upload of factors.
     phased: PhasedAggregation | None = None
+    # How a client rebuilds the global adapter it is not sent, from (the initial adapter's shapes and dtype, the
+    # server's seed) (FLoRA's re-init); None: the method sends it, or it is the initial adapter.
+    rebuild: Callable[[Adapter, int], Adapter] | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -79,13 +82,14 @@ def register_method(
     weightings: tuple[str, ...] = ("examples", "uniform"),
     source: str = "",
     phased: PhasedAggregation | None = None,
+    rebuild: Callable[[Adapter, int], Adapter] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator: ``@register_method("fedit", summary=..., source="Zhang et al., ICASSP 2024")`` over a method function."""
 
     def wrap(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"aggregation method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, option_specs(fn), source, phased)
+        _REGISTRY[name] = MethodSpec(name, fn, policy, summary, weightings, option_specs(fn), source, phased, rebuild)
         return fn
 
     return wrap

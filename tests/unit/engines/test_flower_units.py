@@ -130,10 +130,12 @@ def test_flora_downloads_stacked_factors_that_multiply_out_to_the_merge_and_weig
     up = content_bytes(RecordDict({"arrays": model_record(adapter, head)}))
     assert (clients * up.lora, clients * down.lora) == round_bytes(policy, adapter, clients)
     # The client draws the re-initialised global adapter from the seed instead of downloading it.
-    drawn = _global_init(adapter, 5)
+    drawn = _global_init("flora", adapter, 5)
     for m in adapter:
         assert torch.equal(drawn[m].A, result.adapter[m].A) and torch.equal(drawn[m].B, result.adapter[m].B)
-    assert _global_init(adapter, -1) is adapter
+    assert _global_init("flora", adapter, -1) is adapter
+    # a method that draws a seed but sends its adapter (FedASK's sketch seed) rebuilds nothing from it
+    assert _global_init("fedask", adapter, 5) is adapter
 
 
 def test_missing_factors_come_from_the_receivers_copy():

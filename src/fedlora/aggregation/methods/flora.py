@@ -31,6 +31,7 @@ from fedlora.aggregation.types import Adapter, AggregationResult, ClientUpdate, 
     policy=TrainingPolicy(download_stacked=True, server_seed=True, mixed_ranks=False),
     summary="stack factors, merge T into W0, re-initialise LoRA",
     source="Wang et al., NeurIPS 2024",
+    rebuild=lambda like, seed: reinitialised(like, seed),  # clients draw the re-init from the server's seed
 )
 def flora(
     global_adapter: Adapter, updates: Sequence[ClientUpdate], weights: Tensor, *, seed: int = 0

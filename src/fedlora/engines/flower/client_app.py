@@ -38,7 +38,6 @@ from torch import Tensor
 from fedlora.aggregation import Adapter, LoraPair, get_method
 from fedlora.aggregation.api import SERVER_DTYPE
 from fedlora.aggregation.ranks import pad, truncate
-from fedlora.aggregation.methods.flora import reinitialised
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.protocol.federation import ClientData
 from fedlora.engines.flower.data_cache import client_data
@@ -199,7 +198,7 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
 
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
-    own = truncate(_own_factors(_global_init(proc.initial, int(settings["init-seed"])), local_B), rank)
+    own = truncate(_own_factors(_global_init(config.method, proc.initial, int(settings["init-seed"])), local_B), rank)
     received, global_head = record_to_model(content["arrays"], missing_from=own)
     start = pad(_own_factors(received, truncate_B(local_B, rank)), config.rank)  # a private factor held here wins
     if partition not in proc.clients:
@@ -249,15 +248,17 @@ def _deltas(content: RecordDict) -> dict[int, dict[str, Tensor]] | None:
     return dict(sorted(deltas.items())) or None
 
 
-def _global_init(initial: Adapter, seed: int) -> Adapter:
-    """The global adapter as far as the seed fixes it: the initial one, or FLoRA's re-init with ``seed``.
+def _global_init(method: str, initial: Adapter, seed: int) -> Adapter:
+    """The global adapter as far as the seed fixes it: the initial one, or the method's rebuild from the server's
+    ``seed`` (FLoRA's re-init; ``MethodSpec.rebuild``).
 
     Drawn in float64 and cast, as the server draws it (in SERVER_DTYPE) before sending float32.
     """
-    if seed < 0:
+    rebuild = get_method(method).rebuild
+    if seed < 0 or rebuild is None:
         return initial
     like = {m: LoraPair(A=p.A.to(SERVER_DTYPE), B=p.B.to(SERVER_DTYPE)) for m, p in initial.items()}
-    return {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in reinitialised(like, seed).items()}
+    return {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in rebuild(like, seed).items()}
 
 
 def truncate_B(local_B: dict[str, Tensor] | None, rank: int) -> dict[str, Tensor] | None:
