@@ -162,3 +162,21 @@ def test_certificates_are_for_loopback_and_signed_by_the_ca(tmp_path):
     cert.verify_directly_issued_by(ca)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+
+
+def test_the_train_task_is_one_typed_message_each_way():
+    from fedlora.config.run import ConfigError
+    from fedlora.engines.flower.messages import TrainTask
+
+    task = TrainTask(server_round=3, local_eval=True, partition_id=1, init_seed=-1, client_rank=4, base_reset=True,
+                     method_seed=77, dp_sgd_noise=1.5)
+    assert TrainTask.from_config(task.to_config()) == task
+    assert TrainTask.from_config(task.to_dict()) == task  # a secure round's legacy FitIns config
+    older = {k: v for k, v in task.to_dict().items() if k not in ("method-seed", "dp-sgd-noise", "base-reset")}
+    assert TrainTask.from_config(older) == TrainTask(3, True, 1, -1, 4)  # what a server without them meant
+    with pytest.raises(ConfigError, match="lacks config 'partition-id'"):
+        TrainTask.from_config({k: v for k, v in task.to_dict().items() if k != "partition-id"})
+    with pytest.raises(ConfigError, match="'server-round'=True is not a int"):
+        TrainTask.from_config(task.to_dict() | {"server-round": True})
+    with pytest.raises(ConfigError, match="'dp-sgd-noise'='1' is not a float"):
+        TrainTask.from_config(task.to_dict() | {"dp-sgd-noise": "1"})

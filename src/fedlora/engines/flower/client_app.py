@@ -44,6 +44,7 @@ from fedlora.engines.flower.data_cache import client_data
 from fedlora.engines.flower.config import run_config_from_flower
 from fedlora.engines.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
                                  tensors_record)
+from fedlora.engines.flower.messages import TrainTask
 from fedlora.engines.flower.phases import PHASE_BROADCAST
 from fedlora.engines.flower.secure import clip_upload, record_from_parameters, wire_keys
 from fedlora.engines.flower.replies import PHASE_UPLOAD
@@ -162,7 +163,7 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     proc = _process(config)
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     settings = ConfigRecord(dict(fitins.config))
-    policy = get_method(config.method).policy.for_round(int(settings["server-round"]))
+    policy = get_method(config.method).policy.for_round(TrainTask.from_config(settings).server_round)
     full = policy.download_full_adapter
     down = wire_keys(proc.initial, get_head(proc.model), A=policy.upload_A or full, B=policy.upload_B or full)
     received = record_from_parameters(fitins.parameters, down)
@@ -184,21 +185,22 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
     settings = content["config"]
     if int(settings.get("phase", 1)) > 1:  # a phased method's later round trip (FedASK's phase 2)
         return _phase_reply(content, context, config)
+    task = TrainTask.from_config(settings)
+    if task.partition_id != partition:
+        raise ConfigError(f"TRAIN message for partition {task.partition_id} reached the SuperNode of partition {partition}")
     spec = get_method(config.method)
-    policy = spec.policy.for_round(int(settings["server-round"]))
-    seed = int(settings.get("method-seed", -1))  # the round's method seed, drawn by the server
-    options = dict(config.method_options) | ({"seed": seed} if seed >= 0 else {})
-    noise = float(settings.get("dp-sgd-noise", 0.0))
+    policy = spec.policy.for_round(task.server_round)
+    options = dict(config.method_options) | ({"seed": task.method_seed} if task.method_seed >= 0 else {})
+    noise = task.dp_sgd_noise
     if config.dp_sgd_clip and (noise <= 0 or noise < config.dp_sgd_noise):  # the client guards its own records
         raise ConfigError(f"the server asks for DP-SGD noise multiplier {noise:g}, below what this run's "
                           f"configuration promises (--dp-sgd-noise {config.dp_sgd_noise:g}, > 0); not training")
-    plan = RoundPlan(int(settings["server-round"]), (partition,), local_eval=bool(settings["local-eval"]), options=options,
-                     dp_sgd_noise=noise)
-    version = _sync_base(proc, context.state, _deltas(content), reset=bool(settings.get("base-reset", False)))
-    rank = int(settings.get("client-rank", config.rank))  # mixed ranks: only r_u components travel
+    plan = RoundPlan(task.server_round, (partition,), local_eval=task.local_eval, options=options, dp_sgd_noise=noise)
+    version = _sync_base(proc, context.state, _deltas(content), reset=task.base_reset)
+    rank = task.client_rank  # mixed ranks: only r_u components travel
 
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
-    own = truncate(_own_factors(_global_init(config.method, proc.initial, int(settings["init-seed"])), local_B), rank)
+    own = truncate(_own_factors(_global_init(config.method, proc.initial, task.init_seed), local_B), rank)
     received, global_head = record_to_model(content["arrays"], missing_from=own)
     start = pad(_own_factors(received, truncate_B(local_B, rank)), config.rank)  # a private factor held here wins
     if partition not in proc.clients:

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from fedlora.aggregation import Adapter, ClientUpdate, available_methods, get_method
 from fedlora.config.run import ConfigError, RunConfig
+from fedlora.engines.flower.messages import train_task
 from fedlora.engines.flower.nodes import NodeMap
 from fedlora.engines.flower.wire import model_record, record_to_model, round_record
 from fedlora.privacy.gaussian import clip_update
@@ -116,10 +117,7 @@ class SecureStrategy(Strategy):
                 continue
             client_id = self.server.federation.clients[partition].client_id
             adapter, head = self.server.client_start(client_id)
-            config: dict[str, Scalar] = {
-                "server-round": plan.round, "local-eval": plan.local_eval, "partition-id": partition,
-                "init-seed": self.server.state.init_seed, "client-rank": self.server.config.rank,
-                "method-seed": int(plan.options.get("seed", -1)), "dp-sgd-noise": float(plan.dp_sgd_noise)}
+            config: dict[str, Scalar] = train_task(self.server, plan, partition, self.server.config.rank).to_dict()
             fit = FitIns(to_parameters(adapter, head, A=policy.upload_A or full, B=policy.upload_B or full), config)
             out.append((proxies[node_for[partition]], fit))
             self.partition_of_node[node_for[partition]] = partition

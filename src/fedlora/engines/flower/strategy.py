@@ -35,6 +35,7 @@ from fedlora.aggregation.ranks import truncate
 from fedlora.protocol.client import ClientResult
 from fedlora.engines.flower.config import FlowerOptions
 from fedlora.engines.flower.merges import Download, MergeLedger
+from fedlora.engines.flower.messages import train_task
 from fedlora.engines.flower.nodes import NodeMap
 from fedlora.engines.flower.phases import FlowerChannel
 from fedlora.engines.flower.replies import Expected, TrainReply, expected_arrays, parse_train_reply, to_result
@@ -131,12 +132,7 @@ class FedLoraStrategy(FedAvg):
         content = RecordDict({
             "arrays": model_record(own, head, A=factors and (policy.upload_A or full),
                                    B=factors and (policy.upload_B or full or send_private)),
-            "config": ConfigRecord({"server-round": plan.round, "local-eval": plan.local_eval, "partition-id": partition,
-                                    "init-seed": self.server.state.init_seed, "client-rank": rank,
-                                    "base-reset": download.reset,
-                                    # the method's seed of this round (FedASK's sketch); -1: the method draws none
-                                    "method-seed": int(plan.options.get("seed", -1)),
-                                    "dp-sgd-noise": float(plan.dp_sgd_noise)}),  # record-level DP-SGD; 0: off
+            "config": train_task(self.server, plan, partition, rank, base_reset=download.reset).to_config(),
         })
         content.update(_merge_records(download.merges))
         return content
