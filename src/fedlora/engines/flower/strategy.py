@@ -1,4 +1,4 @@
-"""``FedLoraStrategy``: Flower's FedAvg as a thin translation of :class:`fedlora.protocol.rounds.Server`.
+"""``FedLoraStrategy``: a Flower ``Strategy`` that is a thin translation of :class:`fedlora.protocol.rounds.Server`.
 
 The round itself is the server's (the same object the local engine loops over): ``configure_train``
 turns :meth:`Server.plan` into one TRAIN message per planned client, ``aggregate_train`` turns the
@@ -28,7 +28,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedlora.aggregation.ranks import truncate
@@ -43,17 +43,16 @@ from fedlora.engines.flower.wire import WireBytes, content_bytes, deltas_record,
 from fedlora.protocol.rounds import BaseMerge, RoundPlan, Server
 
 
-class FedLoraStrategy(FedAvg):
+class FedLoraStrategy(Strategy):
+    """Flower's ``Strategy`` interface (``start`` drives it) over the round protocol: nothing of FedAvg is used, the
+    server samples, aggregates and evaluates (centrally) itself."""
+
     POLL_SECONDS = 1.0  # how often round 1 looks for newly connected SuperNodes
 
     def __init__(self, server: Server, options: FlowerOptions) -> None:
         config = server.config
-        super().__init__(
-            fraction_train=config.fraction,
-            fraction_evaluate=0.0,  # the server evaluates centrally (Server.finish), as the local engine does
-            min_train_nodes=options.min_train_nodes,
-            min_available_nodes=options.min_available_nodes or config.clients,
-        )
+        self.min_train_nodes = options.min_train_nodes  # fewer valid replies: the round is skipped
+        self.min_available_nodes = options.min_available_nodes or config.clients  # round 1 waits for these
         self.server = server
         self.policy = server.spec.policy  # the run's; a round's is self.policy.for_round(t) (RoLoRA alternates)
         self.offset = server.state.round  # rounds completed before this Flower run (resume)
@@ -223,10 +222,19 @@ class FedLoraStrategy(FedAvg):
         return to_result(reply, own, rank=self.server.rank_of[client_id], server_rank=self.server.config.rank,
                          client_id=client_id)
 
+    # -- evaluation: central, in Server.finish; no client evaluates for the strategy -----------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
     def summary(self) -> None:
         config = self.server.config
-        log(INFO, "\t├──> fedlora: method %s, %d clients, %d rounds", config.method, config.clients, config.rounds)
-        super().summary()
+        log(INFO, "\t├──> fedlora: method %s, %d clients (%d sampled per round), %d rounds; min-train-nodes %d, "
+            "min-available-nodes %d", config.method, config.clients, config.num_sampled, config.rounds,
+            self.min_train_nodes, self.min_available_nodes)
 
 
 def _merge_records(pending: dict[int, BaseMerge]) -> dict[str, ArrayRecord]:
