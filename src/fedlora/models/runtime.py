@@ -24,6 +24,7 @@ Imports only torch, so :mod:`fedlora.config.run` can validate with :func:`resolv
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,9 @@ from torch import Tensor, nn
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
-_ATTR = "_fedlora_runtime"  # the Runtime a model was built for (see attach_runtime)
+# The Runtime each model was built for (see attach_runtime), beside the model rather than set on it: a PEFT model
+# carries no attribute of ours, and a model that is garbage-collected leaves no entry behind.
+_RUNTIMES: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -111,13 +114,13 @@ def attach_runtime(model: nn.Module, runtime: Runtime) -> nn.Module:
     engine that forgets to pass it still computes in the configured precision.
     """
     model.to(runtime.device)
-    setattr(model, _ATTR, runtime)
+    _RUNTIMES[model] = runtime
     return model
 
 
 def runtime_of(model: nn.Module) -> Runtime:
     """The runtime attached by :func:`attach_runtime`, else fp32 on the device of the model's parameters."""
-    attached = getattr(model, _ATTR, None)
-    if isinstance(attached, Runtime):
+    attached = _RUNTIMES.get(model)
+    if attached is not None:
         return attached
     return Runtime(next(model.parameters()).device, "fp32")
