@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from fedlora.aggregation import Adapter
 from fedlora.aggregation.ranks import truncate
 from fedlora.protocol.client import ClientResult
 from fedlora.engines.flower.config import FlowerOptions
@@ -66,6 +67,7 @@ class FedLoraStrategy(Strategy):
         self.sent: list[Message] = []  # this round's train messages, to name nodes that failed
         self.expected: dict[int, Expected] = {}  # node -> what its TRAIN reply must hold
         self.downloads: dict[int, Download] = {}  # node -> the merges its TRAIN message carried
+        self.starts: dict[int, Adapter] = {}  # node -> the adapter its round started from (Server.client_start)
         self.sent_bytes = WireBytes()
         self.started = time.perf_counter()
         self.grid: Grid | None = None  # the round's grid (configure_train), for a phased method's later phases
@@ -99,7 +101,7 @@ class FedLoraStrategy(Strategy):
         missing = [p for p in plan.clients if p not in node_for]
         if missing:
             log(WARNING, "round %d: partitions %s have no connected SuperNode; training without them", plan.round, missing)
-        self.expected, self.downloads = {}, {}
+        self.expected, self.downloads, self.starts = {}, {}, {}
         messages = [Message(self._content(plan, partition, node_for[partition]), node_for[partition], MessageType.TRAIN)
                     for partition in plan.clients if partition in node_for]
         self.sent = messages
@@ -111,6 +113,7 @@ class FedLoraStrategy(Strategy):
         """One client's download: the factors that travel, its missing merges, and the round's config."""
         client_id = self.server.federation.clients[partition].client_id
         adapter, head = self.server.client_start(client_id)
+        self.starts[node] = adapter  # once per node and round: the reply's factors that did not travel come from it
         rank = self.server.rank_of[client_id]
         # Down travels what goes up (round_bytes' convention), or both factors where the policy says
         # so (FedSVD, RoLoRA). A factor that does not travel the client builds itself: FFA-LoRA's
@@ -218,7 +221,7 @@ class FedLoraStrategy(Strategy):
         client_id = self.server.federation.clients[self.expected[node].partition].client_id
         # Factors that did not travel are the ones the client started from (FFA-LoRA's frozen A);
         # private ones come in "eval-B", for the server's evaluation-only global model.
-        own, _ = self.server.client_start(client_id)
+        own = self.starts[node]
         return to_result(reply, own, rank=self.server.rank_of[client_id], server_rank=self.server.config.rank,
                          client_id=client_id)
 
