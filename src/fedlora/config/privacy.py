@@ -21,10 +21,7 @@ def validate_privacy(c: Any, require: Require) -> None:
     """``--dp-clip/--dp-epsilon/--dp-noise/--dp-delta`` consistent with each other and with the method."""
     from fedlora.aggregation import available_methods, get_method
 
-    for name in ("dp_clip", "dp_epsilon", "dp_noise"):
-        value = getattr(c, name)
-        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and value >= 0, name, value, "must be a finite number >= 0 (0: off)")
+    _non_negative(c, require, ("dp_clip", "dp_epsilon", "dp_noise"))
     _validate_dp_sgd(c, require)
     if not dp_enabled(c):
         require(not c.dp_epsilon and not c.dp_noise, "dp_clip", c.dp_clip,
@@ -63,10 +60,7 @@ def dp_sgd_enabled(config: Any) -> bool:
 
 def _validate_dp_sgd(c: Any, require: Require) -> None:
     """Record-level DP-SGD (:mod:`fedlora.models.dp_sgd`): its options, and the knobs it replaces or cannot take."""
-    for name in ("dp_sgd_clip", "dp_sgd_epsilon", "dp_sgd_noise"):
-        value = getattr(c, name)
-        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and value >= 0, name, value, "must be a finite number >= 0 (0: off)")
+    _non_negative(c, require, ("dp_sgd_clip", "dp_sgd_epsilon", "dp_sgd_noise"))
     if not dp_sgd_enabled(c):
         require(not c.dp_sgd_epsilon and not c.dp_sgd_noise, "dp_sgd_clip", c.dp_sgd_clip,
                 "record-level DP-SGD needs the per-example clip bound: set --dp-sgd-clip (e.g. 1.0)")
@@ -83,3 +77,10 @@ def _validate_dp_sgd(c: Any, require: Require) -> None:
     require(c.precision == "fp32", "precision", c.precision, "record-level DP-SGD runs in fp32 only")
     require(not c.max_grad_norm, "max_grad_norm", c.max_grad_norm,
             "record-level DP-SGD clips every example's gradient to --dp-sgd-clip instead; drop --max-grad-norm")
+
+
+def _non_negative(c: Any, require: Require, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(c, name)
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and value >= 0, name, value, "must be a finite number >= 0 (0: off)")

@@ -26,16 +26,15 @@ from torch import Tensor
 
 from fedlora.aggregation import Adapter, ClientUpdate, LoraPair, aggregate
 from fedlora.aggregation.communication import round_bytes
-from fedlora.aggregation.heads import head_problem
 from fedlora.aggregation.outcome import skipped_result
 from fedlora.aggregation.registry import get_method
-from fedlora.aggregation.validation import client_key, collect_problems
+from fedlora.aggregation.validation import collect_problems
 from fedlora.config.privacy import dp_enabled, dp_sgd_enabled
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.privacy.accountant import PrivacyBudget
 from fedlora.privacy.gaussian import Delta, noised_mean, noisy_mean
 from fedlora.protocol.client import ClientResult, derived_seed
-from fedlora.protocol.server import ServerStep
+from fedlora.protocol.server import ServerStep, malformed
 
 log = logging.getLogger(__name__)
 NOISE_SEED = 1_000_099  # separates the noise's seeds from the clients' and the server's other draws
@@ -98,10 +97,7 @@ def private_server_step(method: str, global_adapter: Adapter, results: list[Clie
     ``planned``: m, the clients sampled for the round (the denominator, public); ``generator`` draws the noise.
     """
     policy = get_method(method).policy.for_round(round_index)
-    names = [client_key(getattr(r, "update", None), i) for i, r in enumerate(results)]
-    rejected = [{"client": n, "reason": p} for n, r in zip(names, results)
-                if (p := "a client result must be a ClientResult" if not isinstance(r, ClientResult)
-                    else head_problem(r.head, global_head))]
+    names, rejected = malformed(results, global_head)
     blamed = {e["client"] for e in rejected}
     candidates = [(n, r) for n, r in zip(names, results) if n not in blamed]
     problems = collect_problems(global_adapter, [r.update for _, r in candidates])

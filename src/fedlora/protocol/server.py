@@ -57,10 +57,7 @@ def server_step(
     if not results:  # no client reported (Flower: every node failed): a skipped round, nothing changes
         return ServerStep(skipped_result(method, global_adapter, options.get("state"), "no client reported this round",
                                          num_clients=0, rejected=[]), None)
-    names = [client_key(getattr(r, "update", None), i) for i, r in enumerate(results)]
-    bad_heads = [{"client": n, "reason": p} for n, r in zip(names, results)
-                 if (p := "a client result must be a ClientResult" if not isinstance(r, ClientResult)
-                     else head_problem(r.head, global_head))]
+    names, bad_heads = malformed(results, global_head)
     blamed = {e["client"] for e in bad_heads}
     well_formed = [(n, r) for n, r in zip(names, results) if n not in blamed]
     problems, norms, reference, from_round = screen_heads(
@@ -93,3 +90,13 @@ def server_step(
         return ServerStep(skipped_result(method, global_adapter, options.get("state"), reason,
                                          num_clients=len(accepted), rejected=result.metrics["rejected"]), None)
     return ServerStep(result, head)
+
+
+def malformed(results: list[Any], global_head: dict[str, Tensor]) -> tuple[list[str], list[dict[str, str]]]:
+    """Each result's client name, and ``{client, reason}`` for those that are no ClientResult or whose head does
+    not match the global head (keys, shapes, dtype, finite values): what every server step refuses first."""
+    names = [client_key(getattr(r, "update", None), i) for i, r in enumerate(results)]
+    bad = [{"client": n, "reason": p} for n, r in zip(names, results)
+           if (p := "a client result must be a ClientResult" if not isinstance(r, ClientResult)
+               else head_problem(r.head, global_head))]
+    return names, bad
