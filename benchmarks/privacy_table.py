@@ -51,7 +51,7 @@ def fmt(values: list[float], signed: bool = False) -> str:
 
 def table(runs: Runs, loss: bool) -> str:
     metric = "tail test loss (lower is better)" if loss else "tail accuracy"
-    lines = [f"| method | ε (record level, δ = 1e-5) | noise multiplier z | ε spent (bound) | {metric} | Δ vs fedit, paired | "
+    lines = [f"| method | ε (record level, δ = 1e-5) | noise multiplier z (by seed) | ε spent (bound) | {metric} | Δ vs fedit, paired | "
              f"{'lower' if loss else 'higher'} than fedit (seeds) |", "|---|---|---|---|---|---|---|"]
     for (method, epsilon), by_seed in sorted(runs.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "fedit", kv[0][0])):
         values = {s: tail(r, loss) for s, r in by_seed.items()}
@@ -59,7 +59,8 @@ def table(runs: Runs, loss: bool) -> str:
         diffs = [values[s] - tail(base[s], loss) for s in sorted(values) if s in base] if method != "fedit" else []
         better = sum((d < 0) if loss else (d > 0) for d in diffs)
         first = next(iter(by_seed.values()))[-1]
-        z = f"{first['dp_sgd_noise_multiplier']:.3g}" if first.get("dp_sgd_noise_multiplier") else "–"
+        zs = sorted(r[-1]["dp_sgd_noise_multiplier"] for r in by_seed.values()) if first.get("dp_sgd_noise_multiplier") else []
+        z = (f"{zs[0]:.3g}" if zs[0] == zs[-1] else f"{zs[0]:.3g}–{zs[-1]:.3g}") if zs else "–"  # by seed: n_min differs
         spent = f"{max(r[-1]['dp_sgd_epsilon'] for r in by_seed.values()):.3g}" if first.get("dp_sgd_epsilon") else "–"
         shown = "no DP" if math.isinf(epsilon) else f"{epsilon:g}"
         lines.append(f"| {method} | {shown} | {z} | {spent} | {fmt(list(values.values()))} | "

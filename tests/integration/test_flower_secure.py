@@ -55,6 +55,7 @@ def test_a_secure_run_ends_where_the_plain_run_ends(in_process_flower, tmp_path,
 
     a, b = _records(Path(plain.out)), _records(Path(secure.out))
     assert [r["round"] for r in b] == [1] and all(r["secure_aggregation"] == "SecAgg+" for r in b)
+    assert "secure aggregation (SecAgg+ on Flower)" in (Path(secure.out) / "adapter" / "README.md").read_text()
     assert [r["clients"] for r in a] == [r["clients"] for r in b]
     for x, y in zip(a, b):
         assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-4)

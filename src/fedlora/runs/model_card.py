@@ -210,6 +210,9 @@ def privacy_text(record: dict[str, Any]) -> str:
                      f"every client's examples after round {record['round']} (DP-SGD with Opacus: per-example clip "
                      f"{record['dp_sgd_clip']:.4g}, noise multiplier {record['dp_sgd_noise_multiplier']:.4g}; RDP "
                      "accountant, fixed-size batches)")
+    if record.get("secure_aggregation"):
+        parts.append(f"secure aggregation ({record['secure_aggregation']} on Flower): the server saw only the clients' "
+                     "weighted sum")
     return "; ".join(parts)
 
 
