@@ -35,11 +35,13 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow  # ~10-25 s: SecAgg+'s four stages per round, several runs
-def test_a_secure_run_ends_where_the_plain_run_ends(in_process_flower, tmp_path, tiny_bert_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("method", ["fedit", "fedsa-lora"])  # fedsa-lora: its private B summed for evaluation only
+def test_a_secure_run_ends_where_the_plain_run_ends(in_process_flower, tmp_path, tiny_bert_path, monkeypatch,  # noqa: F811
+                                                    method):
     import tests.integration.test_flower_simulation as sim
 
     plain = RunConfig(model=tiny_bert_path, out=str(tmp_path / "plain"), clip_factor=0.0,
-                      method_options={"weighting": "examples"}, **SECURE)
+                      method_options={"weighting": "examples"}, **(SECURE | {"method": method}))
     in_process_flower(plain)
     received: list = []
     deliver = sim.InProcessGrid.send_and_receive
@@ -74,7 +76,6 @@ def test_a_secure_run_ends_where_the_plain_run_ends(in_process_flower, tmp_path,
 
 @pytest.mark.parametrize("changes, message", [
     (dict(method="flora-na"), "each client's update"),
-    (dict(method="fedsa-lora"), "private B"),
     (dict(method="fedask"), "two phases"),
     (dict(client_ranks=(8, 4, 4)), "mixed client ranks"),
 ])

@@ -264,7 +264,9 @@ class Server:
         with phase("aggregation"):
             step = self._aggregate(plan, results, ranks, channel, summed)
         failpoint("aggregate", plan.round)
-        if self.spec.policy.private_factors:  # FedSA-LoRA: a client keeps its own B whatever the server decides
+        # FedSA-LoRA: a client keeps its own B whatever the server decides; under secure aggregation the server never
+        # sees it (only the mean, for evaluation), so it stays on the client alone
+        if self.spec.policy.private_factors and summed is None:
             for r in results:
                 self.state.local_B[r.update.client_id] = {m: p.B for m, p in r.update.adapter.items()}
         agg = step.result

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -169,6 +169,8 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     received = record_from_parameters(fitins.parameters, down)
     out = _train(RecordDict({"config": settings, "arrays": received}), context)
     arrays, metrics = out["arrays"], out["metrics"]
+    if "eval-B" in out:  # FedSA-LoRA: the private B is summed too, for the server's evaluation-only mean
+        arrays = ArrayRecord({**dict(arrays.items()), **dict(out["eval-B"].items())})
     weight = int(metrics["num-examples"])
     if config.dp_clip:  # user-level DP: this client clips its own update, and every client weighs 1
         arrays, weight = clip_upload(arrays, received, config.dp_clip), 1

@@ -18,8 +18,10 @@ plain weighted mean was 5.3e-6 (tests/integration/test_flower_secure.py asserts 
 the clients' *claims* (bounded by ``max_weight``, the largest partition), not the server's partition table, and
 nothing can be clipped or rejected per client: the weaker threat model (docs/failure-modes.md).
 
-Only methods whose server needs one upload's weighted sum qualify (fedit, ffa-lora, fedsvd, rolora); the others
-are refused in one line before anything loads (:func:`check_secure`).
+Only methods whose server needs one upload's weighted sum qualify (fedit, ffa-lora, fedsa-lora, fedsvd, rolora); the
+others are refused in one line before anything loads (:func:`check_secure`). FedSA-LoRA's private B joins the masked
+vector, so the server learns only the clients' mean B (for its evaluation-only global model) and no client's B is
+ever stored on the server: a client that loses its state starts its B again from the init.
 
 With user-level DP (``dp-clip``) the clipping moves to the clients, which the server cannot check: each client
 clips its own update (uploaded factors and head, jointly) to the announced C (:func:`clip_upload`) and reports a
@@ -43,7 +45,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from torch import Tensor
 
-from fedlora.aggregation import Adapter, ClientUpdate, available_methods, get_method
+from fedlora.aggregation import Adapter, ClientUpdate, TrainingPolicy, available_methods, get_method
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.engines.flower.messages import train_task
 from fedlora.engines.flower.nodes import NodeMap
@@ -61,7 +63,6 @@ def check_secure(config: RunConfig) -> None:
     fits = [m for m in available_methods() if _fits(m)]
     if not _fits(config.method):
         why = ("it needs each client's update" if spec.policy.needs_individual_updates else
-               "its global model needs each client's private B" if spec.policy.private_factors else
                "its two phases of sums are not wired to SecAgg+")
         raise ConfigError(f"secure-aggregation=true: method {config.method!r} cannot run on sums alone ({why}); "
                           f"use one of {', '.join(fits)}")
@@ -72,7 +73,13 @@ def check_secure(config: RunConfig) -> None:
 
 def _fits(method: str) -> bool:
     spec = get_method(method)
-    return not spec.policy.needs_individual_updates and not spec.policy.private_factors and spec.phased is None
+    return not spec.policy.needs_individual_updates and spec.phased is None
+
+
+def upload_keys(policy: TrainingPolicy, adapter: Adapter, head: dict[str, Tensor]) -> list[str]:
+    """What a client's masked vector holds: the factors it shares this round, its head, and a private B for the
+    server's evaluation-only mean (FedSA-LoRA: under secure aggregation that mean is all the server learns of it)."""
+    return wire_keys(adapter, head, A=policy.upload_A, B=policy.upload_B or bool(policy.private_factors))
 
 
 def wire_keys(adapter: Adapter, head: dict[str, Tensor], *, A: bool, B: bool) -> list[str]:
@@ -139,7 +146,7 @@ class SecureStrategy(Strategy):
                                         local_metrics=metrics or None))
         summed = None
         if results:  # every result carries the same unmasked mean
-            keys = wire_keys(start, head, A=policy.upload_A, B=policy.upload_B)
+            keys = upload_keys(policy, start, head)
             summed = from_parameters(results[0][1].parameters, keys, like=start)
         extra = {"failed_nodes": [{"node": None, "partition": None, "reason": str(f)} for f in failures],
                  "secure_aggregation": "SecAgg+"}
