@@ -250,19 +250,22 @@ class Server:
     def finish(self, plan: RoundPlan, results: list[ClientResult], started: float,
                extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
                channel: PhaseChannel | None = None,
-               summed: tuple[Adapter, dict[str, Tensor]] | None = None) -> dict[str, Any]:
+               summed: tuple[Adapter, dict[str, Tensor]] | None = None, summed_is_result: bool = False,
+               summed_bytes: tuple[int, int] | None = None) -> dict[str, Any]:
         """Aggregate, merge, evaluate, record and checkpoint round ``plan.round``; returns its record.
 
         ``extra``: the engine's fields for the record, or a function giving them once the aggregation is done
         (a phased method's later phases add to Flower's wire bytes). ``channel``: how a phased method's later
         phases reach the clients (default: in this process, from ``results``). ``summed``: the clients' weighted
         mean (adapter, head) when that is all the server learns (secure aggregation); ``results`` then carry only
-        what each client reported besides (loss, local metrics)."""
+        what each client reported besides (loss, local metrics). ``summed_is_result``: ``summed`` is already the
+        method's result (a phased method whose every phase was a secure sum), with ``summed_bytes`` (up, down) of
+        its phases."""
         server_start = time.perf_counter()
         results = self.bounded(results)
         ranks = {r.update.client_id: self.rank_of[r.update.client_id] for r in results} if self.mixed_ranks else None
         with phase("aggregation"):
-            step = self._aggregate(plan, results, ranks, channel, summed)
+            step = self._aggregate(plan, results, ranks, channel, summed, summed_is_result, summed_bytes)
         failpoint("aggregate", plan.round)
         # FedSA-LoRA: a client keeps its own B whatever the server decides; under secure aggregation the server never
         # sees it (only the mean, for evaluation), so it stays on the client alone
@@ -295,12 +298,14 @@ class Server:
         return record
 
     def _aggregate(self, plan: RoundPlan, results: list[ClientResult], ranks: dict[str, int] | None,
-                   channel: PhaseChannel | None, summed: tuple[Adapter, dict[str, Tensor]] | None) -> ServerStep:
+                   channel: PhaseChannel | None, summed: tuple[Adapter, dict[str, Tensor]] | None,
+                   summed_is_result: bool = False, summed_bytes: tuple[int, int] | None = None) -> ServerStep:
         """The round's server step: plain (validated, robustly clipped), from a secure sum, phased (sums over
         several round trips), or DP-FedAvg's noised mean."""
         if summed is not None:  # secure aggregation: the mean is all the server has (noised here under user-level DP)
             return summed_server_step(self.config.method, self.state.adapter, summed, len(results),
                                       round_index=plan.round, state=self.state.method_state,
+                                      is_result=summed_is_result, phase_bytes=summed_bytes,
                                       global_head=self.state.head, budget=self.privacy, planned=len(plan.clients),
                                       generator=noise_generator(self.config.seed, plan.round), **plan.options)
         if self.spec.phased is not None:

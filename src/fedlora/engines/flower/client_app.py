@@ -46,7 +46,7 @@ from fedlora.engines.flower.wire import (model_record, record_tensors, record_to
                                  tensors_record)
 from fedlora.engines.flower.messages import TrainTask
 from fedlora.engines.flower.phases import PHASE_BROADCAST
-from fedlora.engines.flower.secure import clip_upload, record_from_parameters, wire_keys
+from fedlora.engines.flower.secure import PHASE_KEY, clip_upload, record_from_parameters, wire_keys
 from fedlora.engines.flower.replies import PHASE_UPLOAD
 from fedlora.tasks.build import build_model
 from fedlora.protocol.rounds import RoundPlan, train_planned
@@ -163,6 +163,8 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     proc = _process(config)
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     settings = ConfigRecord(dict(fitins.config))
+    if int(settings.get("phase", 1)) > 1:  # a phased method's later phase, as one more secure sum
+        return _secure_phase(fitins, settings, context, config, proc)
     policy = get_method(config.method).policy.for_round(TrainTask.from_config(settings).server_round)
     full = policy.download_full_adapter
     down = wire_keys(proc.initial, get_head(proc.model), A=policy.upload_A or full, B=policy.upload_B or full)
@@ -171,12 +173,33 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     arrays, metrics = out["arrays"], out["metrics"]
     if "eval-B" in out:  # FedSA-LoRA: the private B is summed too, for the server's evaluation-only mean
         arrays = ArrayRecord({**dict(arrays.items()), **dict(out["eval-B"].items())})
+    if PHASE_UPLOAD in out:  # a phased method's phase-1 upload (FedASK's sketch) is summed with the head
+        arrays = ArrayRecord({**dict(arrays.items()), **{PHASE_KEY + k: a for k, a in out[PHASE_UPLOAD].items()}})
     weight = int(metrics["num-examples"])
     if config.dp_clip:  # user-level DP: this client clips its own update, and every client weighs 1
         arrays, weight = clip_upload(arrays, received, config.dp_clip), 1
     parameters = ndarrays_to_parameters([arrays[k].numpy() for k in sorted(arrays.keys())])
     fitres = FitRes(Status(Code.OK, "trained"), parameters, weight, dict(metrics))
     return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def _secure_phase(fitins: Any, settings: ConfigRecord, context: Context, config: RunConfig, proc: _Process) -> RecordDict:
+    """Phase p >= 2 of a phased method under SecAgg+: the broadcast in ``FitIns``, the upload as ``FitRes``, weighed
+    by this client's training examples as its phase-1 sum was."""
+    phased = get_method(config.method).phased
+    if phased is None:
+        raise ConfigError(f"a phase message for method {config.method!r}, which has one phase")
+    phase = int(settings["phase"])
+    names = sorted(phased.broadcasts(phase, proc.initial, dict(config.method_options)))
+    broadcast = record_from_parameters(fitins.parameters, names)
+    out = _phase_reply(RecordDict({"config": settings, PHASE_BROADCAST: broadcast}), context, config)
+    upload = out[PHASE_UPLOAD]
+    partition = _partition(context, config)
+    if partition not in proc.clients:
+        raise ConfigError(f"phase {phase} message for partition {partition}, which has not trained in this process")
+    weight = proc.clients[partition][1].num_examples
+    parameters = ndarrays_to_parameters([upload[k].numpy() for k in sorted(upload.keys())])
+    return compat.fitres_to_recorddict(FitRes(Status(Code.OK, f"phase {phase}"), parameters, weight, {}), keep_input=True)
 
 
 def _train(content: RecordDict, context: Context) -> RecordDict:

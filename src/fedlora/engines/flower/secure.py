@@ -18,8 +18,9 @@ plain weighted mean was 5.3e-6 (tests/integration/test_flower_secure.py asserts 
 the clients' *claims* (bounded by ``max_weight``, the largest partition), not the server's partition table, and
 nothing can be clipped or rejected per client: the weaker threat model (docs/failure-modes.md).
 
-Only methods whose server needs one upload's weighted sum qualify (fedit, ffa-lora, fedsa-lora, fedsvd, rolora); the
-others are refused in one line before anything loads (:func:`check_secure`). FedSA-LoRA's private B joins the masked
+Every method whose server needs only sums qualifies (fedit, ffa-lora, fedsa-lora, fedsvd, rolora, fedask); the
+others are refused in one line before anything loads (:func:`check_secure`). A phased method (FedASK) runs each
+phase as one SecAgg+ sum: :class:`PhasedFit` calls the workflow again within the round, to the clients of phase 1. FedSA-LoRA's private B joins the masked
 vector, so the server learns only the clients' mean B (for its evaluation-only global model) and no client's B is
 ever stored on the server: a client that loses its state starts its B again from the init.
 
@@ -46,10 +47,11 @@ from flwr.server.strategy import Strategy
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, ClientUpdate, TrainingPolicy, available_methods, get_method
+from fedlora.aggregation.phased import PhasedAggregation
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.engines.flower.messages import train_task
 from fedlora.engines.flower.nodes import NodeMap
-from fedlora.engines.flower.wire import model_record, record_to_model, round_record
+from fedlora.engines.flower.wire import model_record, record_tensors, record_to_model, round_record
 from fedlora.privacy.gaussian import clip_update
 from fedlora.protocol.client import ClientResult
 from fedlora.protocol.rounds import RoundPlan, Server
@@ -59,21 +61,25 @@ CLIPPING_RANGE = 8.0  # SecAgg+'s default: every uploaded value is clipped to [-
 
 def check_secure(config: RunConfig) -> None:
     """Refuse, in one line, a run secure aggregation cannot carry."""
-    spec = get_method(config.method)
     fits = [m for m in available_methods() if _fits(m)]
     if not _fits(config.method):
-        why = ("it needs each client's update" if spec.policy.needs_individual_updates else
-               "its two phases of sums are not wired to SecAgg+")
-        raise ConfigError(f"secure-aggregation=true: method {config.method!r} cannot run on sums alone ({why}); "
-                          f"use one of {', '.join(fits)}")
+        raise ConfigError(f"secure-aggregation=true: method {config.method!r} cannot run on sums alone (it needs each "
+                          f"client's update); use one of {', '.join(fits)}")
     if any(r != config.rank for r in config.client_ranks):
         raise ConfigError("secure-aggregation=true: mixed client ranks are not supported (every client's upload "
                           "must have the same shapes to be summed); drop client-ranks")
 
 
 def _fits(method: str) -> bool:
-    spec = get_method(method)
-    return not spec.policy.needs_individual_updates and spec.phased is None
+    return not get_method(method).policy.needs_individual_updates
+
+
+PHASE_KEY = "phase-upload/"  # a phased method's upload inside a masked vector: PHASE_KEY + its name
+
+
+def phase_keys(phased: PhasedAggregation, phase: int, adapter: Adapter, options: dict[str, Any]) -> list[str]:
+    """The names of a phase's upload in a masked vector, in order (FedASK: one sketch per module)."""
+    return sorted(PHASE_KEY + name for name in phased.shapes(phase, adapter, options))
 
 
 def upload_keys(policy: TrainingPolicy, adapter: Adapter, head: dict[str, Tensor]) -> list[str]:
@@ -106,15 +112,25 @@ class SecureStrategy(Strategy):
         self.plan: RoundPlan | None = None
         self.started = time.perf_counter()
         self.partition_of_node: dict[int, int] = {}
+        # A phased method (FedASK): each phase is one SecAgg+ sum (PhasedFit calls the workflow again while
+        # ``pending``); what the server broadcast last, the mean head and the clients of phase 1 are kept between.
+        self.phase = 1
+        self.pending = False
+        self.broadcast: dict[str, Tensor] = {}
+        self.phase_head: dict[str, Tensor] = {}
+        self.phase_clients: list[ClientResult] = []
+        self.phase_bytes = [0, 0]  # up, down of the round's phases, measured from what was sent and unmasked
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters([])  # every round's FitIns carries the server's own state, not this
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
+        if self.pending:  # a phased method's later phase: the broadcast to the clients of phase 1
+            return self._configure_phase(proxies)
         self.started = time.perf_counter()
         self.plan = plan = self.server.plan(server_round + self.offset)
-        proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
         node_for = self.nodes.node_for(set(proxies))
         policy = self.server.spec.policy.for_round(plan.round)
         full = policy.download_full_adapter
@@ -144,13 +160,74 @@ class SecureStrategy(Strategy):
             clients.append(ClientResult(update=ClientUpdate(start, client.num_examples, client.client_id), head=head,
                                         loss=float(fitres.metrics.get("train-loss", float("nan"))),
                                         local_metrics=metrics or None))
+        if self.pending:
+            return self._aggregate_phase(results, failures)
+        phased = self.server.spec.phased
+        if phased is not None and results:  # phase 1's sum: the mean head and Σ w Y; the server's step, then phase 2
+            keys = sorted(upload_keys(policy, start, head) + phase_keys(phased, 1, start, plan.options))
+            arrays = record_tensors(record_from_parameters(results[0][1].parameters, keys))
+            _, self.phase_head = record_to_model(round_record({k: v for k, v in arrays.items()
+                                                               if not k.startswith(PHASE_KEY)}), missing_from=start)
+            total = {k.removeprefix(PHASE_KEY): v.double() for k, v in arrays.items() if k.startswith(PHASE_KEY)}
+            g64 = {m: p.to(torch.float64) for m, p in start.items()}
+            self.broadcast = phased.server(1, g64, total, {}, plan.options)
+            self.phase_clients, self.phase, self.pending = clients, 2, True
+            self.phase_bytes = [sum(t.numel() for t in total.values()) * 4 * len(clients), 0]
+            return None, {}
         summed = None
         if results:  # every result carries the same unmasked mean
             keys = upload_keys(policy, start, head)
             summed = from_parameters(results[0][1].parameters, keys, like=start)
+        self._finish(clients, failures, summed)
+        return None, {}
+
+    def _finish(self, clients: list[ClientResult], failures: list[Any], summed: Any) -> None:
+        assert self.plan is not None
         extra = {"failed_nodes": [{"node": None, "partition": None, "reason": str(f)} for f in failures],
                  "secure_aggregation": "SecAgg+"}
-        self.server.finish(plan, clients, self.started, extra=extra, summed=summed)
+        self.server.finish(self.plan, clients, self.started, extra=extra, summed=summed)
+
+    # -- a phased method's later phases, one SecAgg+ sum each ----------------------------------------------
+    def _configure_phase(self, proxies: dict[int, ClientProxy]) -> list[tuple[ClientProxy, FitIns]]:
+        assert self.plan is not None
+        names = sorted(self.broadcast)
+        parameters = ndarrays_to_parameters([self.broadcast[m].float().numpy() for m in names])
+        out = []
+        for node, partition in sorted(self.partition_of_node.items(), key=lambda kv: kv[1]):
+            client_id = self.server.federation.clients[partition].client_id
+            if node in proxies and any(c.update.client_id == client_id for c in self.phase_clients):
+                config: dict[str, Scalar] = {"server-round": self.plan.round, "phase": self.phase,
+                                             "partition-id": partition}
+                out.append((proxies[node], FitIns(parameters, config)))
+        self.phase_bytes[1] += sum(t.numel() for t in self.broadcast.values()) * 4 * len(out)
+        return out
+
+    def _aggregate_phase(self, results: list[tuple[ClientProxy, FitRes]],
+                         failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        assert self.plan is not None
+        phased = self.server.spec.phased
+        assert phased is not None
+        start = self.server.state.adapter
+        self.pending = False
+        if not results:  # every client dropped out of the phase: the round is skipped, nothing changes
+            self._finish([], failures, None)
+            return None, {}
+        keys = phase_keys(phased, self.phase, start, self.plan.options)
+        arrays = record_tensors(record_from_parameters(results[0][1].parameters, keys))
+        total = {k.removeprefix(PHASE_KEY): v.double() for k, v in arrays.items()}
+        self.phase_bytes[0] += sum(t.numel() for t in total.values()) * 4 * len(results)
+        g64 = {m: p.to(torch.float64) for m, p in start.items()}
+        if self.phase < phased.phases:  # a method with more phases: the next broadcast, the next sum
+            self.broadcast = phased.server(self.phase, g64, total, self.broadcast, self.plan.options)
+            self.phase, self.pending = self.phase + 1, True
+            return None, {}
+        result = phased.finish(g64, total, self.broadcast, self.plan.options)
+        summed = ({m: p.to(torch.float32) for m, p in result.adapter.items()}, self.phase_head)
+        self.phase = 1
+        self.server.finish(self.plan, self.phase_clients, self.started,
+                           extra={"failed_nodes": [{"node": None, "partition": None, "reason": str(f)} for f in failures],
+                                  "secure_aggregation": "SecAgg+", "phases": phased.phases},
+                           summed=summed, summed_is_result=True, summed_bytes=tuple(self.phase_bytes))
         return None, {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
@@ -182,3 +259,15 @@ def clip_upload(arrays: ArrayRecord, start: ArrayRecord, clip: float) -> ArrayRe
     deltas = {k: new[k] - old[k] for k in keys}
     clipped, _ = clip_update(deltas, clip)
     return round_record({k: (old[k] + clipped[k]).float() for k in keys})
+
+
+class PhasedFit:
+    """The fit workflow of a secure run: one SecAgg+ sum, then one more per later phase of a phased method (FedASK)."""
+
+    def __init__(self, secagg: Any, strategy: SecureStrategy) -> None:
+        self.secagg, self.strategy = secagg, strategy
+
+    def __call__(self, grid: Any, context: Any) -> None:
+        self.secagg(grid, context)
+        while self.strategy.pending:
+            self.secagg(grid, context)

@@ -26,7 +26,7 @@ from fedlora.engines.flower import data_cache
 from fedlora.engines.flower.config import run_config_from_flower
 from fedlora.engines.flower.config import FlowerOptions
 from fedlora.engines.flower.nodes import FederationError, NodeMap
-from fedlora.engines.flower.secure import CLIPPING_RANGE, SecureStrategy, check_secure
+from fedlora.engines.flower.secure import CLIPPING_RANGE, PhasedFit, SecureStrategy, check_secure
 from fedlora.engines.flower.strategy import FedLoraStrategy
 from fedlora.engines.flower.wire import model_record
 from fedlora.tasks.build import build_model
@@ -75,11 +75,11 @@ def run_secure(grid: Grid, context: Context, server: Server, options: FlowerOpti
     nodes = NodeMap(config.clients)
     nodes.wait_for(grid, want=options.min_available_nodes or config.clients, need=options.min_train_nodes,
                    timeout=options.round_timeout)
+    strategy = SecureStrategy(server, nodes)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds, round_timeout=options.round_timeout),
-                           strategy=SecureStrategy(server, nodes))
+                           strategy=strategy)
     # weights are the example counts clients report, at most the largest partition; 1 each under user-level DP
     largest = 1 if config.dp_clip else max(c.num_examples for c in server.federation.clients)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=options.secagg_shares, reconstruction_threshold=options.secagg_threshold, max_weight=largest,
-        clipping_range=CLIPPING_RANGE, timeout=options.round_timeout))
-    workflow(grid, legacy)
+    secagg = SecAggPlusWorkflow(num_shares=options.secagg_shares, reconstruction_threshold=options.secagg_threshold,
+                                max_weight=largest, clipping_range=CLIPPING_RANGE, timeout=options.round_timeout)
+    DefaultWorkflow(fit_workflow=PhasedFit(secagg, strategy))(grid, legacy)  # a phased method: one sum per phase
