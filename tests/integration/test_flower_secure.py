@@ -137,8 +137,8 @@ def test_user_level_dp_under_secure_aggregation_is_the_plain_dp_round(in_process
     assert worst < 8e-6, worst
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("flwr-simulation")  # the simulation SuperLink of test_flower_simulation.py's `flwr run` tests
+@pytest.mark.slow  # its own simulation SuperLink (this module's instance of the fixture, a free port): not pinned to
+# the worker of test_flower_simulation.py's `flwr run` group, so xdist can run it beside them
 def test_flwr_run_with_secure_aggregation(sim_superlink, tmp_path):  # noqa: F811
     """The same through `flwr run` on a simulation SuperLink: Ray workers, the FAB, Flower's own config parsing."""
     import subprocess
