@@ -110,30 +110,40 @@ def phased_server_step(method: str, global_adapter: Adapter, results: list[Clien
             broadcast = phased.server(phase, g64, total, broadcast, options)
     result: AggregationResult = phased.finish(g64, total, broadcast, options)
     solve_seconds = time.perf_counter() - started
-    dtype = next(iter(global_adapter.values())).A.dtype
-    result.adapter = {m: p.to(dtype) for m, p in result.adapter.items()}
-    w = torch.tensor([weights_of[n] for n in names], dtype=torch.float64)
     kept_heads = [heads[n] for n in names]
     if clip is not None:  # heads are clipped like a plain round's: to clip x the round's median head update
         _, norms, reference, from_round = screen_heads(names, kept_heads, global_head, None)
         if from_round:
             kept_heads = [clip_head(h, global_head, n, clip * reference) for h, n in zip(kept_heads, norms)]
-    head = average_heads(kept_heads, w / w.sum(), like=global_head)
-    _, factors_down = round_bytes(spec.policy.for_round(round_index), global_adapter, len(names))
+    head = average_heads(kept_heads, w / w.sum(), like=global_head)  # w: the last phase's clients' weights
+    return phased_step(method, global_adapter, result, head, clients=len(names), round_index=round_index,
+                       bytes_up=bytes_up, phase_bytes_down=bytes_down, solve_seconds=solve_seconds, rejected=rejected,
+                       clipped=clipped, weights={n: float(x) for n, x in zip(names, w / w.sum())})
+
+
+def phased_step(method: str, global_adapter: Adapter, result: AggregationResult, head: dict[str, Tensor], *,
+                clients: int, round_index: int, bytes_up: int, phase_bytes_down: int, solve_seconds: float = 0.0,
+                rejected: list[dict[str, Any]] | None = None, clipped: list[dict[str, Any]] | None = None,
+                weights: dict[str, float] | None = None) -> ServerStep:
+    """The :class:`ServerStep` of a phased method's finished round (its phases summed in this process, or each by
+    secure aggregation): the result in the global's dtype, its metrics, and a skip if it or the head is not finite."""
+    dtype = next(iter(global_adapter.values())).A.dtype
+    result.adapter = {m: LoraPair(A=p.A.to(dtype).contiguous(), B=p.B.to(dtype).contiguous())
+                      for m, p in result.adapter.items()}
+    _, factors_down = round_bytes(get_method(method).policy.for_round(round_index), global_adapter, clients)
     report = unmeasured_report(result.adapter)  # the server never holds a client's product to measure it against
-    result.metrics = {"method": method, "num_clients": len(names), "divergence": report.divergence,
+    result.metrics = {"method": method, "num_clients": clients, "divergence": report.divergence,
                       "eckart_young_bound": report.eckart_young_bound, "divergence_per_module": report.per_module,
                       "divergence_measured": False, "solve_seconds": solve_seconds, "bytes_up": bytes_up,
-                      "bytes_down": bytes_down + factors_down, "rejected": rejected, "skipped": False,
-                      "clipped": clipped, "weights": {n: float(x) for n, x in zip(names, w / w.sum())},
-                      "phases": phased.phases}
+                      "bytes_down": phase_bytes_down + factors_down, "rejected": rejected or [], "skipped": False,
+                      "clipped": clipped or [], **({"weights": weights} if weights is not None else {}),
+                      "phases": get_method(method).phased.phases if get_method(method).phased else 1}
     problem = non_finite(result) or next((f"the averaged classifier head {k!r} is not finite" for k, t in head.items()
                                           if not t.is_meta and not bool(torch.isfinite(t).all())), None)
     if problem:
         log.warning("round skipped: %s", problem)
         return ServerStep(skipped_result(method, global_adapter, None, f"{problem}; the global is left unchanged",
-                                         num_clients=len(names), rejected=rejected), None)
-    result.adapter = {m: LoraPair(A=p.A.contiguous(), B=p.B.contiguous()) for m, p in result.adapter.items()}
+                                         num_clients=clients, rejected=rejected or []), None)
     return ServerStep(result, head)
 
 

@@ -26,8 +26,7 @@ from torch import Tensor
 
 from fedlora.aggregation import Adapter, AggregationResult, ClientUpdate, LoraPair, aggregate
 from fedlora.aggregation.communication import round_bytes
-from fedlora.aggregation.divergence import unmeasured_report
-from fedlora.aggregation.outcome import non_finite, skipped_result
+from fedlora.aggregation.outcome import skipped_result
 from fedlora.aggregation.registry import get_method
 from fedlora.aggregation.validation import collect_problems
 from fedlora.config.privacy import dp_enabled, dp_sgd_enabled
@@ -35,6 +34,7 @@ from fedlora.config.run import ConfigError, RunConfig
 from fedlora.privacy.accountant import PrivacyBudget
 from fedlora.privacy.gaussian import Delta, noised_mean, noisy_mean
 from fedlora.protocol.client import ClientResult, derived_seed
+from fedlora.protocol.phases import phased_step
 from fedlora.protocol.server import ServerStep, malformed
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,8 @@ def private_server_step(method: str, global_adapter: Adapter, results: list[Clie
                                          num_clients=0, rejected=rejected), None)
 
     deltas = [client_delta(r, global_adapter, global_head, A=policy.upload_A, B=policy.upload_B) for r in kept]
-    template = client_delta(kept[0], global_adapter, global_head, A=policy.upload_A, B=policy.upload_B)
     mean, norms = noisy_mean(deltas, clip=budget.clip, noise_std=budget.noise_std(), denominator=planned,
-                             generator=generator, like=template)
+                             generator=generator, like=deltas[0])
     pseudo = {m: LoraPair(A=_moved(p.A, mean.get(f"{m}.A")), B=_moved(p.B, mean.get(f"{m}.B")))
               for m, p in global_adapter.items()}
     result = aggregate(method, global_adapter, [ClientUpdate(pseudo, 1, "dp-noised-mean")], weighting="uniform",
@@ -154,7 +153,9 @@ def summed_server_step(method: str, global_adapter: Adapter, summed: tuple[Adapt
     (Σ + N(0, (zC)^2)) / planned."""
     mean, head = summed
     if is_result:  # a phased method whose every phase was a secure sum: the new global adapter itself
-        return _phased_result(method, global_adapter, mean, head, clients, round_index, state, phase_bytes or (0, 0))
+        up, down = phase_bytes or (0, 0)
+        return phased_step(method, global_adapter, AggregationResult(adapter=mean), head, clients=clients,
+                           round_index=round_index, bytes_up=up, phase_bytes_down=down)
     if budget is not None:
         assert generator is not None and global_head is not None and planned >= 1
         mean, head = _noised(global_adapter, global_head, mean, head, clients, budget, planned, generator,
@@ -193,21 +194,3 @@ def _noised(global_adapter: Adapter, global_head: dict[str, Tensor], mean: Adapt
     adapter = {m: LoraPair(A=_moved(p.A, noised.get(f"{m}.A")), B=_moved(p.B, noised.get(f"{m}.B")))
                for m, p in global_adapter.items()}
     return adapter, {name: _moved(t, noised[HEAD + name]) for name, t in global_head.items()}
-
-
-def _phased_result(method: str, global_adapter: Adapter, adapter: Adapter, head: dict[str, Tensor], clients: int,
-                   round_index: int, state: dict[str, Tensor] | None, phase_bytes: tuple[int, int]) -> ServerStep:
-    """The :class:`ServerStep` of a phased method computed from secure sums (FedASK under SecAgg+)."""
-    result = AggregationResult(adapter={m: p.to(global_adapter[m].A.dtype) for m, p in adapter.items()})
-    problem = non_finite(result) or next((f"the summed classifier head {k!r} is not finite" for k, t in head.items()
-                                          if not t.is_meta and not bool(torch.isfinite(t).all())), None)
-    if problem:
-        return ServerStep(skipped_result(method, global_adapter, state, f"{problem}; the global is left unchanged",
-                                         num_clients=clients, rejected=[]), None)
-    _, factors_down = round_bytes(get_method(method).policy.for_round(round_index), global_adapter, clients)
-    report = unmeasured_report(result.adapter)
-    result.metrics = {"method": method, "num_clients": clients, "divergence": report.divergence,
-                      "eckart_young_bound": report.eckart_young_bound, "divergence_per_module": report.per_module,
-                      "divergence_measured": False, "solve_seconds": 0.0, "bytes_up": phase_bytes[0],
-                      "bytes_down": phase_bytes[1] + factors_down, "rejected": [], "skipped": False, "clipped": []}
-    return ServerStep(result, head)
