@@ -28,8 +28,8 @@ from fedlora.runs.run_dir import check_resume, check_start
 from fedlora.runs.lock import locked
 from fedlora.tasks import task_for
 from fedlora.runs.outputs import RunFolder
-from fedlora.protocol.rounds import (Server, sample_clients, train_planned,  # noqa: F401  (sample_clients: public API)
-                                     train_planned_together)
+from fedlora.protocol.plan import sample_clients, train_planned, train_planned_together  # noqa: F401  (sample_clients: public API)
+from fedlora.protocol.rounds import Server
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """How much privacy a run spends: user-level (ε, δ) of DP-FedAvg, from Google's ``dp-accounting`` RDP accountant.
 
 The mechanism (:mod:`fedlora.privacy.gaussian`): each round the server samples m of the N clients
-uniformly without replacement (:func:`fedlora.protocol.rounds.sample_clients`, fixed size), clips
+uniformly without replacement (:func:`fedlora.protocol.plan.sample_clients`, fixed size), clips
 each client's update to L2 norm C, sums them, and adds Gaussian noise N(0, (z·C)² I) to the sum.
 
 Adjacency is *replace one client* (N is public, as it is for fixed-size sampling): swapping one

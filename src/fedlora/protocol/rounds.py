@@ -31,7 +31,6 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from peft import PeftModel
 from torch import Tensor
@@ -39,24 +38,22 @@ from torch import Tensor
 from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec, get_method
 from fedlora.aggregation.ranks import assign_ranks, is_mixed, restrict, sent_start
 from fedlora.protocol.checkpoint import ServerState, load_state, save_state
-from fedlora.protocol.client import (ClientPlan, ClientResult, derived_seed, evaluate_on, train_client,
-                                    train_clients_together)
+from fedlora.protocol.client import ClientResult, derived_seed, evaluate_on
 from fedlora.config.run import RunConfig, divergence_due
 from fedlora.tasks.fingerprint import record as data_record
 from fedlora.testing.failpoints import failpoint
-from fedlora.protocol.federation import ClientData, Federation
-from fedlora.models.optim import LocalOptim
+from fedlora.protocol.federation import Federation
 from fedlora.util.progress import phase
 from fedlora.models.lora_state import (get_adapter, get_head, lora_layers, lora_scaling, merge_base_delta,
                                  merged_base_weights, restore_base_weights, set_adapter, set_head)
 from fedlora.protocol.records import round_record
-from fedlora.protocol.phases import InProcessChannel, PhaseChannel, first_upload, phased_server_step
+from fedlora.protocol.phases import InProcessChannel, PhaseChannel, phased_server_step
 from fedlora.protocol.private import (noise_generator, private_server_step, privacy_budget, record_budget,
                                      summed_server_step)
+from fedlora.protocol.plan import SERVER_SEED, RoundPlan, sample_clients
 from fedlora.protocol.server import ServerStep, server_step
 
 log = logging.getLogger(__name__)
-SERVER_SEED = 1_000_003  # separates the server's own seeds (client sampling, method seeds) from clients'
 
 
 def frozen_weights(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -66,60 +63,6 @@ def frozen_weights(model: torch.nn.Module) -> dict[str, Tensor]:
         base: Any = layer.get_base_layer()  # PEFT's LoraLayer; typed as a plain Module upstream
         weights[module] = base.weight.detach().clone()
     return weights
-
-
-def sample_clients(config: RunConfig, round_: int) -> list[int]:
-    """The clients (partition indices, sorted) that train in ``round_``: all, or a seeded sample."""
-    if config.num_sampled >= config.clients:
-        return list(range(config.clients))
-    rng = np.random.default_rng(derived_seed(config.seed, round_, SERVER_SEED))
-    return sorted(rng.choice(config.clients, size=config.num_sampled, replace=False).tolist())
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    round: int
-    clients: tuple[int, ...]  # partition indices, in the order updates are aggregated
-    local_eval: bool  # clients evaluate on their local test split after training
-    options: dict[str, Any]  # the method's options for this round (with its server seed, if any)
-    dp_sgd_noise: float = 0.0  # record-level DP-SGD's noise multiplier (the server calibrates it); 0: off
-
-
-def train_planned(model: torch.nn.Module, client: ClientData, index: int, task: Any, tokenizer: Any,
-                  config: RunConfig, plan: RoundPlan, start: tuple[Adapter, dict[str, Tensor]]) -> ClientResult:
-    """Client ``index``'s round of ``plan`` from ``start`` (adapter, head); both engines' clients call this."""
-    adapter, head = start
-    result = train_client(
-        model, client_id=client.client_id, train=client.train, local_test=client.local_test if plan.local_eval else None,
-        task=task, tokenizer=tokenizer, global_adapter=adapter, global_head=head,
-        policy=get_method(config.method).policy.for_round(plan.round), steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
-        seed=derived_seed(config.seed, plan.round, index), grad_accum=config.grad_accum,
-        optim=LocalOptim.for_round(config, plan.round, plan.dp_sgd_noise),  # weight decay, clipping, lr schedule, DP-SGD
-    )
-    return with_first_upload([result], config, plan)[0]
-
-
-def train_planned_together(model: torch.nn.Module, clients: list[tuple[ClientData, int]], task: Any, tokenizer: Any,
-                           config: RunConfig, plan: RoundPlan, starts: list[tuple[Adapter, dict[str, Tensor]]],
-                           ) -> list[ClientResult]:
-    """:func:`train_planned` for several (client, index) pairs trained together (``--client-batch``); same results."""
-    group = [ClientPlan(client_id=c.client_id, train=c.train, local_test=c.local_test if plan.local_eval else None,
-                        adapter=adapter, head=head, seed=derived_seed(config.seed, plan.round, index))
-             for (c, index), (adapter, head) in zip(clients, starts)]
-    results = train_clients_together(
-        model, group, task=task, tokenizer=tokenizer, policy=get_method(config.method).policy.for_round(plan.round),
-        steps=config.local_steps, batch_size=config.batch_size, lr=config.lr, grad_accum=config.grad_accum,
-        optim=LocalOptim.for_round(config, plan.round, plan.dp_sgd_noise),
-    )
-    return with_first_upload(results, config, plan)
-
-
-def with_first_upload(results: list[ClientResult], config: RunConfig, plan: RoundPlan) -> list[ClientResult]:
-    """A phased method's clients compute their phase-1 upload right after training (FedASK's sketch)."""
-    phased = get_method(config.method).phased
-    if phased is None:
-        return results
-    return [replace(r, first_upload=first_upload(phased, r.update.adapter, plan.options)) for r in results]
 
 
 @dataclass(frozen=True)

@@ -151,9 +151,9 @@ def test_equal_client_ranks_reproduce_the_plain_run(tmp_path):
 @pytest.mark.slow
 def test_a_client_cannot_write_beyond_its_rank(tmp_path, monkeypatch):
     """An untrusted rank-1 client that fills every component gets only its first one aggregated."""
-    import fedlora.protocol.rounds as rounds
+    import fedlora.protocol.plan as plan_module
 
-    real_train = rounds.train_planned
+    real_train = plan_module.train_planned
     seen = capture_updates(monkeypatch)
 
     def hostile(model, client, index, task, tokenizer, config, plan, start):

@@ -170,7 +170,7 @@ def test_lora_dropout_is_set_on_every_peft_module_and_saved_in_its_config() -> N
 def test_the_engines_and_flower_pass_the_knobs(monkeypatch) -> None:
     """train_planned (the local engine's and the Flower ClientApp's client step) gives train_client the
     config's knobs for the round; Flower's run config carries them under the same dashed names."""
-    from fedlora.protocol import rounds
+    from fedlora.protocol import plan as rounds
     from fedlora.engines.flower.config import app_config_table, run_config_from_flower
 
     knobs = {"lora-dropout": 0.1, "weight-decay": 0.01, "lr-schedule": "linear", "warmup-steps": 5,

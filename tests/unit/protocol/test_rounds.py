@@ -9,7 +9,7 @@ import pytest
 
 from fedlora.aggregation import available_methods, get_method
 from fedlora.config.run import RunConfig
-from fedlora.protocol.rounds import sample_clients
+from fedlora.protocol.plan import sample_clients
 
 SRC = Path(__file__).resolve().parents[3] / "src" / "fedlora"
 # bench/ compares every method against the paper's baseline (FedIT) in its reports; the methods

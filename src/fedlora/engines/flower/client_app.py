@@ -49,7 +49,7 @@ from fedlora.engines.flower.phases import PHASE_BROADCAST
 from fedlora.engines.flower.secure import PHASE_KEY, clip_upload, record_from_parameters, wire_keys
 from fedlora.engines.flower.replies import PHASE_UPLOAD
 from fedlora.tasks.build import build_model
-from fedlora.protocol.rounds import RoundPlan, train_planned
+from fedlora.protocol.plan import RoundPlan, train_planned
 from fedlora.models.lora_state import get_adapter, get_head, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
 
 log = logging.getLogger(__name__)

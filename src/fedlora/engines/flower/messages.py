@@ -62,7 +62,7 @@ def _key(name: str) -> str:
 
 
 def train_task(server: Any, plan: Any, partition: int, rank: int, *, base_reset: bool = False) -> TrainTask:
-    """The :class:`TrainTask` of ``partition`` in ``plan`` (a :class:`fedlora.protocol.rounds.RoundPlan` of ``server``)."""
+    """The :class:`TrainTask` of ``partition`` in ``plan`` (a :class:`fedlora.protocol.plan.RoundPlan` of ``server``)."""
     return TrainTask(server_round=plan.round, local_eval=plan.local_eval, partition_id=partition,
                      init_seed=server.state.init_seed, client_rank=rank, base_reset=base_reset,
                      method_seed=int(plan.options.get("seed", -1)), dp_sgd_noise=float(plan.dp_sgd_noise))

@@ -54,7 +54,8 @@ from fedlora.engines.flower.nodes import NodeMap
 from fedlora.engines.flower.wire import model_record, record_tensors, record_to_model, round_record
 from fedlora.privacy.gaussian import clip_update
 from fedlora.protocol.client import ClientResult
-from fedlora.protocol.rounds import RoundPlan, Server
+from fedlora.protocol.plan import RoundPlan
+from fedlora.protocol.rounds import Server
 
 CLIPPING_RANGE = 8.0  # SecAgg+'s default: every uploaded value is clipped to [-8, 8] before quantisation
 

@@ -41,7 +41,8 @@ from fedlora.engines.flower.nodes import NodeMap
 from fedlora.engines.flower.phases import FlowerChannel
 from fedlora.engines.flower.replies import Expected, TrainReply, expected_arrays, parse_train_reply, to_result
 from fedlora.engines.flower.wire import WireBytes, content_bytes, deltas_record, model_record, stacked_record
-from fedlora.protocol.rounds import BaseMerge, RoundPlan, Server
+from fedlora.protocol.plan import RoundPlan
+from fedlora.protocol.rounds import BaseMerge, Server
 
 
 class FedLoraStrategy(Strategy):
