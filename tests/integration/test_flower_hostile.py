@@ -366,8 +366,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fedlora.aggregation import LoraPair  # noqa: E402
-from fedlora.engines.flower.replies import (Expected, TrainReply, expected_arrays, parse_query_reply,  # noqa: E402
-                                    parse_train_reply, to_result)
+from fedlora.engines.flower.messages import RankBoundary, TrainReply  # noqa: E402
+from fedlora.engines.flower.replies import (Expected, expected_arrays, parse_query_reply,  # noqa: E402
+                                            parse_train_reply, to_result)
 from fedlora.engines.flower.wire import model_record  # noqa: E402
 
 FUZZ_ADAPTER = {m: LoraPair(A=torch.randn(2, 5), B=torch.randn(6, 2)) for m in ("layer.0.query", "layer.0.value")}
@@ -469,7 +470,8 @@ def test_fuzzed_train_replies_are_parsed_or_refused_never_raised(private, edits)
     assert {k: tuple(v.shape) for k, v in parsed.arrays.items()} == expected.arrays
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in parsed.arrays.values())
     assert parsed.num_examples == 40 and 0 <= parsed.base_version <= expected.max_version
-    result = to_result(parsed, FUZZ_ADAPTER, rank=2, server_rank=SERVER_RANK, client_id="client-1")
+    sent = RankBoundary(client=2, model=SERVER_RANK).to_wire(FUZZ_ADAPTER)
+    result = to_result(parsed, sent, RankBoundary(client=2, model=SERVER_RANK), client_id="client-1")
     assert {m: (p.A.shape, p.B.shape) for m, p in result.update.adapter.items()} == {
         m: ((SERVER_RANK, 5), (6, SERVER_RANK)) for m in FUZZ_ADAPTER}
     assert set(result.head) == set(FUZZ_HEAD) and result.update.num_examples == 40

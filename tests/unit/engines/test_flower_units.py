@@ -180,3 +180,74 @@ def test_the_train_task_is_one_typed_message_each_way():
         TrainTask.from_config(task.to_dict() | {"server-round": True})
     with pytest.raises(ConfigError, match="'dp-sgd-noise'='1' is not a float"):
         TrainTask.from_config(task.to_dict() | {"dp-sgd-noise": "1"})
+
+
+# -- the typed messages: one type each way, written and read by wire.py only --------------------
+def _download(rank: int) -> tuple:
+    from fedlora.engines.flower.messages import RankBoundary, TrainDownload, TrainTask
+    from fedlora.engines.flower.wire import model_tensors
+    from fedlora.protocol.rounds import BaseMerge
+
+    adapter, head = _model(r=4)  # the server's rank 4; the client's `rank`
+    boundary = RankBoundary(client=rank, model=next(iter(adapter.values())).A.shape[0])
+    stacked = {m: LoraPair(A=torch.randn(4, p.A.shape[1]), B=torch.randn(p.B.shape[0], 4)) for m, p in adapter.items()}
+    merges = {2: BaseMerge(delta={m: torch.randn(p.B.shape[0], p.A.shape[1]) for m, p in adapter.items()}, stacked=None),
+              3: BaseMerge(delta={m: s.product() for m, s in stacked.items()}, stacked=stacked)}
+    task = TrainTask(server_round=4, local_eval=True, partition_id=1, init_seed=-1, client_rank=rank, method_seed=9)
+    return TrainDownload(task, model_tensors(boundary.to_wire(adapter), head, B=False), merges), boundary, adapter
+
+
+def test_a_download_reads_back_as_the_download_it_was():
+    from fedlora.engines.flower.wire import download_content, read_download
+
+    download, _, _ = _download(rank=2)
+    back = read_download(download_content(download))
+    assert back.task == download.task and back.arrays.keys() == download.arrays.keys()
+    for key, tensor in download.arrays.items():
+        torch.testing.assert_close(back.arrays[key], tensor, rtol=0, atol=0)
+    assert list(back.merges) == [2, 3]  # in round order, each the product the server merged (not transposed)
+    for r, merge in download.merges.items():
+        for m, delta in merge.delta.items():
+            torch.testing.assert_close(back.merges[r].delta[m], delta, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def task_identity():
+    """What a running ServerApp sets (Messages need a run id); restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_a_reply_is_parsed_back_into_the_reply_the_client_built_and_crosses_the_rank_boundary_once(task_identity):
+    """Client: to_wire before sending; server: the same reply out of parse_train_reply, then from_wire: the
+    components the client trained come back in place, and the padding is zero."""
+    from flwr.app import Message, MessageType
+    from fedlora.engines.flower.messages import TrainReply
+    from fedlora.engines.flower.replies import Expected, expected_arrays, parse_train_reply, to_result
+    from fedlora.engines.flower.wire import model_tensors, reply_content
+
+    _, boundary, adapter = _download(rank=2)
+    _, head = _model()
+    trained = {m: LoraPair(A=p.A * 0 + 1.5, B=p.B * 0 - 0.5) for m, p in boundary.to_wire(adapter).items()}  # rank 2
+    reply = TrainReply(arrays=model_tensors(trained, head), eval_B=None, num_examples=12, loss=0.25,
+                       local_metrics={"accuracy": 0.5}, base_version=3, partition_id=1)
+    sent = boundary.to_wire(adapter)
+    expected = Expected(partition=1, num_examples=12, arrays=expected_arrays(sent, head, A=True, B=True), eval_B=None,
+                        max_version=3)
+    request = Message(RecordDict(), 7, MessageType.TRAIN)
+    parsed = parse_train_reply(Message(reply_content(reply), reply_to=request), expected)
+    assert isinstance(parsed, TrainReply)
+    assert (parsed.num_examples, parsed.loss, parsed.local_metrics, parsed.base_version, parsed.partition_id) == \
+        (12, 0.25, {"accuracy": 0.5}, 3, 1)
+    result = to_result(parsed, sent, boundary, client_id="c1")
+    for m, pair in result.update.adapter.items():
+        assert pair.A.shape == adapter[m].A.shape and pair.B.shape == adapter[m].B.shape  # the server's rank
+        assert (pair.A[:2] == 1.5).all() and (pair.B[:, :2] == -0.5).all()
+        assert not pair.A[2:].any() and not pair.B[:, 2:].any()
+    round_trip = boundary.from_wire(boundary.to_wire(result.update.adapter))  # zero padding: nothing is lost
+    for m, pair in result.update.adapter.items():
+        assert torch.equal(round_trip[m].A, pair.A) and torch.equal(round_trip[m].B, pair.B)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -37,17 +37,15 @@ from torch import Tensor
 
 from fedlora.aggregation import Adapter, LoraPair, get_method
 from fedlora.aggregation.api import SERVER_DTYPE
-from fedlora.aggregation.ranks import pad, truncate
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.protocol.federation import ClientData
 from fedlora.engines.flower.data_cache import client_data
 from fedlora.engines.flower.config import run_config_from_flower
-from fedlora.engines.flower.wire import (model_record, record_tensors, record_to_deltas, record_to_model, record_to_stacked_deltas,
-                                 tensors_record)
-from fedlora.engines.flower.messages import TrainTask
+from fedlora.engines.flower.messages import PHASE_UPLOAD, RankBoundary, TrainDownload, TrainReply, TrainTask
 from fedlora.engines.flower.phases import PHASE_BROADCAST
 from fedlora.engines.flower.secure import PHASE_KEY, clip_upload, record_from_parameters, wire_keys
-from fedlora.engines.flower.replies import PHASE_UPLOAD
+from fedlora.engines.flower.wire import (model_record, model_tensors, read_download, record_tensors, record_to_model,
+                                         reply_content, reply_metrics, round_record, tensors_record, tensors_to_model)
 from fedlora.tasks.build import build_model
 from fedlora.protocol.plan import RoundPlan, train_planned
 from fedlora.models.lora_state import get_adapter, get_head, lora_layers, merge_base_delta, merged_base_weights, restore_base_weights
@@ -151,9 +149,13 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    if FITINS_CONFIG in msg.content.config_records:  # a secure round: SecAgg+'s legacy FitIns layout
-        return Message(_secure_train(msg.content, context), reply_to=msg)
-    return Message(_train(msg.content, context), reply_to=msg)
+    content = msg.content
+    if FITINS_CONFIG in content.config_records:  # a secure round: SecAgg+'s legacy FitIns layout
+        return Message(_secure_train(content, context), reply_to=msg)
+    if int(content["config"].get("phase", 1)) > 1:  # a phased method's later round trip (FedASK's phase 2)
+        config, _ = run_config_from_flower(context.run_config)
+        return Message(_phase_reply(content, context, config), reply_to=msg)
+    return Message(reply_content(_train(read_download(content), context)), reply_to=msg)
 
 
 def _secure_train(content: RecordDict, context: Context) -> RecordDict:
@@ -165,21 +167,22 @@ def _secure_train(content: RecordDict, context: Context) -> RecordDict:
     settings = ConfigRecord(dict(fitins.config))
     if int(settings.get("phase", 1)) > 1:  # a phased method's later phase, as one more secure sum
         return _secure_phase(fitins, settings, context, config, proc)
-    policy = get_method(config.method).policy.for_round(TrainTask.from_config(settings).server_round)
+    task = TrainTask.from_config(settings)
+    policy = get_method(config.method).policy.for_round(task.server_round)
     full = policy.download_full_adapter
     down = wire_keys(proc.initial, get_head(proc.model), A=policy.upload_A or full, B=policy.upload_B or full)
     received = record_from_parameters(fitins.parameters, down)
-    out = _train(RecordDict({"config": settings, "arrays": received}), context)
-    arrays, metrics = out["arrays"], out["metrics"]
-    if "eval-B" in out:  # FedSA-LoRA: the private B is summed too, for the server's evaluation-only mean
-        arrays = ArrayRecord({**dict(arrays.items()), **dict(out["eval-B"].items())})
-    if PHASE_UPLOAD in out:  # a phased method's phase-1 upload (FedASK's sketch) is summed with the head
-        arrays = ArrayRecord({**dict(arrays.items()), **{PHASE_KEY + k: a for k, a in out[PHASE_UPLOAD].items()}})
-    weight = int(metrics["num-examples"])
+    reply = _train(TrainDownload(task, record_tensors(received), merges={}), context)
+    arrays = dict(reply.arrays)
+    if reply.eval_B is not None:  # FedSA-LoRA: the private B is summed too, for the server's evaluation-only mean
+        arrays |= reply.eval_B
+    if reply.phase_upload is not None:  # a phased method's phase-1 upload (FedASK's sketch) is summed with the head
+        arrays |= {PHASE_KEY + k: t for k, t in reply.phase_upload.items()}
+    record, weight = round_record(arrays), reply.num_examples
     if config.dp_clip:  # user-level DP: this client clips its own update, and every client weighs 1
-        arrays, weight = clip_upload(arrays, received, config.dp_clip), 1
-    parameters = ndarrays_to_parameters([arrays[k].numpy() for k in sorted(arrays.keys())])
-    fitres = FitRes(Status(Code.OK, "trained"), parameters, weight, dict(metrics))
+        record, weight = clip_upload(record, received, config.dp_clip), 1
+    parameters = ndarrays_to_parameters([record[k].numpy() for k in sorted(record.keys())])
+    fitres = FitRes(Status(Code.OK, "trained"), parameters, weight, reply_metrics(reply))
     return compat.fitres_to_recorddict(fitres, keep_input=True)
 
 
@@ -202,15 +205,12 @@ def _secure_phase(fitins: Any, settings: ConfigRecord, context: Context, config:
     return compat.fitres_to_recorddict(FitRes(Status(Code.OK, f"phase {phase}"), parameters, weight, {}), keep_input=True)
 
 
-def _train(content: RecordDict, context: Context) -> RecordDict:
-    """One client's round from a TRAIN message's content; the reply's content."""
+def _train(download: TrainDownload, context: Context) -> TrainReply:
+    """One client's round: the TRAIN message's download in, the reply out."""
     config, _ = run_config_from_flower(context.run_config)
     partition = _partition(context, config)
     proc = _process(config)
-    settings = content["config"]
-    if int(settings.get("phase", 1)) > 1:  # a phased method's later round trip (FedASK's phase 2)
-        return _phase_reply(content, context, config)
-    task = TrainTask.from_config(settings)
+    task = download.task
     if task.partition_id != partition:
         raise ConfigError(f"TRAIN message for partition {task.partition_id} reached the SuperNode of partition {partition}")
     spec = get_method(config.method)
@@ -221,33 +221,36 @@ def _train(content: RecordDict, context: Context) -> RecordDict:
         raise ConfigError(f"the server asks for DP-SGD noise multiplier {noise:g}, below what this run's "
                           f"configuration promises (--dp-sgd-noise {config.dp_sgd_noise:g}, > 0); not training")
     plan = RoundPlan(task.server_round, (partition,), local_eval=task.local_eval, options=options, dp_sgd_noise=noise)
-    version = _sync_base(proc, context.state, _deltas(content), reset=task.base_reset)
-    rank = task.client_rank  # mixed ranks: only r_u components travel
+    merges = {r: m.delta for r, m in download.merges.items()} or None
+    version = _sync_base(proc, context.state, merges, reset=task.base_reset)
+    boundary = RankBoundary(client=task.client_rank, model=config.rank)  # mixed ranks: only r_u components travel
 
+    # The start: what was sent, completed by what the client holds itself (the seeded or re-drawn init; its
+    # private B, which wins over a B the server sent), then across the rank boundary once.
     local_B = record_tensors(context.state["local-B"]) if "local-B" in context.state else None
-    own = truncate(_own_factors(_global_init(config.method, proc.initial, task.init_seed), local_B), rank)
-    received, global_head = record_to_model(content["arrays"], missing_from=own)
-    start = pad(_own_factors(received, truncate_B(local_B, rank)), config.rank)  # a private factor held here wins
+    own = boundary.to_wire(_own_factors(_global_init(config.method, proc.initial, task.init_seed), local_B))
+    received, global_head = tensors_to_model(download.arrays, missing_from=own)
+    if local_B is not None:
+        received = _own_factors(received, {m: p.B for m, p in own.items()})
     if partition not in proc.clients:
         proc.clients[partition] = client_data(config, proc.tokenizer, partition)
-    task, client = proc.clients[partition]
-    result = train_planned(proc.model, client, partition, task, proc.tokenizer, config, plan, (start, global_head))
-    if policy.private_factors:  # FedSA-LoRA: B never leaves the client between rounds
-        context.state["local-B"] = tensors_record({m: p.B for m, p in result.update.adapter.items()})
-    metrics = {"num-examples": result.update.num_examples, "partition-id": partition,
-               "train-loss": result.loss, "base-version": version}
-    metrics.update({f"local.{k}": float(v) for k, v in (result.local_metrics or {}).items()})
+    data_task, client = proc.clients[partition]
+    start = (boundary.from_wire(received), global_head)
+    result = train_planned(proc.model, client, partition, data_task, proc.tokenizer, config, plan, start)
     adapter = result.update.adapter
-    sent = truncate(adapter, rank)
-    reply = RecordDict({"arrays": model_record(sent, result.head, A=policy.upload_A, B=policy.upload_B),
-                        "metrics": MetricRecord(metrics)})
-    if policy.private_factors:  # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
-        reply["eval-B"] = model_record(sent, {}, A=False)
+    if policy.private_factors:  # FedSA-LoRA: B never leaves the client between rounds
+        context.state["local-B"] = tensors_record({m: p.B for m, p in adapter.items()})
     if spec.phased is not None and result.first_upload is not None:  # kept here for the later phases, never sent
         context.state[PHASE_ADAPTER] = model_record(adapter, {})
         context.state[PHASE_STATE] = ConfigRecord({"server-round": plan.round})
-        reply[PHASE_UPLOAD] = tensors_record(result.first_upload)
-    return reply
+    sent = boundary.to_wire(adapter)
+    return TrainReply(
+        arrays=model_tensors(sent, result.head, A=policy.upload_A, B=policy.upload_B),
+        # outside FedSA-LoRA's protocol: the server's global B (evaluation only) is the mean of these
+        eval_B=model_tensors(sent, {}, A=False) if policy.private_factors else None,
+        num_examples=result.update.num_examples, loss=result.loss, local_metrics=result.local_metrics,
+        base_version=version, phase_upload=result.first_upload if spec.phased is not None else None,
+        partition_id=partition)
 
 
 def _phase_reply(content: RecordDict, context: Context, config: RunConfig) -> RecordDict:
@@ -265,16 +268,6 @@ def _phase_reply(content: RecordDict, context: Context, config: RunConfig) -> Re
     return RecordDict({PHASE_UPLOAD: tensors_record(upload)})
 
 
-def _deltas(content: RecordDict) -> dict[int, dict[str, Tensor]] | None:
-    """The frozen-weight merges this client has not made, in round order: dense deltas and stacked factors."""
-    deltas: dict[int, dict[str, Tensor]] = {}
-    if "base-factors" in content:
-        deltas |= record_to_stacked_deltas(content["base-factors"])
-    if "base-delta" in content:
-        deltas |= record_to_deltas(content["base-delta"])
-    return dict(sorted(deltas.items())) or None
-
-
 def _global_init(method: str, initial: Adapter, seed: int) -> Adapter:
     """The global adapter as far as the seed fixes it: the initial one, or the method's rebuild from the server's
     ``seed`` (FLoRA's re-init; ``MethodSpec.rebuild``).
@@ -286,11 +279,6 @@ def _global_init(method: str, initial: Adapter, seed: int) -> Adapter:
         return initial
     like = {m: LoraPair(A=p.A.to(SERVER_DTYPE), B=p.B.to(SERVER_DTYPE)) for m, p in initial.items()}
     return {m: LoraPair(A=p.A.float(), B=p.B.float()) for m, p in rebuild(like, seed).items()}
-
-
-def truncate_B(local_B: dict[str, Tensor] | None, rank: int) -> dict[str, Tensor] | None:
-    """The client's private B (stored at the server's rank) cut to its own ``rank`` columns."""
-    return None if local_B is None else {m: B[:, :rank] for m, B in local_B.items()}
 
 
 def _own_factors(adapter: Adapter, local_B: dict[str, Tensor] | None) -> Adapter:

@@ -5,7 +5,8 @@ one pure function per message kind that returns either the parsed values or a on
 and never raises, so one bad node costs that node only (the strategy logs the reason with the
 node id, records it in the round's ``failed_nodes`` and aggregates the others).
 
-What is checked here is *structure*: which records and keys are present (exactly the ones the
+The reply's type is :class:`fedlora.engines.flower.messages.TrainReply`; this module is the only way the server
+makes one. What is checked here is *structure*: which records and keys are present (exactly the ones the
 server expects: the factors the method's policy uploads this round, the server's head keys),
 types, ranges, shapes against the server's own copy, and that every array is a plain float
 ``.npy`` buffer whose header agrees with its length (decoded here, never by ``np.load``, so a
@@ -26,14 +27,11 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, ClientUpdate
-from fedlora.aggregation.ranks import pad, truncate
-from fedlora.protocol.client import ClientResult
-from fedlora.models.lora_state import PEFT_PREFIX, adapter_to_state_dict
+from fedlora.engines.flower.messages import LOCAL_PREFIX, PHASE_UPLOAD, TRAIN_METRICS, RankBoundary, TrainReply
 from fedlora.engines.flower.wire import npy_header, tensors_to_model
+from fedlora.models.lora_state import PEFT_PREFIX, adapter_to_state_dict
+from fedlora.protocol.client import ClientResult
 
-TRAIN_METRICS = ("num-examples", "partition-id", "train-loss", "base-version")  # what every TRAIN reply reports
-LOCAL_PREFIX = "local."  # the client's metrics on its local test split
-PHASE_UPLOAD = "phase-upload"  # a phased method's upload (FedASK's sketches), {module: tensor}
 
 
 @dataclass(frozen=True)
@@ -46,19 +44,6 @@ class Expected:
     eval_B: dict[str, tuple[int, ...]] | None  # "eval-B" (private-factor methods), else must be absent
     max_version: int  # the newest merge that can exist while the round runs (round - 1)
     phase_upload: dict[str, tuple[int, ...]] | None = None  # a phased method's phase-1 upload, else must be absent
-
-
-@dataclass(frozen=True)
-class TrainReply:
-    """A TRAIN reply that passed every check: float32 tensors under their wire keys."""
-
-    arrays: dict[str, Tensor]
-    eval_B: dict[str, Tensor] | None
-    num_examples: int
-    loss: float
-    local_metrics: dict[str, float] | None
-    base_version: int
-    phase_upload: dict[str, Tensor] | None = None
 
 
 def expected_arrays(adapter: Adapter, head: dict[str, Tensor], *, A: bool, B: bool) -> dict[str, tuple[int, ...]]:
@@ -108,7 +93,7 @@ def _parse_train(msg: Message, expected: Expected) -> TrainReply | str:
             return decoded
         upload = decoded
     num_examples, loss, base_version, local = values
-    return TrainReply(arrays, eval_B, num_examples, loss, local, base_version, upload)
+    return TrainReply(arrays, eval_B, num_examples, loss, local, base_version, upload, partition_id=expected.partition)
 
 
 def parse_phase_reply(msg: Message, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor] | str:
@@ -217,17 +202,18 @@ def decode_array(array: Any) -> np.ndarray | str:
     return flat.reshape(shape, order="F" if fortran else "C").astype(np.float32)  # a copy: writable
 
 
-def to_result(reply: TrainReply, own: Adapter, *, rank: int, server_rank: int, client_id: str) -> ClientResult:
+def to_result(reply: TrainReply, sent: Adapter, boundary: RankBoundary, client_id: str) -> ClientResult:
     """A parsed reply as the :class:`ClientResult` the local engine would have produced.
 
-    ``own``: the adapter this client started from (the server's copy, at the server's rank);
-    factors that did not travel are taken from it (FFA-LoRA's frozen A), private ones from "eval-B".
+    ``sent``: the adapter this client was sent, on the wire side of ``boundary`` (the client's rank); factors
+    that did not travel back are taken from it (FFA-LoRA's frozen A), private ones from "eval-B". The result
+    crosses ``boundary`` once, back to the server's rank.
     """
-    start = truncate(own, rank)  # what travels is the client's r_u components; padded back below
+    start = sent
     if reply.eval_B is not None:
         start, _ = tensors_to_model(reply.eval_B, missing_from=start)
     adapter, head = tensors_to_model(reply.arrays, missing_from=start)
-    update = ClientUpdate(adapter=pad(adapter, server_rank), num_examples=reply.num_examples, client_id=client_id)
+    update = ClientUpdate(adapter=boundary.from_wire(adapter), num_examples=reply.num_examples, client_id=client_id)
     return ClientResult(update=update, head=head, loss=reply.loss, local_metrics=reply.local_metrics,
                         first_upload=reply.phase_upload)
 

@@ -14,7 +14,7 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
@@ -28,7 +28,6 @@ from fedlora.engines.flower.config import FlowerOptions
 from fedlora.engines.flower.nodes import FederationError, NodeMap
 from fedlora.engines.flower.secure import CLIPPING_RANGE, PhasedFit, SecureStrategy, check_secure
 from fedlora.engines.flower.strategy import FedLoraStrategy
-from fedlora.engines.flower.wire import model_record
 from fedlora.tasks.build import build_model
 from fedlora.runs.outputs import RunFolder
 from fedlora.protocol.rounds import Server
@@ -60,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
     elif remaining:
         strategy = FedLoraStrategy(server, options)
         try:
-            strategy.start(grid=grid, initial_arrays=model_record(server.state.adapter, server.state.head),
+            # no initial arrays: the global model is server.state, and every TRAIN message is built from it
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(),
                            num_rounds=remaining, timeout=options.round_timeout)
         except FederationError as exc:  # too few usable SuperNodes: say what is missing, not only a traceback
             log(ERROR, "fedlora: %s", exc)

@@ -14,7 +14,10 @@ aggregates, merges, evaluates, records and checkpoints. What is left here is Flo
   are logged with their node id and recorded in ``failed_nodes`` with the reason, and the round
   aggregates what is valid; the array bytes measured on the wire both ways (``wire_*``).
 
-Messages carry only the factors the method's ``TrainingPolicy`` says travel (:mod:`fedlora.engines.flower.wire`).
+One typed message each way (:mod:`fedlora.engines.flower.messages`): a ``TrainDownload`` per node, a ``TrainReply``
+back; messages carry only the factors the method's ``TrainingPolicy`` says travel (:mod:`fedlora.engines.flower.wire`),
+at the client's rank (one :class:`RankBoundary` per node: crossed on send and on receipt). ``aggregate_train``
+returns no arrays: the global model is the server's state, and Flower's loop would only carry a copy.
 Flower numbers its rounds from 1 in every ``flwr run``; after a resume the server's rounds go on
 from the checkpoint (``round = server_round + rounds already done``).
 """
@@ -32,17 +35,16 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedlora.aggregation import Adapter
-from fedlora.aggregation.ranks import truncate
 from fedlora.protocol.client import ClientResult
 from fedlora.engines.flower.config import FlowerOptions
 from fedlora.engines.flower.merges import Download, MergeLedger
-from fedlora.engines.flower.messages import train_task
+from fedlora.engines.flower.messages import RankBoundary, TrainDownload, TrainReply, train_task
 from fedlora.engines.flower.nodes import NodeMap
 from fedlora.engines.flower.phases import FlowerChannel
-from fedlora.engines.flower.replies import Expected, TrainReply, expected_arrays, parse_train_reply, to_result
-from fedlora.engines.flower.wire import WireBytes, content_bytes, deltas_record, model_record, stacked_record
+from fedlora.engines.flower.replies import Expected, expected_arrays, parse_train_reply, to_result
+from fedlora.engines.flower.wire import WireBytes, content_bytes, download_content, model_tensors
 from fedlora.protocol.plan import RoundPlan
-from fedlora.protocol.rounds import BaseMerge, Server
+from fedlora.protocol.rounds import Server
 
 
 class FedLoraStrategy(Strategy):
@@ -68,7 +70,8 @@ class FedLoraStrategy(Strategy):
         self.sent: list[Message] = []  # this round's train messages, to name nodes that failed
         self.expected: dict[int, Expected] = {}  # node -> what its TRAIN reply must hold
         self.downloads: dict[int, Download] = {}  # node -> the merges its TRAIN message carried
-        self.starts: dict[int, Adapter] = {}  # node -> the adapter its round started from (Server.client_start)
+        self.sent_adapters: dict[int, Adapter] = {}  # node -> the adapter it was sent, at its rank (wire side)
+        self.boundaries: dict[int, RankBoundary] = {}  # node -> its client's rank against the server's
         self.sent_bytes = WireBytes()
         self.started = time.perf_counter()
         self.grid: Grid | None = None  # the round's grid (configure_train), for a phased method's later phases
@@ -102,7 +105,7 @@ class FedLoraStrategy(Strategy):
         missing = [p for p in plan.clients if p not in node_for]
         if missing:
             log(WARNING, "round %d: partitions %s have no connected SuperNode; training without them", plan.round, missing)
-        self.expected, self.downloads, self.starts = {}, {}, {}
+        self.expected, self.downloads, self.sent_adapters, self.boundaries = {}, {}, {}, {}
         messages = [Message(self._content(plan, partition, node_for[partition]), node_for[partition], MessageType.TRAIN)
                     for partition in plan.clients if partition in node_for]
         self.sent = messages
@@ -111,34 +114,32 @@ class FedLoraStrategy(Strategy):
         return messages
 
     def _content(self, plan: RoundPlan, partition: int, node: int) -> RecordDict:
-        """One client's download: the factors that travel, its missing merges, and the round's config."""
+        """One client's :class:`TrainDownload`: the factors that travel, its missing merges, and the round's task."""
         client_id = self.server.federation.clients[partition].client_id
-        adapter, head = self.server.client_start(client_id)
-        self.starts[node] = adapter  # once per node and round: the reply's factors that did not travel come from it
-        rank = self.server.rank_of[client_id]
+        adapter, head = self.server.client_start(client_id)  # once per node and round
+        boundary = self.boundaries[node] = RankBoundary(client=self.server.rank_of[client_id], model=self.server.config.rank)
+        # Mixed ranks: only the client's r_u components travel. The reply's factors that did not travel are the ones
+        # sent here (FFA-LoRA's frozen A), so they are kept on the wire side of the boundary.
+        sent = self.sent_adapters[node] = boundary.to_wire(adapter)
         # Down travels what goes up (round_bytes' convention), or both factors where the policy says
         # so (FedSVD, RoLoRA). A factor that does not travel the client builds itself: FFA-LoRA's
         # frozen A is the seeded init, a stacking method's global adapter is the re-init drawn from
-        # init-seed, private factors are the client's own. Mixed ranks: only the client's r_u components.
+        # init-seed, private factors are the client's own.
         policy = self.policy.for_round(plan.round)
         send_private = node not in self.holds_private and self.server.sends_private(client_id)
         factors = not policy.download_stacked
         full = policy.download_full_adapter
-        own = truncate(adapter, rank)
         download = self.downloads[node] = self.ledger.download(node)
         self.expected[node] = Expected(
             partition=partition, num_examples=self.server.federation.clients[partition].num_examples,
-            arrays=expected_arrays(own, head, A=policy.upload_A, B=policy.upload_B),
-            eval_B=expected_arrays(own, {}, A=False, B=True) if policy.private_factors else None,
+            arrays=expected_arrays(sent, head, A=policy.upload_A, B=policy.upload_B),
+            eval_B=expected_arrays(sent, {}, A=False, B=True) if policy.private_factors else None,
             max_version=plan.round - 1,
             phase_upload=phased.shapes(1, adapter, plan.options) if (phased := self.server.spec.phased) else None)
-        content = RecordDict({
-            "arrays": model_record(own, head, A=factors and (policy.upload_A or full),
-                                   B=factors and (policy.upload_B or full or send_private)),
-            "config": train_task(self.server, plan, partition, rank, base_reset=download.reset).to_config(),
-        })
-        content.update(_merge_records(download.merges))
-        return content
+        arrays = model_tensors(sent, head, A=factors and (policy.upload_A or full),
+                               B=factors and (policy.upload_B or full or send_private))
+        task = train_task(self.server, plan, partition, boundary.client, base_reset=download.reset)
+        return download_content(TrainDownload(task, arrays, download.merges))
 
     # -- aggregation ------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -169,7 +170,7 @@ class FedLoraStrategy(Strategy):
         log(INFO, "round %d: main metric %.4f, divergence %.4g", record["round"], record["global_metric"], record["divergence"])
         metrics = MetricRecord({"num-clients": len(results), "global-metric": float(record["global_metric"]),
                                 "divergence": float(record["divergence"]), "skipped": int(record["skipped"])})
-        return model_record(self.server.state.adapter, self.server.state.head), metrics
+        return None, metrics  # the global model is the server's state (Server.finish), not Flower's loop arrays
 
     def _phase_channel(self, plan: RoundPlan, nodes: list[int]) -> FlowerChannel | None:
         """Phases 2..P of a phased method (FedASK) to the nodes whose training replies were accepted."""
@@ -220,11 +221,7 @@ class FedLoraStrategy(Strategy):
 
     def _result(self, node: int, reply: TrainReply) -> ClientResult:
         client_id = self.server.federation.clients[self.expected[node].partition].client_id
-        # Factors that did not travel are the ones the client started from (FFA-LoRA's frozen A);
-        # private ones come in "eval-B", for the server's evaluation-only global model.
-        own = self.starts[node]
-        return to_result(reply, own, rank=self.server.rank_of[client_id], server_rank=self.server.config.rank,
-                         client_id=client_id)
+        return to_result(reply, self.sent_adapters[node], self.boundaries[node], client_id)
 
     # -- evaluation: central, in Server.finish; no client evaluates for the strategy -----------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -239,15 +236,3 @@ class FedLoraStrategy(Strategy):
         log(INFO, "\t├──> fedlora: method %s, %d clients (%d sampled per round), %d rounds; min-train-nodes %d, "
             "min-available-nodes %d", config.method, config.clients, config.num_sampled, config.rounds,
             self.min_train_nodes, self.min_available_nodes)
-
-
-def _merge_records(pending: dict[int, BaseMerge]) -> dict[str, ArrayRecord]:
-    """Missed merges as records: stacked factors where the method sends those, dense deltas otherwise."""
-    stacked = {r: m.stacked for r, m in pending.items() if m.stacked is not None}
-    dense = {r: m.delta for r, m in pending.items() if m.stacked is None}
-    records = {}
-    if stacked:
-        records["base-factors"] = stacked_record(stacked)
-    if dense:
-        records["base-delta"] = deltas_record(dense)
-    return records

@@ -1,4 +1,8 @@
-"""What travels between ServerApp and ClientApps: float32 ArrayRecords with stable keys.
+"""What travels between ServerApp and ClientApps: the typed messages as float32 ArrayRecords with stable keys.
+
+A TRAIN message is a :class:`~fedlora.engines.flower.messages.TrainDownload` (:func:`download_content`,
+:func:`read_download`), its reply a :class:`~fedlora.engines.flower.messages.TrainReply` (:func:`reply_content`;
+the server reads replies only through :func:`fedlora.engines.flower.replies.parse_train_reply`). The records:
 
 * ``"arrays"`` (both ways): the LoRA factors that travel under the method's
   :class:`~fedlora.aggregation.TrainingPolicy` (A if ``upload_A``, B if ``upload_B``), under PEFT's
@@ -26,11 +30,60 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, LoraPair
+from fedlora.engines.flower.messages import LOCAL_PREFIX, PHASE_UPLOAD, TrainDownload, TrainReply, TrainTask
 from fedlora.models.lora_state import PEFT_PREFIX, adapter_to_state_dict, state_dict_to_adapter
+from fedlora.protocol.rounds import BaseMerge
+
+
+# -- the two typed messages ------------------------------------------------------------------
+def download_content(download: TrainDownload) -> RecordDict:
+    """A :class:`TrainDownload` as a TRAIN message's content."""
+    content = RecordDict({"arrays": round_record(download.arrays), "config": download.task.to_config()})
+    stacked = {r: m.stacked for r, m in download.merges.items() if m.stacked is not None}
+    dense = {r: m.delta for r, m in download.merges.items() if m.stacked is None}
+    if stacked:  # FLoRA sends its merges as the stacked factors, U r (d + k) floats instead of d k
+        content["base-factors"] = stacked_record(stacked)
+    if dense:
+        content["base-delta"] = deltas_record(dense)
+    return content
+
+
+def read_download(content: RecordDict) -> TrainDownload:
+    """Inverse of :func:`download_content` on the client: the task checked key by key, merges in round order
+    (stacked factors multiplied out, as the server multiplied them)."""
+    task = TrainTask.from_config(content["config"])
+    merges = {r: BaseMerge(delta=d, stacked=None) for r, d in record_to_deltas(content["base-delta"]).items()} \
+        if "base-delta" in content else {}
+    if "base-factors" in content:
+        merges |= {r: BaseMerge(delta=d, stacked=None) for r, d in record_to_stacked_deltas(content["base-factors"]).items()}
+    return TrainDownload(task, _tensors(content["arrays"]), dict(sorted(merges.items())))
+
+
+def reply_content(reply: TrainReply) -> RecordDict:
+    """A :class:`TrainReply` as a TRAIN reply's content."""
+    content = RecordDict({"arrays": round_record(reply.arrays), "metrics": MetricRecord(reply_metrics(reply))})
+    if reply.eval_B is not None:
+        content["eval-B"] = round_record(reply.eval_B)
+    if reply.phase_upload is not None:
+        content[PHASE_UPLOAD] = round_record(reply.phase_upload)
+    return content
+
+
+def reply_metrics(reply: TrainReply) -> dict[str, int | float]:
+    """The reply's counts and losses as its ``metrics`` record holds them (a secure round's ``FitRes`` metrics too)."""
+    metrics: dict[str, int | float] = {"num-examples": reply.num_examples, "partition-id": reply.partition_id,
+                                       "train-loss": reply.loss, "base-version": reply.base_version}
+    return metrics | {f"{LOCAL_PREFIX}{k}": float(v) for k, v in (reply.local_metrics or {}).items()}
+
+
+def model_tensors(adapter: Adapter, head: dict[str, Tensor], *, A: bool = True, B: bool = True) -> dict[str, Tensor]:
+    """Adapter + head under PEFT state-dict names, only the factors asked for: a message's ``arrays``."""
+    state = {k: v for k, v in adapter_to_state_dict(adapter).items() if _factor_wanted(k, A=A, B=B)}
+    return state | {f"{PEFT_PREFIX}{k}": v for k, v in head.items()}
 
 
 def round_record(tensors: dict[str, Tensor]) -> ArrayRecord:
@@ -44,9 +97,7 @@ def _tensors(record: ArrayRecord) -> dict[str, Tensor]:
 
 def model_record(adapter: Adapter, head: dict[str, Tensor], *, A: bool = True, B: bool = True) -> ArrayRecord:
     """Adapter + head as one ArrayRecord keyed by PEFT state-dict names; ``A``/``B``: which factors to include."""
-    state = {k: v for k, v in adapter_to_state_dict(adapter).items() if _factor_wanted(k, A=A, B=B)}
-    state.update({f"{PEFT_PREFIX}{k}": v for k, v in head.items()})
-    return round_record(state)
+    return round_record(model_tensors(adapter, head, A=A, B=B))
 
 
 def select_factors(record: ArrayRecord, *, A: bool = True, B: bool = True) -> ArrayRecord:
@@ -125,7 +176,7 @@ def record_tensors(record: ArrayRecord) -> dict[str, Tensor]:
 
 
 # -- bytes on the wire ------------------------------------------------------------------------
-PHASE_RECORDS = ("phase", "phase-upload")  # a phased method's broadcast and uploads
+PHASE_RECORDS = ("phase", PHASE_UPLOAD)  # a phased method's broadcast and uploads
 @dataclass(frozen=True)
 class WireBytes:
     """Array payload bytes in messages, by what they carry (float32 data; no .npy headers).
