@@ -146,8 +146,15 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path, monkeypat
         simulation.run(crashing, progress=False)
     monkeypatch.undo()
     assert len((Path(crashing.out) / "metrics.jsonl").read_text().splitlines()) == 1
+    private = Path(crashing.out) / "private"
+    if method == "fedsa-lora":  # round 2 wrote its clients' B before crashing; the checkpoint names round 1's
+        assert {p.name.split(".")[1] for p in private.iterdir()} == {"r1", "r2"}
     resumed = simulation.run(crashing, resume=True, progress=False)
     assert without_timing(resumed) == without_timing(full)
+    if method == "fedsa-lora":  # one file per client, the last round's: nothing of the crashed round is left
+        assert sorted(p.name for p in private.iterdir()) == [f"client-{u}.r2.safetensors" for u in range(crashing.clients)]
+    else:
+        assert not private.exists()
     a, _ = load_model_with_adapter(Path(crashing.out) / "adapter")
     b, _ = load_model_with_adapter(Path(tmp_path / "full" / method) / "adapter")
     for module, pair in get_adapter(a).items():

@@ -1,8 +1,8 @@
 """Server state between rounds, saved atomically in one safetensors file (never pickle).
 
 The checkpoint holds everything a round depends on: the global adapter and head, the frozen
-weights changed by merged ``base_delta`` (FedEx-LoRA, FLoRA), every FedSA-LoRA client's private
-B, a stateful method's server-side tensors (svd-ef's residual), and the metrics history (so ``metrics.jsonl`` can be rewritten exactly on resume). JSON
+weights changed by merged ``base_delta`` (FedEx-LoRA, FLoRA), the index of every FedSA-LoRA client's private
+B (the files themselves are one per client under ``private/``: :mod:`fedlora.protocol.private_store`), a stateful method's server-side tensors (svd-ef's residual), and the metrics history (so ``metrics.jsonl`` can be rewritten exactly on resume). JSON
 fields live in the safetensors metadata. Writes go to a temporary file then ``os.replace``, so a
 crash leaves either the previous checkpoint or the new one, never half of one.
 
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedlora.aggregation import Adapter, LoraPair
+from fedlora.protocol.private_store import PRIVATE_DIR, PrivateStore
 from fedlora.testing.failpoints import failpoint
 from fedlora.util.jsonsafe import make_json_safe
 
@@ -48,7 +49,7 @@ class ServerState:
 
     Saved atomically each round as one safetensors file (tensors) with its JSON metadata (history,
     seeds, data fingerprint) and a digest; ``metrics.jsonl`` is rewritten from ``history``.
-    ``local_B`` holds each client's private factor (FedSA-LoRA), ``method_state`` what a stateful
+    ``private`` holds each client's private factor (FedSA-LoRA; on disk, indexed here), ``method_state`` what a stateful
     method carries between rounds, ``base_weights`` the frozen weights merges have changed.
     """
 
@@ -56,7 +57,7 @@ class ServerState:
     adapter: Adapter
     head: dict[str, Tensor]
     base_weights: dict[str, Tensor] = field(default_factory=dict)  # module -> merged W0 (d, k)
-    local_B: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # client -> module -> (d, r)
+    private: PrivateStore = field(default_factory=lambda: PrivateStore(None))  # client -> module -> (d, r)
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics record per round
     init_seed: int = -1  # seed of the last server-drawn adapter re-init (FLoRA); -1: the initial adapter
     method_state: dict[str, Tensor] = field(default_factory=dict)  # a stateful method's tensors (svd-ef's residual)
@@ -99,7 +100,7 @@ def save_state(state: ServerState, directory: Path) -> Path:
         tensors[f"adapter/{module}/B"] = pair.B
     tensors.update({f"head/{k}": v for k, v in state.head.items()})
     tensors.update({f"base/{k}": v for k, v in state.base_weights.items()})
-    for client, Bs in state.local_B.items():
+    for client, Bs in (state.private.legacy | state.private.memory).items():  # not (yet) in files of their own
         tensors.update({f"localB/{client}/{m}": B for m, B in Bs.items()})
     tensors.update({f"method/{k}": v for k, v in state.method_state.items()})
     make_json_safe(state.history)  # strict JSON here and in the metrics.jsonl written from the same list
@@ -107,7 +108,7 @@ def save_state(state: ServerState, directory: Path) -> Path:
     if config_file.is_file():
         state.config = config_file.read_text()
     meta = {"round": state.round, "history": state.history, "init_seed": state.init_seed, "config": state.config,
-            "data": state.data}
+            "data": state.data, "private": state.private.to_meta()}
     text = json.dumps(meta, allow_nan=False)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     path = directory / CHECKPOINT_FILE
@@ -151,15 +152,16 @@ def load_state(directory: Path) -> ServerState:
         raise CheckpointError(f"{path} is corrupt or was modified: its tensors or metadata do not match the "
                               "digest written with it; restore the file or start the run again")
     try:
-        return _state_from(tensors, json.loads(text))
+        return _state_from(tensors, json.loads(text), directory / PRIVATE_DIR)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{path} has malformed fedlora metadata ({type(exc).__name__}: {exc})") from None
 
 
-def _state_from(tensors: dict[str, Tensor], meta: dict[str, Any]) -> ServerState:
+def _state_from(tensors: dict[str, Tensor], meta: dict[str, Any], private_dir: Path) -> ServerState:
     from fedlora.tasks.fingerprint import check_record
 
     adapter: dict[str, dict[str, Tensor]] = {}
+    legacy: dict[str, dict[str, Tensor]] = {}
     history = meta["history"]
     if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
         raise ValueError("history is not a list of round records")
@@ -181,8 +183,9 @@ def _state_from(tensors: dict[str, Tensor], meta: dict[str, Any]) -> ServerState
             state.method_state[rest] = value
         elif kind == "localB":
             client, _, module = rest.partition("/")
-            state.local_B.setdefault(client, {})[module] = value
+            legacy.setdefault(client, {})[module] = value
         else:
             raise ValueError(f"unknown tensor {key!r}")
     state.adapter = {m: LoraPair(A=f["A"], B=f["B"]) for m, f in adapter.items()}
+    state.private = PrivateStore(private_dir, PrivateStore.index_from_meta(meta.get("private", {})), legacy=legacy)
     return state

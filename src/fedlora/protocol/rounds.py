@@ -38,6 +38,7 @@ from torch import Tensor
 from fedlora.aggregation import Adapter, AggregationResult, LoraPair, MethodSpec, get_method
 from fedlora.aggregation.ranks import assign_ranks, is_mixed, restrict, sent_start
 from fedlora.protocol.checkpoint import ServerState, load_state, save_state
+from fedlora.protocol.private_store import PRIVATE_DIR, PrivateStore
 from fedlora.protocol.client import ClientResult, derived_seed, evaluate_on
 from fedlora.config.run import RunConfig, divergence_due
 from fedlora.tasks.fingerprint import record as data_record
@@ -119,11 +120,13 @@ class Server:
                 state.data = data_record(config)
             pristine = frozen_weights(model)  # before the checkpoint's merged weights replace them
             restore_base_weights(model, state.base_weights)
+            state.private.clean()  # private-factor files a crashed round wrote after this checkpoint
             server = cls(config, model, tokenizer, federation, state, outputs, keep_merges=keep_merges)
             server._catch_up_merge(pristine)
             log.info("resuming %s after round %d", out, state.round)
         else:
-            state = ServerState(round=0, adapter=get_adapter(model), head=get_head(model), data=data_record(config))
+            state = ServerState(round=0, adapter=get_adapter(model), head=get_head(model), data=data_record(config),
+                                private=PrivateStore(out / PRIVATE_DIR))
             server = cls(config, model, tokenizer, federation, state, outputs, keep_merges=keep_merges)
             save_state(state, out)  # round 0: a crash in the first round can resume too
         outputs.started(server.state)
@@ -167,7 +170,7 @@ class Server:
         server's, the form a rank-r_u client trains in (:mod:`fedlora.aggregation.ranks`).
         """
         adapter = sent_start(self.state.adapter, self.rank_of.get(client_id, self.config.rank), self.config.rank_map)
-        private = self.state.local_B.get(client_id)
+        private = self.state.private.get(client_id)
         if private is not None:
             adapter = {m: LoraPair(A=p.A, B=private[m]) for m, p in adapter.items()}
         return adapter, self.state.head
@@ -188,7 +191,7 @@ class Server:
         """Whether a client that does not hold its private factors must download them: it has its own
         on the server (a resumed run), or the global ones have left the init every client draws itself."""
         aggregated = any(not r.get("skipped") for r in self.state.history)
-        return bool(self.spec.policy.private_factors) and (client_id in self.state.local_B or aggregated)
+        return bool(self.spec.policy.private_factors) and (client_id in self.state.private or aggregated)
 
     def finish(self, plan: RoundPlan, results: list[ClientResult], started: float,
                extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
@@ -214,7 +217,7 @@ class Server:
         # sees it (only the mean, for evaluation), so it stays on the client alone
         if self.spec.policy.private_factors and summed is None:
             for r in results:
-                self.state.local_B[r.update.client_id] = {m: p.B for m, p in r.update.adapter.items()}
+                self.state.private.put(r.update.client_id, {m: p.B for m, p in r.update.adapter.items()}, plan.round)
         agg = step.result
         if not step.skipped:  # skipped: too few valid updates, nothing changes
             assert step.head is not None
@@ -237,6 +240,7 @@ class Server:
         self.state.history.append(record)
         self.state.base_weights = merged_base_weights(self.model)
         save_state(self.state, self.out)
+        self.state.private.commit()  # the private-factor files this checkpoint no longer names
         self.outputs.round_done(self.state, samples)
         return record
 

@@ -43,7 +43,7 @@ RESUMABLE = {
 RUN_FILES = ("config.json", "checkpoint.safetensors", "checkpoint.safetensors.tmp", "metrics.jsonl",
              "metrics.jsonl.tmp", "accuracy.png", "divergence.png")  # accuracy.png: the plot's name before 2026-12
 RUN_PLOTS = "global_*.png"  # one plot per metric, named by it (fedlora.reporting.curves.plot_file_name)
-RUN_DIRS = ("adapter", "adapter.tmp", "adapter.old", "generations", "tensorboard", "wandb")  # --log-to's too
+RUN_DIRS = ("adapter", "adapter.tmp", "adapter.old", "generations", "private", "tensorboard", "wandb")  # --log-to's too
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
