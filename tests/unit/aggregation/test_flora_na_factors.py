@@ -56,3 +56,19 @@ def test_identical_clients_give_zero_divergence_on_the_factor_route(monkeypatch)
     assert result.metrics["divergence"] == pytest.approx(0.0, abs=1e-12)
     for m, pair in ups[0].adapter.items():
         torch.testing.assert_close(result.adapter[m].B @ result.adapter[m].A, pair.B @ pair.A, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_client_chunks_bound_memory_without_changing_the_result(monkeypatch, chunk) -> None:
+    """At many clients the factor route and the FedIT mean work a chunk of clients at a time (temporaries of
+    chunk / U the size); chunks that do not divide U (6 clients, 7 bases) give the Gram route's result."""
+    from fedlora.aggregation.methods import common
+
+    monkeypatch.setattr(flora_na_factors, "CHUNK", chunk)
+    monkeypatch.setattr(common, "MEAN_CHUNK", chunk)
+    gram, factors = _both(monkeypatch, "flora-na", 6)
+    assert factors.metrics["objective"] == pytest.approx(gram.metrics["objective"], rel=1e-9)
+    assert factors.metrics["norm_A_fedit"] == pytest.approx(gram.metrics["norm_A_fedit"], rel=1e-12)
+    for m in SHAPES:
+        torch.testing.assert_close(factors.adapter[m].B @ factors.adapter[m].A, gram.adapter[m].B @ gram.adapter[m].A,
+                                   rtol=1e-7, atol=1e-7)

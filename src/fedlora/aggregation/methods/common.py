@@ -11,9 +11,16 @@ from fedlora.aggregation import lowrank
 from fedlora.aggregation.types import Adapter, ClientUpdate, LoraPair
 
 
+MEAN_CHUNK = 64  # clients stacked at a time: a stack of all U (U × the factor) is 25 MB per module at U = 1,000
+
+
 def weighted_mean(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
-    """Σ_u w_u X_u."""
-    return torch.einsum("u,u...->...", weights.to(tensors[0].dtype), torch.stack(list(tensors)))
+    """Σ_u w_u X_u, stacking at most ``MEAN_CHUNK`` clients at a time (many clients: bounded temporaries)."""
+    weights = weights.to(tensors[0].dtype)
+    total = torch.einsum("u,u...->...", weights[:MEAN_CHUNK], torch.stack(list(tensors[:MEAN_CHUNK])))
+    for lo in range(MEAN_CHUNK, len(tensors), MEAN_CHUNK):
+        total += torch.einsum("u,u...->...", weights[lo:lo + MEAN_CHUNK], torch.stack(list(tensors[lo:lo + MEAN_CHUNK])))
+    return total
 
 
 def factors(updates: Sequence[ClientUpdate], module: str) -> tuple[list[Tensor], list[Tensor]]:

@@ -58,7 +58,8 @@ from fedlora.aggregation.registry import register_method
 from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate, LoraPair
 
 SOLVERS = ("als", "adamw")
-# What the ALS keeps of each shape group for the broadcast: (module indices, E, F) as _stacked_bases builds them.
+# What the ALS keeps of each shape group for the broadcast: (module indices, E, F) as _stacked_bases builds them,
+# or (module indices, A, B) as _stacked_blocks builds them for the matrix-free route.
 Bases = list[tuple[list[int], Tensor, Tensor]]
 SCOPES = ("per-module", "global")
 GRAM_BUDGET_BYTES = 512 << 20  # above: the matrix-free ALS (flora_na_factors), e.g. U > ~170 at MiniLM shapes
@@ -217,14 +218,16 @@ def _broadcast_from_bases(groups: Bases, modules: list[str], weights: Tensor, p:
     """
     adapter: Adapter = {}
     for indices, E, F in groups:
-        M, Jr, k = E.shape
-        J = weights.shape[0] + 1
-        r, d = Jr // J, F.shape[1]
+        M, J = E.shape[0], weights.shape[0] + 1
+        r, k = (E.shape[2] if E.dim() == 4 else E.shape[1] // J), E.shape[-1]
         wp, wq = weights * p[indices], weights * q[indices]  # (M, U)
         alpha = torch.cat([1 - wp.sum(1, keepdim=True), wp], dim=1)  # (M, J)
         beta = torch.cat([1 - wq.sum(1, keepdim=True), wq], dim=1)
-        A_hat = (alpha[:, None, :] @ E.view(M, J, r * k)).view(M, r, k)
-        B_hat = torch.einsum("mj,mdjr->mdr", beta, F.view(M, d, J, r))
+        A_hat = (alpha[:, None, :] @ E.reshape(M, J, r * k)).view(M, r, k)
+        if F.dim() == 4:  # the matrix-free route's blocks (M, J, d, r)
+            B_hat = (beta[:, None, :] @ F.view(M, J, -1)).view(M, F.shape[2], r)
+        else:  # (M, d, J r)
+            B_hat = torch.einsum("mj,mdjr->mdr", beta, F.view(M, F.shape[1], J, r))
         for i, index in enumerate(indices):
             adapter[modules[index]] = LoraPair(A=A_hat[i], B=B_hat[i])
     return {m: adapter[m] for m in modules}
@@ -248,6 +251,21 @@ def _stacked_bases(global_adapter: Adapter, updates: Sequence[ClientUpdate], gro
     return E, F
 
 
+def _stacked_blocks(global_adapter: Adapter, updates: Sequence[ClientUpdate], group: list[str]) -> tuple[Tensor, Tensor]:
+    """A (M, J, r, k) and B (M, J, d, r): the same bases as :func:`_stacked_bases`, each block contiguous, as the
+    matrix-free ALS reads them (built directly: no second copy of the (M, d, J r) layout at many clients)."""
+    first = global_adapter[group[0]]
+    (r, k), d, J = first.A.shape, first.B.shape[0], len(updates) + 1
+    A = torch.empty(len(group), J, r, k, dtype=first.A.dtype, device=first.A.device)
+    B = torch.empty(len(group), J, d, r, dtype=first.B.dtype, device=first.B.device)
+    for i, module in enumerate(group):
+        pairs = [global_adapter[module]] + [u.adapter[module] for u in updates]
+        for j, pair in enumerate(pairs):
+            A[i, j].copy_(pair.A)
+            B[i, j].copy_(pair.B)
+    return A, B
+
+
 def _als(
     global_adapter: Adapter,
     updates: Sequence[ClientUpdate],
@@ -262,18 +280,23 @@ def _als(
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, module in enumerate(modules):
         groups[tuple(global_adapter[module].A.shape) + tuple(global_adapter[module].B.shape)].append(index)
-    bases: Bases = []
-    for indices in groups.values():
-        E, F = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
-        bases.append((indices, E, F))
     # The Gram route keeps 2·M·(J r)² floats per group; beyond the budget the same ALS runs matrix-free.
-    gram_bytes = sum(2 * E.shape[0] * E.shape[1] ** 2 * E.element_size() for _, E, _ in bases)
+    J, itemsize = len(updates) + 1, global_adapter[modules[0]].A.element_size()
+    gram_bytes = sum(2 * len(indices) * (J * global_adapter[modules[indices[0]]].A.shape[0]) ** 2 * itemsize
+                     for indices in groups.values())
+    bases: Bases = []
     problems: list[GramProblem] | list[FactorProblem]
     if gram_bytes <= GRAM_BUDGET_BYTES:
+        for indices in groups.values():
+            E, F = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
+            bases.append((indices, E, F))
         problems = [GramProblem.from_stacked(E, F, w) for _, E, F in bases]
         solution = solve_als(problems, shared, max_sweeps, tol, ridge)
     else:
-        problems = [FactorProblem.build(E, F, w) for _, E, F in bases]
+        for indices in groups.values():
+            A, B = _stacked_blocks(global_adapter, updates, [modules[i] for i in indices])
+            bases.append((indices, A, B))
+        problems = [FactorProblem.build(A, B, w) for _, A, B in bases]
         solution = solve_als_factors(problems, shared, max_sweeps, tol, ridge)
     p = torch.empty(len(modules), len(updates), dtype=torch.float64, device=w.device)
     q = torch.empty_like(p)

@@ -11,7 +11,9 @@ free, B̂ᵀB̂ when A is free) and X_j the free side's bases, the quadratic of 
 so a product with the normal matrix K = Dᵀ H D costs O(J·r·(d + k)·r) and the half-step's system K δ = rhs
 (+ the ridge λ) is solved by conjugate gradients with a Jacobi preconditioner, from δ = 0, which converges to
 the minimum-norm solution the Gram route takes with a pseudo-inverse (the normal equations of a least-squares
-problem are consistent). ‖T‖² is formed module by module from the dense T (d×k, then dropped).
+problem are consistent). ‖T‖² is formed module by module from the dense T (d×k, then dropped). Products over every
+client run a chunk of clients at a time (``CHUNK``), so no temporary of the bases' size exists: at U = 1,000 on MiniLM
+shapes the whole aggregation peaks under 2 GiB (benchmarks/aggregation.py --clients).
 
 Same iterates as the Gram route up to the CG tolerance (tests/unit/aggregation/test_flora_na_factors.py);
 chosen by :func:`fedlora.aggregation.methods.flora_na._als` when the Grams would exceed ``GRAM_BUDGET_BYTES``.
@@ -30,6 +32,9 @@ from fedlora.aggregation.methods.flora_na_als import AlsSolution, converged, rec
 
 CG_TOL = 1e-9  # relative residual of each half-step's solve (measured: the same objective to 1e-13 as 1e-12, 25% fewer iterations)
 CG_MAX_ITER = 500
+# Clients per chunk where a product over every client would make a (M, U, d, r)-sized temporary: at U = 1,000 on
+# MiniLM shapes such a temporary is 295 MB; chunks keep them at 64 / U of that.
+CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -42,16 +47,16 @@ class FactorProblem:
     target_sq_: Tensor  # (M,) ‖T‖²
 
     @staticmethod
-    def build(E: Tensor, F: Tensor, w: Tensor) -> "FactorProblem":
-        """From :func:`fedlora.aggregation.methods.flora_na._stacked_bases`' E (M, J r, k) and F (M, d, J r)."""
-        M, Jr, k = E.shape
-        J = w.shape[0] + 1
-        r, d = Jr // J, F.shape[1]
-        A = E.view(M, J, r, k)
-        B = F.view(M, d, J, r).permute(0, 2, 1, 3).contiguous()  # (M, J, d, r): each B_j contiguous, for GEMVs
-        target_sq = torch.empty(M, dtype=E.dtype, device=E.device)
+    def build(A: Tensor, B: Tensor, w: Tensor) -> "FactorProblem":
+        """From :func:`fedlora.aggregation.methods.flora_na._stacked_blocks`' A (M, J, r, k) and B (M, J, d, r)."""
+        M = A.shape[0]
+        target_sq = torch.empty(M, dtype=A.dtype, device=A.device)
         for m in range(M):  # T (d, k) one module at a time: memory d·k, not M·d·k
-            T = (F[m, :, r:] * w.repeat_interleave(r)) @ E[m, r:]  # Σ_u w_u B_u A_u
+            T = torch.zeros(B.shape[2], A.shape[3], dtype=A.dtype, device=A.device)
+            for lo in range(0, w.shape[0], CHUNK):  # Σ_u w_u B_u A_u, a chunk of clients at a time
+                hi = min(lo + CHUNK, w.shape[0])
+                Bw = B[m, 1 + lo:1 + hi] * w[lo:hi, None, None]  # (c, d, r)
+                T += torch.einsum("udr,urk->dk", Bw, A[m, 1 + lo:1 + hi])
             target_sq[m] = (T * T).sum()
         return FactorProblem(A=A, B=B, w=w, target_sq_=target_sq)
 
@@ -104,11 +109,21 @@ class HalfStep:
         return self.problem.w * (y[:, 1:] - y[:, :1])
 
     def diagonal(self) -> Tensor:
-        """diag K (M, U) = w_u² (H_00 − 2 H_0u + H_uu), for the preconditioner and the ridge's scale."""
+        """diag K (M, U) = w_u² (H_00 − 2 H_0u + H_uu), for the preconditioner and the ridge's scale.
+
+        From r×r products only (S symmetric): H_jj = ⟨X_jᵀX_j, S⟩ and H_0j = ⟨X_0ᵀX_j, S⟩ when B is free,
+        ⟨X_j X_jᵀ, S⟩ and ⟨X_j X_0ᵀ, S⟩ when A is free; nothing of the bases' size is formed.
+        """
         X = self.problem.B if self.free_is_B else self.problem.A
-        XS = X @ self.S[:, None] if self.free_is_B else self.S[:, None] @ X  # (M, J, a, b): X_j S or S X_j
-        H_jj = (X * XS).sum((2, 3))  # (M, J)
-        H_0j = (X[:, :1] * XS).sum((2, 3))  # (M, J): ⟨X_0, X_j S⟩ (S symmetric)
+        M, J = X.shape[:2]
+        S = self.S[:, None]  # (M, 1, r, r)
+        H_jj = torch.empty(M, J, dtype=X.dtype, device=X.device)
+        H_0j = torch.empty_like(H_jj)
+        for lo in range(0, J, CHUNK):  # chunks: a batched product over every block would copy the bases
+            Xc = X[:, lo:lo + CHUNK]
+            X0 = X[:, :1].expand_as(Xc)
+            own, cross = (Xc.mT @ Xc, X0.mT @ Xc) if self.free_is_B else (Xc @ Xc.mT, Xc @ X0.mT)  # (M, c, r, r)
+            H_jj[:, lo:lo + CHUNK], H_0j[:, lo:lo + CHUNK] = (own * S).sum((2, 3)), (cross * S).sum((2, 3))
         w = self.problem.w
         return w * w * (H_jj[:, :1] - 2 * H_0j[:, 1:] + H_jj[:, 1:])
 
@@ -133,14 +148,21 @@ def _inner(X: Tensor, Z: Tensor) -> Tensor:
 def _system(problem: FactorProblem, other: Tensor, free_is_B: bool) -> HalfStep:
     p = problem
     fixed = p.combine(p.coefficients(other), free_is_B=not free_is_B)  # Â (M, r, k) or B̂ (M, d, r)
+    U = p.w.shape[0]
     if free_is_B:
         S = fixed @ fixed.mT  # ÂÂᵀ
-        AA = torch.einsum("murk,msk->murs", p.A[:, 1:], fixed)  # A_u Âᵀ
-        R = torch.einsum("u,mudr,murs->mds", p.w, p.B[:, 1:], AA)  # T Âᵀ
+        R = torch.zeros(fixed.shape[0], p.B.shape[2], fixed.shape[1], dtype=fixed.dtype, device=fixed.device)
+        for lo in range(0, U, CHUNK):  # T Âᵀ = Σ_u w_u B_u (A_u Âᵀ), a chunk of clients at a time
+            hi = min(lo + CHUNK, U)
+            AA = torch.einsum("murk,msk->murs", p.A[:, 1 + lo:1 + hi], fixed)  # A_u Âᵀ
+            R += torch.einsum("u,mudr,murs->mds", p.w[lo:hi], p.B[:, 1 + lo:1 + hi], AA)
     else:
         S = fixed.mT @ fixed  # B̂ᵀB̂
-        BB = torch.einsum("mds,mudr->musr", fixed, p.B[:, 1:])  # B̂ᵀ B_u
-        R = torch.einsum("u,musr,murk->msk", p.w, BB, p.A[:, 1:])  # B̂ᵀ T
+        R = torch.zeros(fixed.shape[0], fixed.shape[2], p.A.shape[3], dtype=fixed.dtype, device=fixed.device)
+        for lo in range(0, U, CHUNK):  # B̂ᵀ T = Σ_u w_u (B̂ᵀ B_u) A_u
+            hi = min(lo + CHUNK, U)
+            BB = torch.einsum("mds,mudr->musr", fixed, p.B[:, 1 + lo:1 + hi])  # B̂ᵀ B_u
+            R += torch.einsum("u,musr,murk->msk", p.w[lo:hi], BB, p.A[:, 1 + lo:1 + hi])
     return HalfStep(problem=p, free_is_B=free_is_B, S=S, R=R)
 
 
