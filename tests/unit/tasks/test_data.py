@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the hub
 from fedlora.tasks import glue as fd  # noqa: E402
 from fedlora.tasks import partitioning  # noqa: E402
 from fedlora.tasks.glue import (  # noqa: E402
-    compute_metrics, get_task, label_histogram, load_glue, make_loader, partition, split_local, tokenize,
+    compute_metrics, get_task, label_histogram, load_glue, partition, split_local, tokenize,
 )
 
 GLUE_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "glue"
@@ -330,32 +330,24 @@ def test_metrics_reject_mismatched_shapes() -> None:
 # --- tokenisation and loaders --------------------------------------------------------------------
 
 
-def test_tokenize_and_loader_batches(tokenizer) -> None:
+def test_tokenize_truncates_without_padding(tokenizer) -> None:
     ds = datasets.Dataset.from_dict({
         "sentence1": [f"premise number {i} " + "word " * i for i in range(10)],
         "sentence2": ["a hypothesis"] * 10, "label": [i % 2 for i in range(10)]})
     tok = tokenize(ds, tokenizer, "rte", max_length=8)
     assert set(tok.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
-    assert max(len(x) for x in tok["input_ids"]) == 8  # truncated, not padded
-    batches = list(make_loader(tok, batch_size=4, shuffle=True, seed=0))
-    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
-    for b in batches:
-        assert b["input_ids"].shape == b["attention_mask"].shape == b["token_type_ids"].shape
-        assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())  # padded to batch max
-        assert b["labels"].dtype == torch.int64 and b["labels"].shape == (b["input_ids"].shape[0],)
-    order = lambda seed: torch.cat([b["labels"] * 100 + b["attention_mask"].sum(1)  # noqa: E731
-                                    for b in make_loader(tok, 4, True, seed)]).tolist()
-    assert order(0) == order(0) and order(0) != order(1)
+    assert [len(x) for x in tok["input_ids"]] == [8] * 10  # every pair is longer than 8 tokens: truncated
+    short = tokenize(ds.select([0]), tokenizer, "rte", max_length=64)
+    assert len(short["input_ids"][0]) == int(short["attention_mask"][0].sum()) < 64  # not padded
+    assert tok[:]["labels"].dtype == torch.int64
 
 
 def test_tokenize_regression_labels_are_float(tokenizer) -> None:
     ds = datasets.Dataset.from_dict({"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [0.5, 4.0]})
-    batch = next(iter(make_loader(tokenize(ds, tokenizer, "stsb", 16), 2, False, 0)))
-    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [0.5, 4.0]
+    tok = tokenize(ds, tokenizer, "stsb", 16)
+    assert tok[:]["labels"].dtype == torch.float32 and tok[:]["labels"].tolist() == [0.5, 4.0]
     with pytest.raises(ValueError, match="lacks columns"):
         tokenize(ds, tokenizer, "qnli", 16)
-    with pytest.raises(ValueError, match="tokenizer"):
-        make_loader(datasets.Dataset.from_dict({"input_ids": [[1]]}), 1, False, 0)
 
 
 @pytest.mark.parametrize("alpha", [None, 0.5])

@@ -14,7 +14,7 @@ from typing import Any
 _HOME = {
     "DATA_DIR_ENV": "glue.loading", "load_glue": "glue.loading", "compute_metrics": "glue.metrics",
     "label_histogram": "partitioning", "partition": "partitioning", "split_local": "partitioning", "TASKS": "glue.specs",
-    "TaskSpec": "glue.specs", "get_spec": "glue.specs", "encode_text": "glue.tokenization", "make_loader": "glue.tokenization",
+    "TaskSpec": "glue.specs", "get_spec": "glue.specs", "encode_text": "glue.tokenization",
     "tokenize": "glue.tokenization",
 }
 
@@ -39,7 +39,6 @@ __all__ = [
     "get_task",
     "label_histogram",
     "load_glue",
-    "make_loader",
     "partition",
     "split_local",
     "tokenize",

@@ -1,23 +1,16 @@
-"""Tokenise text-classification datasets (GLUE and the like) and wrap them in deterministic, dynamically padded DataLoaders."""
+"""Tokenise text-classification datasets (GLUE and the like): truncated, unpadded, torch-formatted model inputs.
+
+Batches are padded where they are drawn (:meth:`fedlora.tasks.classification.ClassificationTask`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 
 import datasets
-import torch
-from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fedlora.tasks.glue.specs import TaskSpec, get_spec
-
-# make_loader's public signature has no tokenizer, yet padding needs one. tokenize() therefore tags
-# its output's DatasetInfo.description (which select/shuffle/train_test_split copy along) with a key
-# into this registry. Tokenizers are few and long-lived, so holding them strongly is fine and keeps
-# id()-based keys from being reused.
-_TAG = "fedlora-tokenizer:"
-_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
-
 
 def tokenize(
     ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, task: str | TaskSpec, max_length: int
@@ -26,7 +19,7 @@ def tokenize(
 
     Returns a torch-formatted dataset with ``input_ids``, ``attention_mask``, ``token_type_ids``
     (if the tokenizer produces them) and ``labels`` (int64, or float32 for STS-B). Sequences are
-    truncated to ``max_length`` but not padded: :func:`make_loader` pads per batch.
+    truncated to ``max_length`` but not padded: batches are padded where they are drawn.
     """
     spec = get_spec(task)
     return encode_text(ds, tokenizer, spec.text_fields, max_length, name=spec.name, regression=spec.is_regression)
@@ -65,46 +58,5 @@ def encode_text(
                  new_fingerprint=fingerprint)
     if regression:
         out = out.cast_column("labels", datasets.Value("float32"))
-    key = f"{type(tokenizer).__name__}@{id(tokenizer):x}"
-    _TOKENIZERS[key] = tokenizer
-    out.info.description = _TAG + key
     out.set_format("torch")
     return out
-
-
-def make_loader(
-    tokenized: datasets.Dataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> DataLoader:
-    """A DataLoader that pads each batch with ``DataCollatorWithPadding``.
-
-    The shuffle order comes from a ``torch.Generator`` seeded with ``seed``, so it is the same on
-    every run and independent of the global torch RNG. ``tokenizer`` defaults to the one that
-    :func:`tokenize` used to build ``tokenized``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    tokenizer = tokenizer or _tokenizer_of(tokenized)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        tokenized,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=DataCollatorWithPadding(tokenizer),
-    )
-
-
-def _tokenizer_of(tokenized: datasets.Dataset) -> PreTrainedTokenizerBase:
-    """Find the tokenizer recorded by :func:`tokenize`, or explain how to pass one."""
-    description = tokenized.info.description or ""
-    tokenizer = _TOKENIZERS.get(description.removeprefix(_TAG)) if description.startswith(_TAG) else None
-    if tokenizer is None:
-        raise ValueError(
-            "make_loader needs the tokenizer for padding: build the dataset with fedlora.tasks.glue.tokenize (or encode_text) "
-            "in this process, or pass tokenizer=... explicitly."
-        )
-    return tokenizer
