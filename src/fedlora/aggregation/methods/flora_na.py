@@ -52,15 +52,14 @@ from fedlora.aggregation.methods.common import balanced, target_product
 from fedlora.aggregation.methods.fedit import fedit_average
 from fedlora.aggregation.methods.fedrot_lora import align_to_global
 from fedlora.aggregation.methods.flora_na_als import GramProblem, solve_als
+from fedlora.aggregation.methods.flora_na_bases import (Bases, broadcast_from_bases, broadcast_from_deltas,
+                                                        stacked_bases, stacked_blocks)
 from fedlora.aggregation.methods.flora_na_factors import FactorProblem, solve_als_factors
 from fedlora.aggregation.options import AtLeast, GreaterThan
 from fedlora.aggregation.registry import register_method
-from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate, LoraPair
+from fedlora.aggregation.types import Adapter, AggregationError, AggregationResult, ClientUpdate
 
 SOLVERS = ("als", "adamw")
-# What the ALS keeps of each shape group for the broadcast: (module indices, E, F) as _stacked_bases builds them,
-# or (module indices, A, B) as _stacked_blocks builds them for the matrix-free route.
-Bases = list[tuple[list[int], Tensor, Tensor]]
 SCOPES = ("per-module", "global")
 GRAM_BUDGET_BYTES = 512 << 20  # above: the matrix-free ALS (flora_na_factors), e.g. U > ~170 at MiniLM shapes
 STEP_BACK_GRID = 11  # t_max · {0, 0.1, …, 1} when max_deviation scales the step back
@@ -111,12 +110,12 @@ def flora_na(
         if max_deviation < math.inf:
             p, q, objective, step_back = _step_back(problems, groups, p, q, shared, max_deviation, objective)
         seconds = time.perf_counter() - start
-        adapter = _broadcast_from_bases(groups, modules, weights, p, q)
+        adapter = broadcast_from_bases(groups, modules, weights, p, q)
     else:
         p, q, trace = _adamw(global_adapter, updates, solve_w, modules, shared, steps, lr)
         penalised, objective = trace, min(trace)
         seconds = time.perf_counter() - start
-        adapter = _broadcast_from_deltas(global_adapter, updates, modules, weights, p, q)
+        adapter = broadcast_from_deltas(global_adapter, updates, modules, weights, p, q)
     extras = {
         "p": {m: p[i] for i, m in enumerate(modules)},
         "q": {m: q[i] for i, m in enumerate(modules)},
@@ -194,78 +193,6 @@ def _step_back(
     return 1 + t * (p - 1), 1 + t * (q - 1), new_objective, float(t.min())
 
 
-def _broadcast_from_deltas(
-    global_adapter: Adapter, updates: Sequence[ClientUpdate], modules: list[str], weights: Tensor, p: Tensor, q: Tensor
-) -> Adapter:
-    """Â = A_g + Σ_u w_u p_u ΔA_u and B̂ = B_g + Σ_u w_u q_u ΔB_u, module by module."""
-    adapter: Adapter = {}
-    for index, module in enumerate(modules):
-        g = global_adapter[module]
-        dA = torch.stack([u.adapter[module].A - g.A for u in updates])  # (U, r, k)
-        dB = torch.stack([u.adapter[module].B - g.B for u in updates])  # (U, d, r)
-        adapter[module] = LoraPair(
-            A=g.A + torch.einsum("u,urk->rk", weights * p[index], dA),
-            B=g.B + torch.einsum("u,udr->dr", weights * q[index], dB),
-        )
-    return adapter
-
-
-def _broadcast_from_bases(groups: Bases, modules: list[str], weights: Tensor, p: Tensor, q: Tensor) -> Adapter:
-    """The same Â, B̂ as :func:`_broadcast_from_deltas`, read off the stacked bases the ALS built.
-
-    Â = Σ_j α_j A_j with α = [1 − Σ_u w_u p_u, w ⊙ p] (likewise B̂ from q): one memory-bound
-    batched product per shape group instead of U (d, r) and (r, k) differences per module.
-    """
-    adapter: Adapter = {}
-    for indices, E, F in groups:
-        M, J = E.shape[0], weights.shape[0] + 1
-        r, k = (E.shape[2] if E.dim() == 4 else E.shape[1] // J), E.shape[-1]
-        wp, wq = weights * p[indices], weights * q[indices]  # (M, U)
-        alpha = torch.cat([1 - wp.sum(1, keepdim=True), wp], dim=1)  # (M, J)
-        beta = torch.cat([1 - wq.sum(1, keepdim=True), wq], dim=1)
-        A_hat = (alpha[:, None, :] @ E.reshape(M, J, r * k)).view(M, r, k)
-        if F.dim() == 4:  # the matrix-free route's blocks (M, J, d, r)
-            B_hat = (beta[:, None, :] @ F.view(M, J, -1)).view(M, F.shape[2], r)
-        else:  # (M, d, J r)
-            B_hat = torch.einsum("mj,mdjr->mdr", beta, F.view(M, F.shape[1], J, r))
-        for i, index in enumerate(indices):
-            adapter[modules[index]] = LoraPair(A=A_hat[i], B=B_hat[i])
-    return {m: adapter[m] for m in modules}
-
-
-def _stacked_bases(global_adapter: Adapter, updates: Sequence[ClientUpdate], group: list[str]) -> tuple[Tensor, Tensor]:
-    """E (M, J r, k) = [A_g; A_1; …; A_U] and F (M, d, J r) = [B_g, B_1, …, B_U] per module.
-
-    Written block by block into preallocated buffers: ``torch.stack``/``cat`` of hundreds of
-    tensors is many times slower than these copies on small multi-threaded CPUs.
-    """
-    first = global_adapter[group[0]]
-    (r, k), d, J = first.A.shape, first.B.shape[0], len(updates) + 1
-    E = torch.empty(len(group), J * r, k, dtype=first.A.dtype, device=first.A.device)
-    F = torch.empty(len(group), d, J * r, dtype=first.B.dtype, device=first.B.device)
-    for i, module in enumerate(group):
-        pairs = [global_adapter[module]] + [u.adapter[module] for u in updates]
-        for j, pair in enumerate(pairs):
-            E[i, j * r : (j + 1) * r].copy_(pair.A)
-            F[i, :, j * r : (j + 1) * r].copy_(pair.B)  # natural layout: 2x faster than copying Bᵀ
-    return E, F
-
-
-def _stacked_blocks(global_adapter: Adapter, updates: Sequence[ClientUpdate], group: list[str]) -> tuple[Tensor, Tensor]:
-    """A (M, J, r, k) and B (M, J, d, r): the same bases as :func:`_stacked_bases`, each block contiguous, as the
-    matrix-free ALS reads them (built directly: no second copy of the (M, d, J r) layout at many clients)."""
-    first = global_adapter[group[0]]
-    (r, k), d, J = first.A.shape, first.B.shape[0], len(updates) + 1
-    A = torch.empty(len(group), J, r, k, dtype=first.A.dtype, device=first.A.device)
-    B = torch.empty(len(group), J, d, r, dtype=first.B.dtype, device=first.B.device)
-    for i, module in enumerate(group):
-        pairs = [global_adapter[module]] + [u.adapter[module] for u in updates]
-        for j, pair in enumerate(pairs):
-            A[i, j].copy_(pair.A)
-            B[i, j].copy_(pair.B)
-    return A, B
-
-
 def _als(
     global_adapter: Adapter,
     updates: Sequence[ClientUpdate],
@@ -288,13 +215,13 @@ def _als(
     problems: list[GramProblem] | list[FactorProblem]
     if gram_bytes <= GRAM_BUDGET_BYTES:
         for indices in groups.values():
-            E, F = _stacked_bases(global_adapter, updates, [modules[i] for i in indices])
+            E, F = stacked_bases(global_adapter, updates, [modules[i] for i in indices])
             bases.append((indices, E, F))
         problems = [GramProblem.from_stacked(E, F, w) for _, E, F in bases]
         solution = solve_als(problems, shared, max_sweeps, tol, ridge)
     else:
         for indices in groups.values():
-            A, B = _stacked_blocks(global_adapter, updates, [modules[i] for i in indices])
+            A, B = stacked_blocks(global_adapter, updates, [modules[i] for i in indices])
             bases.append((indices, A, B))
         problems = [FactorProblem.build(A, B, w) for _, A, B in bases]
         solution = solve_als_factors(problems, shared, max_sweeps, tol, ridge)

@@ -48,7 +48,7 @@ class FactorProblem:
 
     @staticmethod
     def build(A: Tensor, B: Tensor, w: Tensor) -> "FactorProblem":
-        """From :func:`fedlora.aggregation.methods.flora_na._stacked_blocks`' A (M, J, r, k) and B (M, J, d, r)."""
+        """From :func:`fedlora.aggregation.methods.flora_na_bases.stacked_blocks`' A (M, J, r, k) and B (M, J, d, r)."""
         M = A.shape[0]
         target_sq = torch.empty(M, dtype=A.dtype, device=A.device)
         for m in range(M):  # T (d, k) one module at a time: memory d·k, not M·d·k
