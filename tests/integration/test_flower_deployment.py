@@ -1,5 +1,5 @@
 """Flower deployment on loopback: a TLS SuperLink with SuperNode authentication, two registered
-SuperNodes, `flwr run`, real processes.
+SuperNodes, `flwr run`, real processes; and the SuperNodes that authentication refuses.
 
 Every process is started in its own session and ended (with its children) in `finally`.
 Only 127.0.0.1 is used; certificates are generated inside the test.
@@ -31,6 +31,7 @@ from fedlora.engines.flower.local import (  # noqa: E402
     write_connection,
 )
 
+from test_flower_auth import CONNECTION_REFUSED, NOT_ACTIVATED, SELF_REGISTRATION_DISABLED, exited  # noqa: E402
 from test_flower_simulation import GLUE, REPO, TINY_SST2, assert_same_history, flower_overrides, records  # noqa: E402
 
 pytestmark = [
@@ -43,8 +44,9 @@ pytestmark = [
 def tls_deployment(root: Path, supernodes: int = 2):
     """SuperLink (TLS, SuperNode authentication) + SuperNodes with partition ids 0..n-1, each
     authorised by registering its public key (`flwr supernode register`) and started with its
-    private key, and a `flwr` connection named "loopback". Yields the processes, the environment
-    and the registered node ids by SuperNode name."""
+    private key, and a `flwr` connection named "loopback". Yields the processes, the environment,
+    the registered node ids by SuperNode name, and a function starting one more SuperNode (name, partition,
+    private key or None) against the same SuperLink."""
     certs = generate_certificates(root / "certs")
     keys = generate_supernode_keys(root / "keys", [f"supernode-{i}" for i in range(supernodes)])
     port = free_port()
@@ -57,7 +59,11 @@ def tls_deployment(root: Path, supernodes: int = 2):
         node_ids = {name: register_supernode(key["public"], "loopback", env) for name, key in keys.items()}
         for i, (name, key) in enumerate(keys.items()):
             procs.start(name, supernode_command(f"127.0.0.1:{port}", certs["ca"], i, supernodes, key["private"]))
-        yield procs, env, node_ids
+
+        def start_another(name: str, partition: int, private_key: Path | None) -> None:
+            procs.start(name, supernode_command(f"127.0.0.1:{port}", certs["ca"], partition, supernodes, private_key))
+
+        yield procs, env, node_ids, start_another, keys
     finally:
         procs.stop_all()
 
@@ -71,19 +77,32 @@ def submit(procs: Processes, env: dict, config: RunConfig, extra: str = "") -> N
 def test_tls_deployment_two_rounds_survives_a_killed_supernode(tmp_path):
     """TLS + SuperNode authentication: round 1 equals the local engine's; SuperNode 1 is SIGKILLed
     at the start of round 2, which then completes with client 0 alone; the global state and the
-    PEFT adapter are written."""
+    PEFT adapter are written. While the SuperLink waits out node 1's heartbeats, authentication refuses a
+    SuperNode with an unregistered key, one without a key, and a copy of SuperNode 0's key while it is online:
+    they exit with Flower's connection error and never become nodes (the run goes on unaffected)."""
     config = RunConfig(method="fedex-lora", out=str(tmp_path / "local"), **TINY_SST2)  # base_delta travels too
     flower = config.replace(out=str(tmp_path / "flower"))
-    with tls_deployment(tmp_path / "deploy") as (procs, env, node_ids):
+    intruder_key = generate_supernode_keys(tmp_path / "intruder-keys", ["intruder"])["intruder"]["private"]
+    with tls_deployment(tmp_path / "deploy") as (procs, env, node_ids, start_another, keys):
         submit(procs, env, flower, extra="min-train-nodes=1")
         metrics = Path(flower.out) / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 180,
                  f"round 1; run log:\n{procs.log('flwr-run')[-3000:]}")
         procs.kill("supernode-1")  # a crash: no goodbye, the SuperLink notices missed heartbeats
         killed_at = time.monotonic()
-        # The SuperLink needs ~1 min of missed heartbeats to give up on node 1: run the local
-        # engine meanwhile (the CPUs are idle) instead of before the deployment.
+        # The SuperLink needs ~1 min of missed heartbeats to give up on node 1: meanwhile the SuperNodes that
+        # authentication must refuse, and the local engine's run (the CPUs are idle).
+        start_another("intruder", 0, intruder_key)
+        start_another("keyless", 1, None)
+        start_another("impostor", 0, keys["supernode-0"]["private"])  # supernode-0 is online and training
         local = simulation.run(config, progress=False)
+        exited(procs, ["intruder", "keyless", "impostor"])
+        for name, reason in (("intruder", NOT_ACTIVATED), ("keyless", SELF_REGISTRATION_DISABLED),
+                             ("impostor", NOT_ACTIVATED)):
+            log = procs.log(name)
+            assert procs.procs[name].returncode == 1, log[-3000:]
+            assert CONNECTION_REFUSED in log and reason in log, log[-3000:]
+            assert "SuperNode ID:" not in log  # never got a node id
         done = Path(flower.out) / "adapter" / "adapter_model.safetensors"
         wait_for(lambda: done.exists() or procs.procs["flwr-run"].poll() is not None, 240, "round 2 without node 1")
         assert done.exists(), procs.log("flwr-run")[-4000:]
