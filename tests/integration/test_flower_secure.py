@@ -139,14 +139,15 @@ def test_user_level_dp_under_secure_aggregation_is_the_plain_dp_round(in_process
 
 @pytest.mark.slow  # its own simulation SuperLink (this module's instance of the fixture, a free port): not pinned to
 # the worker of test_flower_simulation.py's `flwr run` group, so xdist can run it beside them
-def test_flwr_run_with_secure_aggregation(sim_superlink, tmp_path):  # noqa: F811
-    """The same through `flwr run` on a simulation SuperLink: Ray workers, the FAB, Flower's own config parsing."""
+def test_flwr_run_with_secure_aggregation(sim_superlink, tmp_path, tiny_bert_path):  # noqa: F811
+    """The same through `flwr run` on a simulation SuperLink: Ray workers, the FAB, Flower's own config parsing.
+    On the tiny random BERT (the real MiniLM goes through `flwr run` in test_flower_simulation.py)."""
     import subprocess
 
     from tests.integration.test_flower_simulation import FEDERATION, REPO, flower_overrides
 
     procs, env = sim_superlink
-    config = RunConfig(out=str(tmp_path / "secure"), **dict(SECURE, clients=2))
+    config = RunConfig(out=str(tmp_path / "secure"), model=tiny_bert_path, **dict(SECURE, clients=2))
     cmd = ["flwr", "run", str(REPO), "sim", "--stream", "--run-config",
            flower_overrides(config, secure_aggregation=True), "--federation-config", FEDERATION]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
