@@ -533,7 +533,8 @@ def test_compare_names_the_file_and_line_that_is_not_a_json_object(tmp_path, cap
 
 def test_a_planted_tmp_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
     # config.json.tmp / checkpoint.safetensors.tmp pointing at a file of the user's: the write must not touch it.
-    from fedlora.protocol.checkpoint import ServerState, atomic_write_text, save_state
+    from fedlora.protocol.checkpoint import ServerState, save_state
+    from fedlora.util.atomic import atomic_write_text
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

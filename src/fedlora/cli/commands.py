@@ -200,7 +200,8 @@ def quiet_libraries() -> None:
 def _run(args: argparse.Namespace, given: set[str] | None = None) -> int:
     """Lock the run directory, check it (fresh, --overwrite or --resume), then run; all before heavy imports."""
     from fedlora.runs import lock as runlock
-    from fedlora.protocol.checkpoint import CONFIG_FILE, atomic_write_text
+    from fedlora.protocol.checkpoint import CONFIG_FILE
+    from fedlora.util.atomic import atomic_write_text
     from fedlora.runs.run_dir import check_fresh, claim, resume_config
 
     if args.resume:

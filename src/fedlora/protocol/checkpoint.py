@@ -32,6 +32,7 @@ from torch import Tensor
 from fedlora.aggregation import Adapter, LoraPair
 from fedlora.protocol.private_store import PRIVATE_DIR, PrivateStore
 from fedlora.testing.failpoints import failpoint
+from fedlora.util.atomic import fresh_tmp
 from fedlora.util.jsonsafe import make_json_safe
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -65,33 +66,6 @@ class ServerState:
     data: dict[str, Any] | None = None  # fedlora.tasks.fingerprint.record of the data trained on (None: not recorded)
 
 
-def _fresh_tmp(path: Path) -> Path:
-    """``path``'s temporary sibling, with whatever stood there removed first: a planted ``*.tmp`` symlink is
-    unlinked (never followed), so the write that follows cannot truncate the file it pointed to."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        raise OSError(f"{tmp} is a folder: remove it; fedlora writes its temporary file there") from None
-    return tmp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _fresh_tmp(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def save_state(state: ServerState, directory: Path) -> Path:
     """Write the checkpoint atomically: a temporary file, fsync, then ``os.replace``."""
     tensors: dict[str, Tensor] = {}
@@ -112,7 +86,7 @@ def save_state(state: ServerState, directory: Path) -> Path:
     text = json.dumps(meta, allow_nan=False)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     path = directory / CHECKPOINT_FILE
-    tmp = _fresh_tmp(path)  # the run lock keeps anyone else from planting a new one before save_file opens it
+    tmp = fresh_tmp(path)  # the run lock keeps anyone else from planting a new one before save_file opens it
     save_file(tensors, str(tmp), metadata={"fedlora": text, DIGEST_KEY: state_digest(tensors, text)})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())

@@ -19,13 +19,14 @@ move to disk as their clients train again.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import Tensor
+
+from fedlora.util.atomic import atomic_write_bytes
 
 PRIVATE_DIR = "private"  # under the run's --out
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -61,13 +62,15 @@ class PrivateStore:
             assert self.directory is not None
             round_, digest = self.index[client_id]
             path = self._path(client_id, round_)
-            if not path.is_file():
+            try:
+                data = path.read_bytes()  # read once: hashed, then decoded from the same bytes
+            except FileNotFoundError:
                 raise PrivateStoreError(f"{path} is missing: client {client_id!r}'s private factors of round {round_}, "
-                                        "which the checkpoint names; restore the file or start the run again")
-            if _sha256(path) != digest:
+                                        "which the checkpoint names; restore the file or start the run again") from None
+            if hashlib.sha256(data).hexdigest() != digest:
                 raise PrivateStoreError(f"{path} does not match the digest the checkpoint recorded for it (edited or "
                                         "replaced); restore the file or start the run again")
-            return load_file(str(path))
+            return load(data)
         return self.legacy.get(client_id)
 
     # -- writing ----------------------------------------------------------------------------------
@@ -79,16 +82,11 @@ class PrivateStore:
         if not _SAFE_ID.fullmatch(client_id):
             raise ValueError(f"client id {client_id!r} cannot name a file; use letters, digits, '_', '.', '-'")
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(client_id, round_)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        save_file({m: t.detach().contiguous() for m, t in factors.items()}, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        data = save({m: t.detach().contiguous() for m, t in factors.items()})
+        atomic_write_bytes(self._path(client_id, round_), data)
         if client_id in self.index and self.index[client_id][0] != round_:
             self.superseded.append(self._path(client_id, self.index[client_id][0]))
-        self.index[client_id] = (round_, _sha256(path))
+        self.index[client_id] = (round_, hashlib.sha256(data).hexdigest())
         self.legacy.pop(client_id, None)
 
     def commit(self) -> None:
@@ -125,11 +123,3 @@ class PrivateStore:
     def _path(self, client_id: str, round_: int) -> Path:
         assert self.directory is not None
         return self.directory / f"{client_id}.r{round_}.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

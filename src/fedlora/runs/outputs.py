@@ -22,7 +22,8 @@ from typing import Any
 from peft import PeftModel
 
 from fedlora.config.run import RunConfig
-from fedlora.protocol.checkpoint import ServerState, atomic_write_text
+from fedlora.protocol.checkpoint import ServerState
+from fedlora.util.atomic import atomic_write_text
 from fedlora.runs.adapter_files import save_adapter
 from fedlora.runs.run_dir import claim, refuse_existing
 

@@ -28,7 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedlora.protocol.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, ServerState, atomic_write_text, load_state
+from fedlora.protocol.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, ServerState, load_state
+from fedlora.util.atomic import atomic_write_text
 from fedlora.config.run import ConfigError, RunConfig
 from fedlora.tasks.fingerprint import check_same_data
 
